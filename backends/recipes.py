@@ -1,0 +1,305 @@
+"""Precision recipes: the low path of every recoverable unit.
+
+A *recipe* says how the two matmul operands of a unit, and the gradient of
+its output, are rounded on the low path. GNMR never changes a recipe: it only
+chooses, per unit and per step, whether the unit runs its recipe (low path)
+or the op as written (high path).
+
+The protocol is deliberately small so users can plug in their own format::
+
+    >>> import torch
+    >>> from gnmr_fx.backends.recipes import Recipe, register_recipe, get_recipe, fake_quant_int
+    >>> def q_int6(t, kdim):
+    ...     return fake_quant_int(t, bits=6, kdim=None)
+    >>> r = register_recipe(Recipe("int6_demo", "6-bit per-tensor", q_int6, q_int6))
+    >>> get_recipe("int6_demo") is r
+    True
+    >>> x = torch.linspace(-1, 1, 9)
+    >>> torch.equal(r.quantize_input(x, -1), fake_quant_int(x, bits=6, kdim=None))
+    True
+
+A *quantizer* is ``(tensor, kdim) -> tensor``: it returns the tensor rounded
+to the format's grid, in the input's dtype ("fake quantization"). ``kdim`` is
+the reduction (K) dimension of the matmul that consumes the tensor, so that
+per-token / per-channel / blockwise scales are taken along the right axis.
+All recipes here are emulated in pure torch so they run on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+Quantizer = Callable[[Tensor, int], Tensor]
+
+# Scales are clamped away from zero so an all-zero tensor quantizes to zeros
+# instead of 0/0 = NaN (a NaN on the unused branch would leak into gradients
+# through the select's zero-gradient product).
+_EPS = 1e-12
+
+FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+FP8_E5M2_MAX = float(torch.finfo(torch.float8_e5m2).max)  # 57344
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named low-precision recipe.
+
+    Attributes:
+        name: registry key, used in configs, logs and the CLI.
+        description: one line shown by ``gnmr-fx inspect`` and the README.
+        quantize_input: quantizer for activation operands (and for both
+            operands of a weightless matmul).
+        quantize_weight: quantizer for the weight operand of a unit.
+        quantize_grad: quantizer for the gradient of the unit's output in
+            backward, or None to keep gradients in the compute dtype.
+    """
+
+    name: str
+    description: str
+    quantize_input: Quantizer
+    quantize_weight: Quantizer
+    quantize_grad: Optional[Quantizer] = None
+    onnx: Optional[str] = field(default=None, compare=False)
+    """How ``export_onnx`` can express the recipe (``"int8"``), or None."""
+
+
+_REGISTRY: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe, *, overwrite: bool = False) -> Recipe:
+    """Add ``recipe`` to the registry so configs can name it."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"register_recipe expects a Recipe, got {type(recipe).__name__}")
+    if recipe.name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"recipe {recipe.name!r} is already registered; pass overwrite=True to replace it"
+        )
+    _REGISTRY[recipe.name] = recipe
+    return recipe
+
+
+def get_recipe(name: str) -> Recipe:
+    """Look up a registered recipe by name; unknown names list the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown recipe {name!r}; registered recipes: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def recipe_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------
+# Quantization primitives (fake quantization: round to grid, return float)
+# ---------------------------------------------------------------------------
+
+
+def _amax(t: Tensor, kdim: Optional[int]) -> Tensor:
+    """Per-tensor amax (kdim None) or amax along kdim, kept for broadcasting."""
+    a = t.detach().abs().float()
+    if kdim is None:
+        return a.amax()
+    return a.amax(dim=kdim, keepdim=True)
+
+
+def cast_fp8(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Round ``t`` (already scaled) onto the fp8 grid with saturation.
+
+    The explicit clamp matters: e4m3fn has no inf, so an unclamped cast of an
+    out-of-range value is NaN on some backends instead of saturating.
+    """
+    fmax = float(torch.finfo(dtype).max)
+    return t.float().clamp(-fmax, fmax).to(dtype).float()
+
+
+def fake_quant_fp8(
+    t: Tensor, *, dtype: torch.dtype = torch.float8_e4m3fn, kdim: Optional[int] = None
+) -> Tensor:
+    """Dynamic-scaled fp8 fake quantization, per tensor (kdim None) or rowwise.
+
+    The scale maps amax onto the format's largest finite value, as in
+    torchao float8 training's dynamic scaling.
+    """
+    fmax = float(torch.finfo(dtype).max)
+    scale = (_amax(t, kdim) / fmax).clamp_min(_EPS)
+    return (cast_fp8(t.float() / scale, dtype) * scale).to(t.dtype)
+
+
+def fake_quant_int(t: Tensor, *, bits: int, kdim: Optional[int] = None) -> Tensor:
+    """Symmetric integer fake quantization (round-to-nearest-even, saturating).
+
+    Levels are -(2^(b-1)-1) .. 2^(b-1)-1; the most negative code is unused so
+    the grid is symmetric, as in common int8 per-channel schemes.
+    """
+    qmax = float(2 ** (bits - 1) - 1)
+    scale = (_amax(t, kdim) / qmax).clamp_min(_EPS)
+    q = torch.round(t.float() / scale).clamp(-qmax, qmax)
+    return (q * scale).to(t.dtype)
+
+
+def _blocked(t: Tensor, kdim: int, block: int) -> tuple[Tensor, int, int]:
+    """Move kdim last and pad it to a multiple of ``block``."""
+    x = t.movedim(kdim, -1)
+    k = x.shape[-1]
+    pad = (-k) % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x, k, pad
+
+
+def _unblocked(x: Tensor, k: int, kdim: int) -> Tensor:
+    return x[..., :k].movedim(-1, kdim)
+
+
+def fake_quant_fp8_blockwise(t: Tensor, kdim: int, *, block: int = 128) -> Tensor:
+    """DeepSeek-V3 activation tiles: one e4m3 scale per 1 x ``block`` along K."""
+    x, k, _ = _blocked(t.float(), kdim, block)
+    xb = x.reshape(*x.shape[:-1], -1, block)
+    scale = (xb.abs().amax(-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(_EPS)
+    q = cast_fp8(xb / scale, torch.float8_e4m3fn) * scale
+    return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
+
+
+def fake_quant_fp8_block2d(t: Tensor, kdim: int, *, block: int = 128) -> Tensor:
+    """DeepSeek-V3 weight blocks: one e4m3 scale per ``block`` x ``block``."""
+    if t.dim() < 2:
+        return fake_quant_fp8_blockwise(t, kdim, block=block)
+    x, k, _ = _blocked(t.float(), kdim, block)
+    # After moving K last, the other matrix dim is the second-to-last.
+    n = x.shape[-2]
+    padn = (-n) % block
+    if padn:
+        x = torch.nn.functional.pad(x, (0, 0, 0, padn))
+    lead = x.shape[:-2]
+    xb = x.reshape(*lead, x.shape[-2] // block, block, x.shape[-1] // block, block)
+    scale = (xb.abs().amax(dim=(-3, -1), keepdim=True) / FP8_E4M3_MAX).clamp_min(_EPS)
+    q = (cast_fp8(xb / scale, torch.float8_e4m3fn) * scale).reshape(x.shape)
+    q = q[..., :n, :]
+    return _unblocked(q, k, kdim).to(t.dtype)
+
+
+def _e8m0_scale(amax: Tensor, elem_max_pow2: int) -> Tensor:
+    """OCP MX shared scale: a power of two, floor(log2(amax)) - emax_elem."""
+    exp = torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - elem_max_pow2
+    return torch.exp2(exp.clamp(-127, 127))
+
+
+_FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def cast_fp4_e2m1(t: Tensor) -> Tensor:
+    """Round onto the FP4 E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} with saturation.
+
+    Ties go to the grid point with the even mantissa, as in IEEE rounding.
+    """
+    grid = _FP4_E2M1_GRID.to(t.device)
+    a = t.float().abs().clamp(max=6.0)
+    # Distance to every grid point; ties broken towards the even code (index).
+    d = (a.unsqueeze(-1) - grid).abs()
+    best = d.min(dim=-1, keepdim=True).values
+    is_best = d <= best
+    idx = torch.arange(8, device=t.device)
+    # Prefer even codes among equal distances, then the smaller one.
+    rank = torch.where(is_best, (idx % 2) * 8 + idx, torch.full_like(idx, 99))
+    q = grid[rank.argmin(dim=-1)]
+    return torch.sign(t.float()) * q
+
+
+def fake_quant_mx(t: Tensor, kdim: int, *, elem: str, block: int = 32) -> Tensor:
+    """OCP microscaling (MXFP8 e4m3 / MXFP4 e2m1): 32-element blocks along K,
+    one E8M0 (power-of-two) shared scale per block."""
+    x, k, _ = _blocked(t.float(), kdim, block)
+    xb = x.reshape(*x.shape[:-1], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    if elem == "fp8":
+        scale = _e8m0_scale(amax, 8)  # e4m3 largest power of two: 2^8
+        q = cast_fp8(xb / scale, torch.float8_e4m3fn) * scale
+    elif elem == "fp4":
+        scale = _e8m0_scale(amax, 2)  # e2m1 largest power of two: 2^2
+        q = cast_fp4_e2m1(xb / scale) * scale
+    else:
+        raise ValueError(f"fake_quant_mx: elem must be 'fp8' or 'fp4', got {elem!r}")
+    return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
+
+
+def fake_quant_nvfp4(t: Tensor, kdim: int, *, block: int = 16) -> Tensor:
+    """NVFP4: 16-element blocks of e2m1, e4m3 block scales, fp32 tensor scale."""
+    x, k, _ = _blocked(t.float(), kdim, block)
+    xb = x.reshape(*x.shape[:-1], -1, block)
+    tensor_scale = (xb.abs().amax() / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
+    block_amax = xb.abs().amax(-1, keepdim=True)
+    block_scale = cast_fp8(block_amax / 6.0 / tensor_scale, torch.float8_e4m3fn)
+    scale = (block_scale * tensor_scale).clamp_min(_EPS)
+    q = cast_fp4_e2m1(xb / scale) * scale
+    return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Built-in recipes
+# ---------------------------------------------------------------------------
+
+
+def _fp8_tensorwise(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_fp8(t, dtype=torch.float8_e4m3fn, kdim=None)
+
+
+def _e5m2_tensorwise(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_fp8(t, dtype=torch.float8_e5m2, kdim=None)
+
+
+def _fp8_rowwise(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_fp8(t, dtype=torch.float8_e4m3fn, kdim=kdim)
+
+
+def _grad_rowwise(t: Tensor, kdim: int) -> Tensor:
+    # Output gradients are consumed along both dims by the two backward
+    # GEMMs; one scale per row (last dim) is the rowwise compromise.
+    return fake_quant_fp8(t, dtype=torch.float8_e5m2, kdim=-1)
+
+
+def _int8_rowwise(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_int(t, bits=8, kdim=kdim)
+
+
+def _int4_tensorwise(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_int(t, bits=4, kdim=None)
+
+
+register_recipe(Recipe(
+    "fp8_e4m3",
+    "fp8 e4m3 per-tensor dynamic scaling; gradients e5m2 per-tensor",
+    _fp8_tensorwise, _fp8_tensorwise, _e5m2_tensorwise,
+))
+register_recipe(Recipe(
+    "fp8_rowwise",
+    "fp8 e4m3 rowwise (one scale per row along K); gradients e5m2 rowwise",
+    _fp8_rowwise, _fp8_rowwise, _grad_rowwise,
+))
+register_recipe(Recipe(
+    "int8",
+    "int8 symmetric, per-token activations and per-channel weights",
+    _int8_rowwise, _int8_rowwise, None, onnx="int8",
+))
+register_recipe(Recipe(
+    "int4",
+    "activation-quantization stress: int4 per-tensor activations, int8 per-channel weights",
+    _int4_tensorwise, _int8_rowwise, None,
+))
+
+
+def quantization_sqnr(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better)."""
+    ref = ref.detach().double()
+    err = (approx.detach().double() - ref).pow(2).mean()
+    sig = ref.pow(2).mean()
+    if err == 0:
+        return math.inf
+    return float(10.0 * torch.log10(sig / err))

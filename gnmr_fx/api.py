@@ -1,0 +1,78 @@
+"""``gnmr_fx.compile`` and the accessors users call from their training loop."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend
+from gnmr_fx.config import GNMRConfig
+from gnmr_fx.controller import GNMRController
+from gnmr_fx.runtime import GNMRRuntime, runtime_of
+
+
+def compile(  # noqa: A001 - mirrors torch.compile on purpose
+    model: torch.nn.Module,
+    config: Optional[GNMRConfig] = None,
+    *,
+    backend: str = "inductor",
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    example_inputs: Optional[Sequence] = None,
+) -> torch.nn.Module:
+    """Compile ``model`` with GNMR: one line in an existing training loop.
+
+    Args:
+        model: the model to train.
+        config: a :class:`GNMRConfig` (defaults if None).
+        backend: what runs the rewritten graphs: ``"inductor"``,
+            ``"aot_eager"`` or ``"eager"``.
+        optimizer: if given, the controller updates once per
+            ``optimizer.step()`` (gradient accumulation friendly); otherwise
+            once per backward.
+        example_inputs: if given, one forward pass runs now (RNG state is
+            preserved) so units are discovered and the unit filter is
+            checked before training starts.
+
+    >>> import torch, gnmr_fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> model = gnmr_fx.compile(model, gnmr_fx.GNMRConfig(recipe="int8"), backend="eager", optimizer=opt)
+    >>> loss = model(torch.randn(4, 8)).square().mean()
+    >>> loss.backward(); opt.step(); opt.zero_grad()
+    >>> gnmr_fx.controller(model).names
+    ['0', '2']
+    >>> gnmr_fx.controller(model).step
+    1
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"gnmr_fx.compile expects an nn.Module, got {type(model).__name__}")
+    if backend not in COMPILERS:
+        raise ValueError(f"backend must be one of {COMPILERS} (got {backend!r})")
+    config = config if config is not None else GNMRConfig()
+    if not isinstance(config, GNMRConfig):
+        raise TypeError(f"config must be a GNMRConfig, got {type(config).__name__}")
+    rt = GNMRRuntime.attach(model, config)
+    if optimizer is not None:
+        rt.attach_optimizer(optimizer)
+    compiled = torch.compile(model, backend=GNMRBackend(rt, backend))
+    if example_inputs is not None:
+        with torch.random.fork_rng(devices=_cuda_devices(example_inputs)):
+            compiled(*example_inputs)
+        rt.check_filter()
+    return compiled
+
+
+def runtime(model: torch.nn.Module) -> GNMRRuntime:
+    """The GNMR runtime of a compiled model: units, graph records, step()."""
+    return runtime_of(model)
+
+
+def controller(model: torch.nn.Module) -> GNMRController:
+    """The controller of a compiled model: ``names``, ``plan``, ``gnmr``,
+    ``delta_gnmr``, ``report()``."""
+    return runtime_of(model).controller
+
+
+def _cuda_devices(inputs: Sequence) -> list:
+    return sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})

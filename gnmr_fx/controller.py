@@ -1,0 +1,311 @@
+"""GNMRController: per-unit gradient-norm history, triggers, locks and budget.
+
+Everything in :meth:`GNMRController.update` is a fixed sequence of tensor ops
+over the unit vector, on the device of the norms: no host sync, no Python
+loop over units, and a cost that grows linearly with the number of units
+(one sort is the only O(n log n) step).
+
+The formulas are this project's interpretation of the GNMR abstract
+(arXiv 2606.00539), not the paper's published algorithm:
+
+* mu_i: bias-corrected EMA (decay ``beta``) of the unit's gradient norm g_i,
+  updated only on healthy steps that did not trigger.
+* GNMR_i = g_i / mu_i; Delta-GNMR_i = GNMR_i - min(GNMR_i over the previous
+  ``delta_window`` steps).
+* trigger: GNMR_i >= threshold or Delta-GNMR_i >= delta_threshold (after the
+  unit's warm-up), or g_i not finite (at any time).
+* risk = max(GNMR/threshold, Delta-GNMR/delta_threshold), +inf if not finite.
+* a triggered unit is locked on the high path for ``lock_steps`` steps; a
+  re-trigger refreshes its lock. Locked units keep their budget slots, new
+  triggers take free slots by descending risk, the rest are *denied*.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from gnmr_fx.config import GNMRConfig
+
+_TINY = 1e-30
+
+# Per-unit state, all of length n (hist is [delta_window, n]).
+_FLOAT_STATE = ("ema", "gnmr", "delta_gnmr", "risk", "costs")
+_LONG_STATE = ("n_obs", "lock", "n_triggers", "n_denied", "n_high_steps")
+_BOOL_STATE = ("plan", "triggered", "denied")
+
+
+class GNMRController:
+    """The GNMR decision rule over a set of units, usable on its own.
+
+    Args:
+        units: unit names, or a number of units (named ``unit0``, ``unit1``...).
+        config: a :class:`GNMRConfig` (defaults if None).
+        costs: optional per-unit costs (e.g. FLOPs) for a fractional ``max_o``;
+            equal costs by default. An integer ``max_o`` always counts units.
+
+    >>> import torch
+    >>> c = GNMRController(3, GNMRConfig(warmup_steps=2, max_o=1))
+    >>> for _ in range(3):
+    ...     plan = c.update(torch.tensor([1.0, 1.0, 1.0]))
+    >>> c.update(torch.tensor([1.0, 10.0, 1.0])).tolist()
+    [False, True, False]
+    >>> c.update(torch.tensor([float("nan"), 1.0, 1.0])).tolist()  # budget full
+    [False, True, False]
+    >>> c.denied.tolist()
+    [True, False, False]
+    """
+
+    def __init__(
+        self,
+        units: Union[Sequence[str], int],
+        config: Optional[GNMRConfig] = None,
+        *,
+        costs: Optional[Union[Sequence[float], Tensor]] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> None:
+        self.config = config if config is not None else GNMRConfig()
+        if isinstance(units, int):
+            if units < 0:
+                raise ValueError(f"units must be >= 0 (got {units})")
+            units = [f"unit{i}" for i in range(units)]
+        self.names: list[str] = []
+        self.step = 0  # optimizer steps seen; a host int so reading it never syncs
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._alloc(0)
+        self.add_units(list(units), costs)
+
+    # ------------------------------------------------------------------ state
+    def _alloc(self, n: int) -> None:
+        d = self._device
+        for k in _FLOAT_STATE:
+            setattr(self, k, torch.zeros(n, device=d))
+        for k in _LONG_STATE:
+            setattr(self, k, torch.zeros(n, dtype=torch.long, device=d))
+        for k in _BOOL_STATE:
+            setattr(self, k, torch.zeros(n, dtype=torch.bool, device=d))
+        self.hist = torch.full((self.config.delta_window, n), float("inf"), device=d)
+
+    def add_units(self, names: Sequence[str], costs: Optional[Union[Sequence[float], Tensor]] = None) -> list[int]:
+        """Append units (fresh state, in warm-up); returns their indices.
+
+        Units discovered in a later graph (after a graph break or a new code
+        path) join this way without disturbing the others.
+        """
+        names = list(names)
+        dup = set(names) & set(self.names) or (len(set(names)) != len(names))
+        if dup:
+            raise ValueError(f"duplicate unit names: {sorted(dup) if isinstance(dup, set) else names}")
+        k = len(names)
+        if costs is None:
+            c = torch.ones(k)
+        else:
+            c = torch.as_tensor(costs, dtype=torch.float32).flatten()
+            if c.numel() != k:
+                raise ValueError(f"costs has {c.numel()} entries for {k} units")
+            if not bool(torch.isfinite(c).all()) or bool((c <= 0).any()):
+                raise ValueError("costs must be finite and > 0")
+        start = len(self.names)
+        self.names.extend(names)
+        d = self._device
+        pad = lambda t, v: torch.cat([t, torch.full((k,), v, dtype=t.dtype, device=d)])  # noqa: E731
+        for key in _FLOAT_STATE:
+            setattr(self, key, pad(getattr(self, key), 0.0))
+        self.costs[start:] = c.to(d)
+        self.gnmr[start:] = float("nan")
+        self.delta_gnmr[start:] = float("nan")
+        for key in _LONG_STATE:
+            setattr(self, key, pad(getattr(self, key), 0))
+        for key in _BOOL_STATE:
+            setattr(self, key, pad(getattr(self, key), False))
+        self.hist = torch.cat(
+            [self.hist, torch.full((self.config.delta_window, k), float("inf"), device=d)], dim=1
+        )
+        if self.config.policy == "always_high":
+            self.plan[start:] = True
+        return list(range(start, start + k))
+
+    def to(self, device: Union[str, torch.device]) -> "GNMRController":
+        device = torch.device(device)
+        if device != self._device:
+            for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist"):
+                setattr(self, key, getattr(self, key).to(device))
+            self._device = device
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_units(self) -> int:
+        return len(self.names)
+
+    @property
+    def mu(self) -> Tensor:
+        """Bias-corrected history mean per unit (NaN before the first healthy step)."""
+        corr = 1.0 - torch.pow(torch.tensor(self.config.beta, device=self._device), self.n_obs.float())
+        return torch.where(self.n_obs > 0, self.ema / corr.clamp_min(_TINY), torch.full_like(self.ema, float("nan")))
+
+    @property
+    def budget(self) -> float:
+        """The cap in cost units: a unit count, or a fraction of total cost."""
+        cfg = self.config
+        if cfg.budget_is_fraction:
+            return float(cfg.max_o) * float(self.costs.sum())
+        return float(cfg.max_o)
+
+    def budget_used(self) -> Tensor:
+        """Cost on the high path under the current plan (a device scalar)."""
+        if self.config.budget_is_fraction:
+            return (self.costs * self.plan).sum()
+        return self.plan.sum().float()
+
+    # ----------------------------------------------------------------- update
+    def update(self, norms: Tensor, observed: Optional[Tensor] = None) -> Tensor:
+        """Take one optimizer step's per-unit gradient norms; return the next plan.
+
+        Args:
+            norms: ``[num_units]`` gradient norms (any float dtype, any device).
+            observed: optional bool mask of units that ran this step; the
+                others keep their state untouched (their locks still count down).
+
+        Returns:
+            the plan for the next step, a bool tensor (True = high path).
+        """
+        cfg = self.config
+        n = self.num_units
+        if norms.shape != (n,):
+            raise ValueError(f"norms must have shape ({n},), got {tuple(norms.shape)}")
+        self.to(norms.device)
+        g = norms.detach().float()
+        obs = torch.ones_like(g, dtype=torch.bool) if observed is None else observed.to(g.device, torch.bool)
+
+        finite = torch.isfinite(g)
+        bad = obs & ~finite
+        healthy = obs & finite
+        has_hist = self.n_obs > 0
+        ratio = torch.where(has_hist, g / self.mu.nan_to_num(0.0).clamp_min(_TINY), torch.ones_like(g))
+        ratio = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
+        delta = ratio - self.hist.min(dim=0).values
+        delta = torch.where(healthy, delta, torch.full_like(g, float("inf")))
+        delta = delta.nan_to_num(nan=float("-inf"))  # inf - inf when no history yet
+
+        warm = self.n_obs < cfg.warmup_steps
+        trig = healthy & ~warm & ((ratio >= cfg.threshold) | (delta >= cfg.delta_threshold))
+        trig = trig | bad
+        risk = torch.maximum(ratio / cfg.threshold, delta / cfg.delta_threshold)
+        risk = torch.where(trig, risk, torch.zeros_like(risk))
+
+        # History mean: healthy, non-triggering steps only, so a spike never
+        # inflates its own baseline and a NaN never enters it.
+        upd = healthy & ~trig
+        self.ema = torch.where(upd, cfg.beta * self.ema + (1.0 - cfg.beta) * g.nan_to_num(0.0), self.ema)
+        self.n_obs = self.n_obs + upd.long()
+        # Delta-GNMR history; +inf marks "no usable ratio" and never wins a min.
+        self.hist[self.step % cfg.delta_window] = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
+
+        # Locks: the step just taken consumed one step of every lock.
+        lock = (self.lock - 1).clamp_min(0)
+        held = lock > 0
+        lock = torch.where(trig & held, torch.full_like(lock, cfg.lock_steps), lock)
+        cand = trig & ~held
+        if cfg.policy == "gnmr":
+            admit = self._admit(cand, held, risk)
+        else:
+            admit = torch.zeros_like(cand)
+        lock = torch.where(admit, torch.full_like(lock, cfg.lock_steps), lock)
+        if cfg.policy == "gnmr":
+            plan = lock > 0
+        else:
+            lock = torch.zeros_like(lock)
+            plan = torch.full_like(cand, cfg.policy == "always_high")
+
+        self.lock = lock
+        self.plan = plan
+        self.triggered = trig
+        self.denied = cand & ~admit
+        self.risk = risk
+        self.gnmr = torch.where(obs, torch.where(finite, ratio, torch.full_like(g, float("inf"))),
+                                torch.full_like(g, float("nan")))
+        self.delta_gnmr = torch.where(obs, delta, torch.full_like(g, float("nan")))
+        self.n_triggers = self.n_triggers + trig.long()
+        self.n_denied = self.n_denied + self.denied.long()
+        self.n_high_steps = self.n_high_steps + plan.long()
+        self.step += 1
+        return plan
+
+    def _admit(self, cand: Tensor, held: Tensor, risk: Tensor) -> Tensor:
+        """New triggers by descending risk while their cumulative cost fits.
+
+        Admission stops at the first candidate that does not fit (a prefix of
+        the risk order), which keeps this a sort + cumsum with no loop.
+        """
+        cfg = self.config
+        costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
+        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else torch.tensor(float(cfg.max_o), device=costs.device)
+        free = cap - (costs * held).sum()
+        key = torch.where(cand, risk, torch.full_like(risk, float("-inf")))
+        order = torch.argsort(key, descending=True, stable=True)
+        c_sorted = torch.where(cand, costs, torch.zeros_like(costs))[order]
+        fits = torch.cumsum(c_sorted, 0) <= free * (1.0 + 1e-6)
+        admit_sorted = cand[order] & fits
+        return torch.zeros_like(cand).scatter(0, order, admit_sorted)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to resume with identical decisions."""
+        sd = {"names": list(self.names), "step": int(self.step)}
+        for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist"):
+            sd[key] = getattr(self, key).detach().clone()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> list[str]:
+        """Restore state by unit name; returns saved names not present here.
+
+        Units present here but not in ``sd`` keep their current state. The
+        caller (``GNMRRuntime``) keeps the leftovers for units discovered later.
+        """
+        names = list(sd["names"])
+        self.step = int(sd["step"])
+        index = {n: i for i, n in enumerate(self.names)}
+        src = [i for i, n in enumerate(names) if n in index]
+        dst = [index[names[i]] for i in src]
+        missing = [n for n in names if n not in index]
+        if src:
+            s = torch.tensor(src, dtype=torch.long)
+            d = torch.tensor(dst, dtype=torch.long, device=self._device)
+            for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE):
+                getattr(self, key)[d] = sd[key][s].to(self._device)
+            hist = sd["hist"]
+            if hist.shape[0] != self.config.delta_window:
+                raise ValueError(
+                    f"checkpoint has delta_window={hist.shape[0]}, config has {self.config.delta_window}"
+                )
+            self.hist[:, d] = hist[:, s].to(self._device)
+        return missing
+
+    # ---------------------------------------------------------------- report
+    def report(self, top: Optional[int] = None) -> str:
+        """A tabulate table of every unit (or the ``top`` most-triggered)."""
+        from tabulate import tabulate
+
+        cols = {k: getattr(self, k).detach().cpu() for k in
+                ("plan", "lock", "gnmr", "delta_gnmr", "n_triggers", "n_denied", "n_high_steps")}
+        mu = self.mu.detach().cpu()
+        order = list(range(self.num_units))
+        if top is not None:
+            order = sorted(order, key=lambda i: (-int(cols["n_triggers"][i]), i))[:top]
+        rows = [
+            [self.names[i], "high" if cols["plan"][i] else "low", int(cols["lock"][i]),
+             float(cols["gnmr"][i]), float(cols["delta_gnmr"][i]), float(mu[i]),
+             int(cols["n_triggers"][i]), int(cols["n_denied"][i]), int(cols["n_high_steps"][i])]
+            for i in order
+        ]
+        head = ["unit", "plan", "lock", "gnmr", "delta_gnmr", "mu", "triggers", "denied", "high_steps"]
+        used = float(self.budget_used())
+        title = (f"GNMR step {self.step}: {int(self.plan.sum())}/{self.num_units} units high, "
+                 f"budget {used:g}/{self.budget:g} ({self.config.policy}, recipe {self.config.recipe})")
+        return title + "\n" + tabulate(rows, headers=head, floatfmt=".3g")

@@ -1,0 +1,387 @@
+"""GNMRRuntime: what ties one model's compiled graphs to its controller.
+
+One runtime per root model. It owns the unit table (stable names across
+graphs and recompiles), the record of every compiled graph, the controller,
+the per-step update, telemetry, and the model-state-dict glue.
+
+Per optimizer step the runtime does, with no host sync:
+  gather ``probe.grad`` of every graph (one ``index_add_`` per graph, not
+  per unit) -> ``controller.update`` -> write each graph's plan buffer in
+  place (one ``copy_`` per graph).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from gnmr_fx.config import GNMRConfig
+from gnmr_fx.controller import GNMRController
+from gnmr_fx.passes.discover_units import UnitSite
+
+_STATE_PREFIX = "_gnmr."
+
+
+@dataclass
+class Unit:
+    """A recoverable unit of the model (one call site of a matmul-family op)."""
+
+    id: int
+    name: str
+    op: Any
+    op_name: str
+    weight: Optional[str]
+    flops: int
+    where: str
+    included: bool
+    a_shape: tuple
+    b_shape: tuple
+
+
+@dataclass
+class GraphRecord:
+    """One graph captured by Dynamo and rewritten by the GNMR passes."""
+
+    index: int
+    original: torch.fx.GraphModule  # before the passes (for inspect / diff)
+    rewritten: torch.fx.GraphModule
+    sites: list[UnitSite]
+    unit_ids: Optional[torch.Tensor]  # slot -> unit id, on the plan's device
+    skipped: dict
+    compiler: str
+    graph_break_reason: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def plan(self) -> Optional[torch.Tensor]:
+        return getattr(self.rewritten, "_gnmr_plan", None)
+
+    @property
+    def probe(self) -> Optional[torch.nn.Parameter]:
+        return getattr(self.rewritten, "_gnmr_probe", None)
+
+
+class GNMRRuntime:
+    """GNMR state of one root model. Get it with ``gnmr_fx.runtime(model)``."""
+
+    def __init__(self, config: GNMRConfig, root: Optional[torch.nn.Module] = None) -> None:
+        self.config = config
+        self.units: list[Unit] = []
+        self._by_key: dict[tuple, int] = {}
+        self._by_name: dict[str, int] = {}
+        self.records: list[GraphRecord] = []
+        self.controller = GNMRController([], config)
+        self._pending_state: Optional[dict] = None
+        self._optimizer_hook = None
+        self._backward_hooks: list = []
+        self._step_queued = False
+        self._filter_checked = False
+        self._telemetry: list[dict] = []
+        self._log_file = None
+        self.callbacks: list[Callable[["GNMRRuntime"], None]] = []
+        self._root_ref = weakref.ref(root) if root is not None else None
+        self.param_fqns: dict[int, str] = {}
+        self.module_fqns: dict[int, str] = {}
+        if root is not None:
+            self._index_root(root)
+
+    # ------------------------------------------------------------- attaching
+    @classmethod
+    def attach(cls, root: torch.nn.Module, config: GNMRConfig) -> "GNMRRuntime":
+        """The runtime of ``root``, created on first use; configs must agree."""
+        rt = root.__dict__.get("_gnmr_runtime")
+        if rt is not None:
+            if rt.config != config:
+                raise ValueError(
+                    "this model is already compiled with a different GNMRConfig; "
+                    "compile a fresh model instance, or pass the same config"
+                )
+            return rt
+        rt = cls(config, root)
+        # A plain attribute, not a submodule: the model's parameters, buffers
+        # and module tree stay exactly the user's.
+        root.__dict__["_gnmr_runtime"] = rt
+        root.register_state_dict_post_hook(_state_dict_hook)
+        root.register_load_state_dict_pre_hook(_load_state_dict_hook)
+        return rt
+
+    def _index_root(self, root: torch.nn.Module) -> None:
+        for name, p in root.named_parameters(remove_duplicate=False):
+            self.param_fqns.setdefault(id(p), name)
+        for name, m in root.named_modules(remove_duplicate=False):
+            self.module_fqns.setdefault(id(m), name)
+
+    @property
+    def root(self) -> Optional[torch.nn.Module]:
+        return self._root_ref() if self._root_ref is not None else None
+
+    # ---------------------------------------------------------------- units
+    def register_sites(self, sites: list[UnitSite]) -> None:
+        """Name the sites of a new graph (stable across graphs) and give the
+        included ones graph-local slots."""
+        new_names, new_costs = [], []
+        slot = 0
+        for site in sites:
+            uid = self._by_key.get(site.key)
+            if uid is None:
+                name = self._unique_name(site)
+                uid = len(self.units)
+                included = self.config.includes(name, site.op)
+                unit = Unit(uid, name, site.op, site.spec.name, site.weight, site.flops, site.where,
+                            included, site.a_shape, site.b_shape)
+                self.units.append(unit)
+                self._by_key[site.key] = uid
+                self._by_name[name] = uid
+            unit = self.units[uid]
+            site.name, site.unit_id, site.included = unit.name, uid, unit.included
+            if unit.included:
+                site.slot = slot
+                slot += 1
+                if unit.name not in self.controller.names:
+                    new_names.append(unit.name)
+                    new_costs.append(float(max(unit.flops, 1)))
+        if new_names:
+            self.controller.add_units(new_names, new_costs)
+            self._apply_pending_state()
+
+    def _unique_name(self, site: UnitSite) -> str:
+        # Weightless units are numbered within their module and op
+        # (attn.matmul, attn.matmul_1, ...); a weight used by several call
+        # sites gets the same suffixes.
+        name, k = site.base, 0
+        while name in self._by_name:
+            k += 1
+            name = f"{site.base}_{k}"
+        return name
+
+    @property
+    def unit_names(self) -> list[str]:
+        """Names of the units GNMR controls, in controller order."""
+        return list(self.controller.names)
+
+    def check_filter(self) -> None:
+        """Raise if a unit-filter pattern (or a filter callable) matched nothing."""
+        cfg = self.config
+        names = [u.name for u in self.units]
+        if cfg.unit_filter is None or not names:
+            return
+        missing = cfg.unmatched_patterns(names)
+        if missing:
+            raise ValueError(
+                f"GNMRConfig.unit_filter pattern(s) {missing} match no unit; "
+                f"units are: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
+            )
+        if not any(u.included for u in self.units):
+            raise ValueError(
+                f"GNMRConfig.unit_filter {cfg.unit_filter!r} excludes every unit; units are: {', '.join(names[:20])}"
+            )
+
+    # ------------------------------------------------------------- records
+    def add_record(self, record: GraphRecord) -> None:
+        self.records.append(record)
+        if record.plan is not None:
+            ids = torch.tensor([s.unit_id for s in record.sites if s.slot is not None], dtype=torch.long)
+            # Controller order == order of first appearance, but ids index
+            # self.units; map them to controller rows by name once, here.
+            rows = [self.controller.names.index(self.units[i].name) for i in ids.tolist()]
+            record.unit_ids = torch.tensor(rows, dtype=torch.long, device=record.plan.device)
+            self.controller.to(record.plan.device)
+            with torch.no_grad():
+                record.plan.copy_(self.controller.plan[record.unit_ids])
+            if self._optimizer_hook is None:
+                self._backward_hooks.append(
+                    record.probe.register_post_accumulate_grad_hook(self._on_probe_grad)
+                )
+
+    # ---------------------------------------------------------------- steps
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Update once per ``optimizer.step()`` instead of once per backward."""
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+        for h in self._backward_hooks:
+            h.remove()
+        self._backward_hooks.clear()
+        self._optimizer_hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+
+    def _on_probe_grad(self, _param: torch.Tensor) -> None:
+        # One update per backward even with several graphs: queue it once.
+        if not self._step_queued:
+            self._step_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._step_queued = False
+        self.step()
+
+    @torch.no_grad()
+    def step(self) -> Optional[torch.Tensor]:
+        """Read this step's gradient statistics, update the controller and
+        write the new plan into every graph. Returns the plan."""
+        if not self._filter_checked:
+            self.check_filter()
+            self._filter_checked = True
+        ctl = self.controller
+        live = [r for r in self.records if r.plan is not None]
+        if not live or ctl.num_units == 0:
+            return None
+        dev = live[0].plan.device
+        sumsq = torch.zeros(ctl.num_units, device=dev)
+        seen = torch.zeros(ctl.num_units, dtype=torch.bool, device=dev)
+        for rec in live:  # one iteration per compiled graph, not per unit
+            g = rec.probe.grad
+            if g is None:
+                continue
+            sumsq.index_add_(0, rec.unit_ids, g.to(dev))
+            seen.index_fill_(0, rec.unit_ids, True)
+            rec.probe.grad = None
+        sumsq = self._reduce(sumsq)
+        plan = ctl.update(sumsq.sqrt(), observed=seen)
+        for rec in live:
+            rec.plan.copy_(plan[rec.unit_ids.to(plan.device)])
+        self._record_telemetry(sumsq)
+        for cb in self.callbacks:
+            cb(self)
+        return plan
+
+    def _reduce(self, sumsq: torch.Tensor) -> torch.Tensor:
+        """Hook for data-parallel reduction of the statistics (identity here)."""
+        return sumsq
+
+    def set_plan(self, plan: torch.Tensor) -> None:
+        """Force a plan (tests, export, what-if runs); the controller keeps it."""
+        plan = plan.to(self.controller.device, torch.bool)
+        if plan.shape != (self.controller.num_units,):
+            raise ValueError(f"plan must have shape ({self.controller.num_units},), got {tuple(plan.shape)}")
+        self.controller.plan = plan.clone()
+        for rec in self.records:
+            if rec.plan is not None:
+                rec.plan.copy_(plan[rec.unit_ids.to(plan.device)])
+
+    # ------------------------------------------------------------ telemetry
+    def _record_telemetry(self, sumsq: torch.Tensor) -> None:
+        if self.config.log is None:
+            return
+        ctl = self.controller
+        # Device tensors only; they reach the host in one batch per log_every steps.
+        self._telemetry.append({
+            "step": ctl.step,
+            "norm": sumsq.sqrt(),
+            "gnmr": ctl.gnmr.clone(),
+            "delta_gnmr": ctl.delta_gnmr.clone(),
+            "plan": ctl.plan.clone(),
+            "triggered": ctl.triggered.clone(),
+            "denied": ctl.denied.clone(),
+            "budget_used": ctl.budget_used(),
+        })
+        if len(self._telemetry) >= self.config.log_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered telemetry lines (one host transfer for the batch)."""
+        if not self._telemetry or self.config.log is None:
+            return
+        batch, self._telemetry = self._telemetry, []
+        keys = ("norm", "gnmr", "delta_gnmr", "plan", "triggered", "denied")
+        stacked = {k: torch.stack([b[k] for b in batch]).cpu() for k in keys}
+        used = torch.stack([b["budget_used"] for b in batch]).cpu().tolist()
+        if self._log_file is None:
+            self._log_file = open(self.config.log, "a", encoding="utf-8")
+            self._log_file.write(json.dumps({
+                "header": True, "units": self.controller.names, "recipe": self.config.recipe,
+                "policy": self.config.policy, "max_o": self.config.max_o,
+                "budget": self.controller.budget,
+                "costs": self.controller.costs.cpu().tolist(),
+            }) + "\n")
+        names = self.controller.names
+        for j, b in enumerate(batch):
+            row = {"step": b["step"], "budget_used": used[j], "budget": self.controller.budget}
+            for k in ("norm", "gnmr", "delta_gnmr"):
+                row[k] = [_json_float(v) for v in stacked[k][j, : len(names)].tolist()]
+            for k in ("plan", "triggered", "denied"):
+                row[k] = [names[i] for i in torch.nonzero(stacked[k][j]).flatten().tolist()]
+            self._log_file.write(json.dumps(row) + "\n")
+        self._log_file.flush()
+
+    # ----------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Controller state as flat tensors (safe for ``weights_only=True``)."""
+        sd = self.controller.state_dict()
+        names = sd.pop("names")
+        out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        out["names"] = torch.tensor(list(json.dumps(names).encode("utf-8")), dtype=torch.uint8)
+        out["step"] = torch.tensor(sd["step"], dtype=torch.long)
+        return out
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
+        sd = dict(flat)
+        sd["names"] = json.loads(bytes(sd["names"].tolist()).decode("utf-8"))
+        sd["step"] = int(sd["step"])
+        self._pending_state = sd
+        self.controller.step = sd["step"]
+        self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        if self._pending_state is None or self.controller.num_units == 0:
+            return
+        missing = self.controller.load_state_dict(self._pending_state)
+        if missing:
+            keep = [i for i, n in enumerate(self._pending_state["names"]) if n in set(missing)]
+            idx = torch.tensor(keep, dtype=torch.long)
+            sd = {"names": missing, "step": self._pending_state["step"]}
+            for k, v in self._pending_state.items():
+                if isinstance(v, torch.Tensor):
+                    sd[k] = v[:, idx] if k == "hist" else v[idx]
+            self._pending_state = sd
+        else:
+            self._pending_state = None
+        for rec in self.records:
+            if rec.plan is not None:
+                rec.plan.copy_(self.controller.plan[rec.unit_ids])
+
+
+def _json_float(v: float) -> Any:
+    """JSON has no NaN/inf: NaN (unit not run this step) -> null, inf -> "inf"."""
+    if math.isnan(v):
+        return None
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def _state_dict_hook(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    rt = module.__dict__.get("_gnmr_runtime")
+    if rt is None:
+        return
+    for k, v in rt.state_dict().items():
+        state_dict[prefix + _STATE_PREFIX + k] = v
+
+
+def _load_state_dict_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    rt = module.__dict__.get("_gnmr_runtime")
+    keys = [k for k in state_dict if k.startswith(prefix + _STATE_PREFIX)]
+    if not keys:
+        return
+    flat = {k[len(prefix + _STATE_PREFIX):]: state_dict.pop(k) for k in keys}
+    if rt is not None:
+        rt.load_state_dict(flat)
+
+
+def runtime_of(model: torch.nn.Module) -> GNMRRuntime:
+    """The runtime attached to ``model`` (or to the model a compiled wrapper holds)."""
+    for m in (model, getattr(model, "_orig_mod", None), getattr(model, "module", None)):
+        if isinstance(m, torch.nn.Module):
+            rt = m.__dict__.get("_gnmr_runtime")
+            if rt is not None:
+                return rt
+            inner = getattr(m, "_orig_mod", None)
+            if isinstance(inner, torch.nn.Module) and "_gnmr_runtime" in inner.__dict__:
+                return inner.__dict__["_gnmr_runtime"]
+    raise ValueError(
+        "this model has no GNMR runtime: compile it with gnmr_fx.compile(model) "
+        "or torch.compile(model, backend='gnmr') and run one forward pass"
+    )

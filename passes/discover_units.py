@@ -1,0 +1,216 @@
+"""discover_units: find the recoverable operators of a captured graph.
+
+Annotates every recoverable node with ``node.meta["gnmr_unit"]`` (a
+:class:`UnitSite`) and records what was seen but left alone in
+``gm.meta["gnmr_skipped"]`` (kind -> count). It does not change the graph.
+
+What the pass guarantees:
+
+* matching is by target object (``passes.ops.RECOVERABLE_OPS``);
+* a site's ``key`` depends only on the model's module paths, parameter names
+  and source locations, never on node names or compile order, so the unit
+  table can give the same site the same name after a recompile or a graph
+  break;
+* operands below rank 2 or of non-floating dtypes are skipped, with reason.
+
+The backend supplies two facts only it knows, through ``gm.meta``:
+``gnmr_param_fqns`` (placeholder name -> parameter FQN in the root model)
+and ``gnmr_frame_prefix`` (FQN of the module whose frame was captured).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx
+
+from gnmr_fx.config import GNMRConfig
+from gnmr_fx.passes.counters import counters
+from gnmr_fx.passes.ops import (
+    NOT_RECOVERABLE_OPS,
+    RECOVERABLE_OPS,
+    VIEW_FUNCTIONS,
+    VIEW_METHODS,
+    OpSpec,
+    op_of,
+)
+
+_FRAME_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+_STACK_FILE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+@dataclass
+class UnitSite:
+    """One recoverable operator in one captured graph."""
+
+    key: tuple  # stable identity of the call site (see module docstring)
+    base: str  # weight-derived name, or module path for weightless units
+    spec: OpSpec
+    op: Any  # the op as the user wrote it (target object), for filters
+    weight: Optional[str]  # FQN of the weight parameter, None if weightless
+    a_shape: tuple
+    b_shape: tuple
+    out_shape: tuple
+    flops: int
+    where: str  # "file:line" of the user's code
+    # Filled in by the unit table (naming) and the backend (slots):
+    name: Optional[str] = None
+    unit_id: Optional[int] = None
+    included: bool = True
+    slot: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.GraphModule:
+    """Annotate recoverable nodes of ``gm`` with a :class:`UnitSite`.
+
+    >>> import torch, torch.nn.functional as F
+    >>> def f(x, w):
+    ...     return F.linear(x, w) @ x.t()
+    >>> from torch.fx.passes.shape_prop import ShapeProp
+    >>> gm = torch.fx.symbolic_trace(f)
+    >>> _ = ShapeProp(gm).propagate(torch.randn(4, 8), torch.randn(3, 8))
+    >>> _ = discover_units(gm, GNMRConfig())
+    >>> [s.spec.name for s in sites_of(gm)]
+    ['linear', 'matmul']
+    """
+    param_fqns: dict[str, str] = gm.meta.get("gnmr_param_fqns", {})
+    prefix: str = gm.meta.get("gnmr_frame_prefix", "")
+    skipped: collections.Counter = collections.Counter()
+    seen_keys: collections.Counter = collections.Counter()
+    for node in gm.graph.nodes:
+        target = op_of(node)
+        if target is None:
+            continue
+        spec = RECOVERABLE_OPS.get(target) if _hashable(target) else None
+        if spec is None:
+            if _hashable(target) and target in NOT_RECOVERABLE_OPS:
+                skipped[NOT_RECOVERABLE_OPS[target]] += 1
+                counters["discover_units"]["not_recoverable"] += 1
+            continue
+        reason = _unsupported(node, spec)
+        if reason:
+            skipped[f"{spec.name} ({reason})"] += 1
+            counters["discover_units"]["skipped"] += 1
+            continue
+        a, b = node.args[spec.a_index], node.args[spec.b_index]
+        weight = _weight_fqn(b, param_fqns)
+        module = _module_path(node, prefix)
+        file, line, fn = _user_frame(node)
+        if weight is not None:
+            base = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+        else:
+            base = f"{module}.{spec.name}" if module else (spec.name if fn in ("forward", "?") else f"{fn}.{spec.name}")
+        raw_key = ("w" if weight else "a", base, spec.name, file, line)
+        occurrence = seen_keys[raw_key]
+        seen_keys[raw_key] += 1
+        a_shape = tuple(_example(a).shape)
+        b_shape = tuple(_example(b).shape)
+        out_shape = tuple(_example(node).shape)
+        flops = 2 * math.prod(out_shape) * int(a_shape[-1])
+        node.meta["gnmr_unit"] = UnitSite(
+            key=raw_key + (occurrence,),
+            base=base,
+            spec=spec,
+            op=target,
+            weight=weight,
+            a_shape=a_shape,
+            b_shape=b_shape,
+            out_shape=out_shape,
+            flops=flops,
+            where=f"{file}:{line}",
+        )
+        counters["discover_units"]["units"] += 1
+    gm.meta["gnmr_skipped"] = dict(skipped)
+    return gm
+
+
+def sites_of(gm: torch.fx.GraphModule) -> list[UnitSite]:
+    """The unit sites of ``gm`` in graph order."""
+    return [n.meta["gnmr_unit"] for n in gm.graph.nodes if "gnmr_unit" in n.meta]
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _example(node: Any) -> Any:
+    """Shape/dtype of a node: a fake tensor under Dynamo, TensorMetadata after ShapeProp."""
+    if isinstance(node, torch.fx.Node):
+        for k in ("example_value", "val", "tensor_meta"):
+            v = node.meta.get(k)
+            if v is not None:
+                return v
+    raise ValueError(f"no shape information on {node}; capture the graph with Dynamo or run ShapeProp first")
+
+
+def _unsupported(node: torch.fx.Node, spec: OpSpec) -> Optional[str]:
+    if len(node.args) <= max(spec.a_index, spec.b_index):
+        return "operands passed by keyword"
+    for i in (spec.a_index, spec.b_index):
+        arg = node.args[i]
+        if not isinstance(arg, torch.fx.Node):
+            return "constant operand"
+        try:
+            ex = _example(arg)
+        except ValueError:
+            return "no shape information"
+        if not hasattr(ex, "shape") or not hasattr(ex, "dtype"):
+            return "operand is not a tensor"
+        if len(ex.shape) < spec.min_rank:
+            return "1-D operand"
+        if not ex.dtype.is_floating_point:
+            return f"{ex.dtype} operand"
+    return None
+
+
+def _weight_fqn(node: Any, param_fqns: dict[str, str]) -> Optional[str]:
+    """The parameter behind an operand, looking through norm-preserving views."""
+    for _ in range(8):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op in ("placeholder", "get_attr"):
+            return param_fqns.get(node.name if node.op == "placeholder" else node.target)
+        is_view = (node.op == "call_function" and node.target in VIEW_FUNCTIONS) or (
+            node.op == "call_method" and node.target in VIEW_METHODS
+        )
+        if not is_view or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def normalize_source_path(path: str) -> str:
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``."""
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
+    path = _FRAME_ROOT.sub("", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+def _module_path(node: torch.fx.Node, prefix: str) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    rel = ""
+    if stack:
+        rel = normalize_source_path(list(stack.values())[-1][0])
+    return ".".join(p for p in (prefix, rel) if p)
+
+
+def _user_frame(node: torch.fx.Node) -> tuple[str, int, str]:
+    """(file, line, function) of the innermost user frame in the stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    found = _STACK_FILE.findall(trace)
+    if not found:
+        return ("?", 0, "?")
+    file, line, fn = found[-1]
+    return (file, int(line), fn)

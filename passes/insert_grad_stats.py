@@ -1,0 +1,61 @@
+"""insert_grad_stats: add one statistics node per unit that records its gradient norm.
+
+For a unit with a weight, the node wraps the weight operand, so backward
+adds ||dL/dW||^2 (the gradient through this unit) to ``probe.grad[slot]``.
+For a weightless unit it wraps the unit's output: ||dL/dY||^2.
+
+Guarantees: values are unchanged (the node is an identity in forward), the
+graph lints, and exactly one node is added per unit with a slot. The probe is
+registered on ``gm`` as the parameter ``_gnmr_probe`` (float32, one entry per
+slot, on the units' device); accumulation over micro-batches is ordinary
+``.grad`` accumulation, read and cleared once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from gnmr_fx.config import GNMRConfig
+from gnmr_fx.passes.counters import counters
+from gnmr_fx.passes.discover_units import sites_of
+from gnmr_fx.passes.nodes import record_grad_norm
+
+PROBE = "_gnmr_probe"
+
+
+def insert_grad_stats(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.GraphModule:
+    """Insert a ``record_grad_norm`` node for every slotted unit of ``gm``."""
+    nodes = [n for n in gm.graph.nodes if n.meta.get("gnmr_unit") is not None and n.meta["gnmr_unit"].slot is not None]
+    if not nodes:
+        return gm
+    n_slots = 1 + max(n.meta["gnmr_unit"].slot for n in nodes)
+    device = _device_of(nodes[0])
+    if not hasattr(gm, PROBE):
+        gm.register_parameter(PROBE, torch.nn.Parameter(torch.zeros(n_slots, device=device)))
+    first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
+    with gm.graph.inserting_after(first):
+        probe = gm.graph.get_attr(PROBE)
+    for node in nodes:
+        site = node.meta["gnmr_unit"]
+        if site.weight is not None:
+            w = node.args[site.spec.b_index]
+            with gm.graph.inserting_before(node):
+                tap = gm.graph.call_function(record_grad_norm, (w, probe, site.slot))
+            args = list(node.args)
+            args[site.spec.b_index] = tap
+            node.args = tuple(args)
+        else:
+            with gm.graph.inserting_after(node):
+                tap = gm.graph.call_function(record_grad_norm, (node, probe, site.slot))
+            node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
+        tap.meta["gnmr_stats_for"] = site.name
+        counters["insert_grad_stats"]["stats_nodes"] += 1
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _device_of(node: torch.fx.Node) -> torch.device:
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val.device if val is not None and hasattr(val, "device") else torch.device("cpu")
