@@ -14,12 +14,32 @@ from gnmr_fx.controller import GNMRController
 
 __version__ = "0.1.0"
 
+# Tools with heavier or optional dependencies load on first use.
+_LAZY = {
+    "inspect": ("gnmr_fx.inspection", "inspect"),
+    "diff": ("gnmr_fx.diffing", "diff"),
+    "export_onnx": ("gnmr_fx.onnx_export", "export_onnx"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'gnmr_fx' has no attribute {name!r}")
+
+
 __all__ = [
     "GNMRConfig",
     "GNMRController",
     "Recipe",
     "compile",
     "controller",
+    "diff",
+    "export_onnx",
+    "inspect",
     "get_recipe",
     "recipes",
     "register_recipe",

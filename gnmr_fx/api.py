@@ -19,6 +19,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     backend: str = "inductor",
     optimizer: Optional[torch.optim.Optimizer] = None,
     example_inputs: Optional[Sequence] = None,
+    log: Optional[str] = None,
 ) -> torch.nn.Module:
     """Compile ``model`` with GNMR: one line in an existing training loop.
 
@@ -33,6 +34,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
         example_inputs: if given, one forward pass runs now (RNG state is
             preserved) so units are discovered and the unit filter is
             checked before training starts.
+        log: path of a JSON-lines telemetry file (same as ``config.log``).
 
     >>> import torch, gnmr_fx
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -52,6 +54,8 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     config = config if config is not None else GNMRConfig()
     if not isinstance(config, GNMRConfig):
         raise TypeError(f"config must be a GNMRConfig, got {type(config).__name__}")
+    if log is not None:
+        config = config.replace(log=str(log))
     rt = GNMRRuntime.attach(model, config)
     if optimizer is not None:
         rt.attach_optimizer(optimizer)
