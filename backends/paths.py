@@ -57,11 +57,12 @@ class _RoundGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t: Tensor, quantizer: Quantizer) -> Tensor:
+        ctx.quantizer = quantizer
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return quantizer(grad, -1), None
+        return ctx.quantizer(grad, -1), None
 
 
 def low_path(
