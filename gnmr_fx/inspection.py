@@ -1,0 +1,369 @@
+"""``gnmr_fx.inspect`` and ``gnmr-fx inspect``: what GNMR sees in a model.
+
+Inspection compiles the model with a fresh runtime and the real GNMR
+backend (``rewrite_graph`` through ``compile_graph``, inner compiler
+``eager``), runs one forward pass, and reports every recoverable unit with
+its shapes, FLOPs, recipe, high path, plan and filter state, plus the graph
+breaks Dynamo took and the matmul-family ops it saw but could not recover.
+
+It leaves the user's model as it was: no runtime is attached to it, RNG
+state is forked, buffers (e.g. BatchNorm statistics) are restored, the
+forward runs under ``torch.no_grad()`` so no ``.grad`` is touched, and the
+compiled code lives on a fresh code object so it neither shares nor uses up
+Dynamo's per-function cache entries of the user's own ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import types
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from gnmr_fx.backends.compile_backend import compile_graph
+from gnmr_fx.config import GNMRConfig
+from gnmr_fx.runtime import GNMRRuntime
+
+# Extra Dynamo cache entries inspection may add to a user function that
+# breaks its graph (the resumed frames are the user's own code objects).
+_RECOMPILE_HEADROOM = 64
+
+
+# --------------------------------------------------------------------------
+# Capture: compile once with a private runtime
+# --------------------------------------------------------------------------
+
+
+class _RecordingBackend:
+    """The GNMR backend (eager inner compiler) that also keeps, per graph,
+    Dynamo's reason for ending it and the tensors it was called with."""
+
+    def __init__(self, runtime: GNMRRuntime, keep_inputs: bool) -> None:
+        self.runtime = runtime
+        self.keep_inputs = keep_inputs
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        fn = compile_graph(self.runtime, gm, example_inputs, "eager")
+        rec = self.runtime.records[-1]
+        if reason is not None and getattr(reason, "graph_break", False):
+            rec.graph_break_reason = _short_reason(reason)
+        if self.keep_inputs:
+            rec.extra["example_inputs"] = list(example_inputs)
+        return fn
+
+
+def _short_reason(reason: Any) -> str:
+    text = str(getattr(reason, "reason", reason)).strip().splitlines()[0]
+    stack = getattr(reason, "user_stack", None) or []
+    if stack:
+        frame = stack[-1]
+        text += f" (at {frame.filename}:{frame.lineno} in {frame.name})"
+    return text
+
+
+def _fresh_caller(tag: int) -> Any:
+    """``lambda model, *args: model(*args)`` on a code object of its own.
+
+    Dynamo keeps compiled code per code object, and a code object holds at
+    most ``recompile_limit`` entries across all backends. Compiling a new
+    code object each time means inspection never evicts or blocks the
+    user's compiled entries for ``Model.forward``, however often it runs.
+    """
+
+    def call(model: torch.nn.Module, *args: Any) -> Any:
+        return model(*args)
+
+    code = call.__code__.replace(co_name=f"gnmr_capture_{tag}")
+    return types.FunctionType(code, call.__globals__, code.co_name)
+
+
+_TAG = [0]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module behind a ``torch.compile`` wrapper."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+@contextlib.contextmanager
+def untouched(model: torch.nn.Module, example_inputs: Sequence) -> Iterator[None]:
+    """Run a forward pass that leaves RNG state and buffers as they were."""
+    devices = sorted({x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    if name in saved and saved[name].shape == b.shape:
+                        b.copy_(saved[name])
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence,
+    config: GNMRConfig,
+    *,
+    keep_inputs: bool = False,
+) -> GNMRRuntime:
+    """Compile ``model`` with a private GNMR runtime and run one forward.
+
+    Returns the runtime: its ``units`` and ``records`` (original and
+    rewritten graph of every captured graph). ``keep_inputs`` keeps the
+    tensors each graph was called with on ``record.extra["example_inputs"]``
+    (the ONNX export needs them to bind placeholders).
+
+    >>> import torch
+    >>> rt = capture(torch.nn.Linear(4, 2), (torch.randn(3, 4),), GNMRConfig())
+    >>> [u.name for u in rt.units], len(rt.records)
+    (['weight'], 1)
+    """
+    root = unwrap(model)
+    rt = GNMRRuntime(config, root)
+    _TAG[0] += 1
+    fn = torch.compile(_fresh_caller(_TAG[0]), backend=_RecordingBackend(rt, keep_inputs), dynamic=False)
+    limit = torch._dynamo.config.recompile_limit + _RECOMPILE_HEADROOM
+    with torch._dynamo.config.patch(recompile_limit=limit), untouched(root, example_inputs), torch.no_grad():
+        fn(root, *example_inputs)
+    if not rt.records:
+        raise ValueError(
+            "Dynamo captured no graph from this model (is its forward empty, or "
+            "disabled with torch.compiler.disable?)"
+        )
+    return rt
+
+
+# --------------------------------------------------------------------------
+# The result
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class UnitInfo:
+    """One recoverable unit, as ``inspect`` reports it."""
+
+    name: str
+    op: str
+    input_shape: tuple
+    weight_shape: Optional[tuple]  # None for a weightless unit (e.g. q @ k^T)
+    b_shape: tuple  # the second operand (the weight as passed, or an activation)
+    flops: int
+    flops_share: float
+    recipe: Optional[str]  # None when the filter excluded the unit
+    high_path: Optional[str]
+    plan: str  # "high", "low", or "excluded"
+    included: bool
+    weight: Optional[str]
+    where: str
+    graph: int
+
+
+@dataclass
+class GraphBreak:
+    graph: int
+    reason: str
+
+
+@dataclass
+class InspectResult:
+    """What :func:`inspect` found: ``.units``, totals, ``.table()``, ``.to_json()``."""
+
+    units: list[UnitInfo]
+    graphs: int
+    graph_breaks: list[GraphBreak]
+    not_recoverable: dict[str, int]
+    recipe: str
+    high_path: str
+    policy: str
+    max_o: Any
+    unit_filter: Any
+    plan_source: str
+    total_flops: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["units"] = [asdict(u) for u in self.units]
+        d["unit_filter"] = list(self.unit_filter) if isinstance(self.unit_filter, tuple) else (
+            None if self.unit_filter is None else repr(self.unit_filter))
+        d["totals"] = {
+            "graphs": self.graphs,
+            "graph_breaks": len(self.graph_breaks),
+            "units": len(self.units),
+            "included": sum(u.included for u in self.units),
+            "flops": self.total_flops,
+            "not_recoverable": dict(self.not_recoverable),
+        }
+        return d
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        rows = [
+            [u.name, u.op, _shape(u.input_shape), _shape(u.weight_shape) if u.weight_shape else f"act {_shape(u.b_shape)}",
+             _si(u.flops), f"{100 * u.flops_share:.1f}%", u.recipe or "-", u.high_path or "-", u.plan,
+             "yes" if u.included else "no"]
+            for u in self.units
+        ]
+        head = ["unit", "op", "input", "weight", "FLOPs", "share", "low recipe", "high path", "plan", "filter"]
+        out = [tabulate(rows, headers=head, disable_numparse=True)]
+        n_inc = sum(u.included for u in self.units)
+        out.append("")
+        out.append(f"graphs captured: {self.graphs}    graph breaks: {len(self.graph_breaks)}")
+        for b in self.graph_breaks:
+            out.append(f"  break after graph {b.graph}: {b.reason}")
+        out.append(f"units: {len(self.units)} ({n_inc} included by the filter)    "
+                   f"forward FLOPs in units: {_si(self.total_flops)}")
+        if self.not_recoverable:
+            kinds = ", ".join(f"{k} x{v}" for k, v in sorted(self.not_recoverable.items()))
+            out.append(f"seen but not recoverable: {kinds}")
+        else:
+            out.append("seen but not recoverable: none")
+        out.append(f"policy {self.policy}, budget max_o={self.max_o}, plan: {self.plan_source}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shape(s: Optional[tuple]) -> str:
+    return "-" if s is None else "x".join(str(int(d)) for d in s)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def inspect(
+    model: torch.nn.Module,
+    example_inputs: Sequence,
+    config: Optional[GNMRConfig] = None,
+) -> InspectResult:
+    """List the recoverable units of ``model`` and how GNMR would treat them.
+
+    ``config`` defaults to the config the model was compiled with (if it was)
+    or ``GNMRConfig()``. When the model already has a GNMR runtime, each
+    unit's plan is read from its controller; otherwise it is the initial plan.
+    A unit-filter pattern that matches no unit raises ``ValueError``.
+
+    >>> import torch, gnmr_fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> res = gnmr_fx.inspect(model, (torch.randn(4, 8),), gnmr_fx.GNMRConfig(recipe="int8"))
+    >>> [(u.name, u.op, u.plan) for u in res.units]
+    [('0', 'linear', 'low'), ('2', 'linear', 'low')]
+    >>> res.graphs, len(res.graph_breaks)
+    (1, 0)
+    """
+    root = unwrap(model)
+    live = root.__dict__.get("_gnmr_runtime")
+    if config is None:
+        config = live.config if live is not None else GNMRConfig()
+    if not isinstance(config, GNMRConfig):
+        raise TypeError(f"config must be a GNMRConfig, got {type(config).__name__}")
+    rt = capture(root, example_inputs, config)
+    rt.check_filter()
+
+    if live is not None and live.controller.num_units:
+        ctl, plan_source = live.controller, f"controller of the compiled model at step {live.controller.step}"
+    else:
+        ctl, plan_source = rt.controller, "initial (the model has no GNMR runtime yet)"
+    plan = dict(zip(ctl.names, ctl.plan.detach().cpu().tolist()))
+
+    graph_of = {}
+    for rec in rt.records:
+        for s in rec.sites:
+            graph_of.setdefault(s.unit_id, rec.index)
+    total = sum(u.flops for u in rt.units) or 1
+    units = []
+    for u in rt.units:
+        state = ("high" if plan.get(u.name, False) else "low") if u.included else "excluded"
+        units.append(UnitInfo(
+            name=u.name, op=u.op_name, input_shape=tuple(u.a_shape),
+            weight_shape=tuple(u.b_shape) if u.weight is not None else None, b_shape=tuple(u.b_shape),
+            flops=int(u.flops), flops_share=u.flops / total,
+            recipe=config.recipe if u.included else None,
+            high_path=config.high_path if u.included else None,
+            plan=state, included=u.included, weight=u.weight, where=u.where, graph=graph_of.get(u.id, 0),
+        ))
+    skipped: dict[str, int] = {}
+    for rec in rt.records:
+        for k, v in rec.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    breaks = [GraphBreak(r.index, r.graph_break_reason) for r in rt.records if r.graph_break_reason]
+    return InspectResult(
+        units=units, graphs=len(rt.records), graph_breaks=breaks, not_recoverable=skipped,
+        recipe=config.recipe, high_path=config.high_path, policy=config.policy, max_o=config.max_o,
+        unit_filter=config.unit_filter, plan_source=plan_source, total_flops=sum(u.flops for u in rt.units),
+    )
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def parse_max_o(text: str) -> Any:
+    """``"2"`` -> 2 units; ``"0.1"`` -> a FLOPs fraction (as GNMRConfig.max_o)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--max-o must be an int or a float, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC",
+                        help="built-in example (tiny_gpt, tiny_gpt_graph_break, hf_gpt2) or package.module:factory")
+    parser.add_argument("--recipe", default=None, help="low-path recipe (default: the GNMRConfig default)")
+    parser.add_argument("--max-o", type=parse_max_o, default=None, help="budget: int units or float FLOPs fraction")
+    parser.add_argument("--policy", default=None, help="gnmr, always_low or always_high")
+    parser.add_argument("--filter", dest="filters", action="extend", nargs="+", default=None, metavar="PATTERN",
+                        help="unit filter: fnmatch patterns on unit names (each must match a unit)")
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def config_from_args(args: argparse.Namespace) -> GNMRConfig:
+    changes: dict[str, Any] = {}
+    if getattr(args, "recipe", None) is not None:
+        changes["recipe"] = args.recipe
+    if getattr(args, "max_o", None) is not None:
+        changes["max_o"] = args.max_o
+    if getattr(args, "policy", None) is not None:
+        changes["policy"] = args.policy
+    if getattr(args, "filters", None):
+        changes["unit_filter"] = list(args.filters)
+    return GNMRConfig(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from gnmr_fx.examples import load_spec
+
+        config = config_from_args(args)
+        model, inputs = load_spec(args.spec)
+        result = inspect(model, inputs, config)
+    except ValueError as e:
+        print(f"gnmr-fx inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(result.to_json() if args.format == "json" else result.table())
+    return 0
