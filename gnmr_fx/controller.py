@@ -32,7 +32,7 @@ from gnmr_fx.config import GNMRConfig
 _TINY = 1e-30
 
 # Per-unit state, all of length n (hist is [delta_window, n]).
-_FLOAT_STATE = ("ema", "gnmr", "delta_gnmr", "risk", "costs")
+_FLOAT_STATE = ("ema", "norm", "gnmr", "delta_gnmr", "risk", "costs")
 _LONG_STATE = ("n_obs", "lock", "n_triggers", "n_denied", "n_high_steps")
 _BOOL_STATE = ("plan", "triggered", "denied")
 
@@ -114,6 +114,7 @@ class GNMRController:
         for key in _FLOAT_STATE:
             setattr(self, key, pad(getattr(self, key), 0.0))
         self.costs[start:] = c.to(d)
+        self.norm[start:] = float("nan")
         self.gnmr[start:] = float("nan")
         self.delta_gnmr[start:] = float("nan")
         for key in _LONG_STATE:
@@ -231,6 +232,7 @@ class GNMRController:
         self.gnmr = torch.where(obs, torch.where(finite, ratio, torch.full_like(g, float("inf"))),
                                 torch.full_like(g, float("nan")))
         self.delta_gnmr = torch.where(obs, delta, torch.full_like(g, float("nan")))
+        self.norm = torch.where(obs, g, torch.full_like(g, float("nan")))
         self.n_triggers = self.n_triggers + trig.long()
         self.n_denied = self.n_denied + self.denied.long()
         self.n_high_steps = self.n_high_steps + plan.long()

@@ -101,11 +101,19 @@ def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.Gra
         a, b = node.args[spec.a_index], node.args[spec.b_index]
         weight = _weight_fqn(b, param_fqns)
         module = _module_path(node, prefix)
-        file, line, fn = _user_frame(node)
+        file, line, _fn = _user_frame(node)
         if weight is not None:
-            base = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+            owner, _, pname = weight.rpartition(".")
+            if module and owner != module and not owner.startswith(module + "."):
+                # A weight owned elsewhere (tied embeddings: GPT-2's lm_head
+                # uses transformer.wte.weight): name the layer that calls it.
+                base = module
+            else:
+                base = owner if pname == "weight" and owner else weight
         else:
-            base = f"{module}.{spec.name}" if module else (spec.name if fn in ("forward", "?") else f"{fn}.{spec.name}")
+            # Ops written directly in a frame Dynamo resumed after a graph
+            # break carry no module stack; the frame prefix still places them.
+            base = f"{module}.{spec.name}" if module else spec.name
         raw_key = ("w" if weight else "a", base, spec.name, file, line)
         occurrence = seen_keys[raw_key]
         seen_keys[raw_key] += 1

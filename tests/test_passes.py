@@ -1,0 +1,423 @@
+"""The GNMR passes on real captured graphs: discovery, exactness, recompiles, stats."""
+
+import copy
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gnmr_fx
+from gnmr_fx import GNMRConfig
+from gnmr_fx.backends.recipes import get_recipe, quantization_sqnr
+from gnmr_fx.models import GPTConfig, TinyGPT
+from gnmr_fx.passes import counters
+
+TINY = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)
+TINY_GPT_UNITS = [
+    f"blocks.{i}.{u}"
+    for i in range(2)
+    for u in ("attn.qkv", "attn.matmul", "attn.matmul_1", "attn.proj", "fc", "out")
+] + ["head"]
+
+
+def _gpt(seed=0):
+    torch.manual_seed(seed)
+    return TinyGPT(TINY)
+
+
+def _batch(seed=0, b=4):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, TINY.vocab_size, (b, TINY.block_size), generator=g)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: a linear with a [in, out] weight, via addmm."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(*x.shape[:-1], -1)
+
+
+class AddmmMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = Conv1D(16, 32)
+        self.c_proj = Conv1D(32, 16)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, idx):
+        return self.conv(self.emb(idx).unsqueeze(1)).sum()
+
+
+class BreakNet(nn.Module):
+    """A graph break between two linears (a host read, as real models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(torch.relu(h)) @ h.t()
+
+
+def _check(model, inputs, expected_units, config=None, backend="eager"):
+    """Compile, run once, and assert the discovered unit names."""
+    before = counters["discover_units"]["units"]
+    m = gnmr_fx.compile(model, config or GNMRConfig(), backend=backend)
+    m(*inputs)
+    names = gnmr_fx.controller(m).names
+    assert names == expected_units
+    assert counters["discover_units"]["units"] - before == len(expected_units)
+    return m
+
+
+class TestDiscover:
+    def test_tiny_gpt_units_named_after_modules(self):
+        _check(_gpt(), _batch()[:1], TINY_GPT_UNITS)
+
+    def test_addmm_units_have_weights(self):
+        m = _check(AddmmMLP(), (torch.randn(2, 3, 16),), ["c_fc", "c_proj"])
+        units = gnmr_fx.runtime(m).units
+        assert [u.op_name for u in units] == ["addmm", "addmm"]
+        assert [u.weight for u in units] == ["c_fc.weight", "c_proj.weight"]
+        assert units[0].flops == 2 * 6 * 16 * 32
+
+    def test_weightless_attention_matmuls(self):
+        m = _check(_gpt(), _batch()[:1], TINY_GPT_UNITS)
+        units = {u.name: u for u in gnmr_fx.runtime(m).units}
+        assert units["blocks.0.attn.matmul"].weight is None
+        assert units["blocks.0.attn.matmul"].op_name == "matmul"
+        assert units["blocks.0.attn.qkv"].weight == "blocks.0.attn.qkv.weight"
+
+    def test_negative_no_recoverable_ops(self):
+        before = counters["insert_dual_path"]["dual_path_nodes"]
+        m = gnmr_fx.compile(ConvNet(), backend="eager")
+        m(torch.randint(0, 10, (2, 5)))
+        rt = gnmr_fx.runtime(m)
+        assert rt.units == []
+        assert rt.records[0].skipped == {"embedding": 1, "conv2d": 1}
+        assert counters["insert_dual_path"]["dual_path_nodes"] == before
+
+    def test_names_stable_across_recompiles_and_runs(self):
+        m = gnmr_fx.compile(_gpt(), backend="eager")
+        idx, _ = _batch()
+        m(idx)
+        m(idx[:, :8])  # new shape: Dynamo recompiles
+        rt = gnmr_fx.runtime(m)
+        assert len(rt.records) >= 2
+        assert rt.unit_names == TINY_GPT_UNITS
+        assert [s.name for s in rt.records[-1].sites] == TINY_GPT_UNITS
+        # A second, independent compile of an identical model names identically.
+        m2 = gnmr_fx.compile(_gpt(1), backend="eager")
+        m2(idx)
+        assert gnmr_fx.runtime(m2).unit_names == TINY_GPT_UNITS
+
+    def test_counters(self):
+        counters.clear()
+        _check(_gpt(), _batch()[:1], TINY_GPT_UNITS)
+        assert counters["insert_dual_path"]["dual_path_nodes"] == 13
+        assert counters["insert_grad_stats"]["stats_nodes"] == 13
+
+
+class TestFilter:
+    def test_patterns_restrict_units(self):
+        cfg = GNMRConfig(unit_filter=["blocks.*.fc", "head"])
+        m = gnmr_fx.compile(_gpt(), cfg, backend="eager", example_inputs=_batch()[:1])
+        rt = gnmr_fx.runtime(m)
+        assert rt.unit_names == ["blocks.0.fc", "blocks.1.fc", "head"]
+        assert len(rt.units) == 13 and sum(u.included for u in rt.units) == 3
+
+    def test_pattern_matching_nothing_is_an_error(self):
+        cfg = GNMRConfig(unit_filter=["blocks.*.fc", "lm_head"])
+        with pytest.raises(ValueError, match=r"pattern\(s\) \['lm_head'\] match no unit"):
+            gnmr_fx.compile(_gpt(), cfg, backend="eager", example_inputs=_batch()[:1])
+
+    def test_callable_filter(self):
+        cfg = GNMRConfig(unit_filter=lambda name, op: op is torch.matmul or op.__name__ == "matmul")
+        m = gnmr_fx.compile(_gpt(), cfg, backend="eager", example_inputs=_batch()[:1])
+        assert gnmr_fx.runtime(m).unit_names == [n for n in TINY_GPT_UNITS if "matmul" in n]
+
+    def test_filter_excluding_everything_is_an_error(self):
+        cfg = GNMRConfig(unit_filter=lambda name, op: False)
+        with pytest.raises(ValueError, match="excludes every unit"):
+            gnmr_fx.compile(_gpt(), cfg, backend="eager", example_inputs=_batch()[:1])
+
+
+def _run(model, compiled, policy_plan, batch, steps=1):
+    rt = gnmr_fx.runtime(compiled)
+    losses = []
+    for _ in range(steps):
+        if policy_plan is not None:
+            rt.set_plan(policy_plan)
+        loss = compiled(*batch)
+        loss.backward()
+        losses.append(loss.detach())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return losses, grads
+
+
+class TestNumerics:
+    @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+    def test_all_high_equals_uncompiled(self, backend):
+        ref_model = _gpt()
+        model = copy.deepcopy(ref_model)
+        batch = _batch()
+        ref_loss = ref_model(*batch)
+        ref_loss.backward()
+        m = gnmr_fx.compile(model, GNMRConfig(policy="always_high", recipe="int4"), backend=backend)
+        loss = m(*batch)
+        loss.backward()
+        pairs = [(p.grad, q.grad) for p, q in zip(ref_model.parameters(), model.parameters())]
+        if backend == "eager":
+            # The high path is the original call: bitwise identical.
+            assert torch.equal(loss, ref_loss)
+            assert all(torch.equal(a, b) for a, b in pairs)
+        else:
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+            for a, b in pairs:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("recipe", ["fp8_e4m3", "fp8_rowwise", "int8", "int4"])
+    def test_all_low_is_exactly_the_recipe(self, recipe):
+        lin = nn.Linear(64, 32)
+        x = torch.randn(16, 64)
+        m = gnmr_fx.compile(copy.deepcopy(lin), GNMRConfig(recipe=recipe, policy="always_low"), backend="eager")
+        r = get_recipe(recipe)
+        expected = F.linear(r.quantize_input(x, -1), r.quantize_weight(lin.weight, -1), lin.bias)
+        assert torch.equal(m(x), expected)
+
+    def test_all_low_sqnr_on_tiny_gpt(self):
+        # Logits SQNR (dB) of the whole model, all units low vs fp32.
+        idx, _ = _batch()
+        ref = _gpt()(idx)
+        sqnr = {}
+        for recipe in ("fp8_e4m3", "int8", "int4"):
+            m = gnmr_fx.compile(_gpt(), GNMRConfig(recipe=recipe, policy="always_low"), backend="eager")
+            sqnr[recipe] = quantization_sqnr(ref, m(idx))
+        assert sqnr["int8"] >= 35.0, sqnr
+        assert sqnr["fp8_e4m3"] >= 22.0, sqnr
+        assert 8.0 <= sqnr["int4"] < sqnr["fp8_e4m3"] < sqnr["int8"], sqnr
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Counts host reads of tensor values (a device-to-host sync on GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+class TestRecompiles:
+    def test_plan_flips_cause_zero_recompiles_eager(self):
+        model = _gpt()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        m = gnmr_fx.compile(model, GNMRConfig(recipe="int8"), backend="eager", optimizer=opt)
+        rt = gnmr_fx.runtime(m)
+        batch = _batch()
+        m(*batch).backward()
+        opt.step()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        losses = []
+        for flip in range(6):
+            plan = torch.zeros(13, dtype=torch.bool)
+            plan[flip::3] = True
+            rt.set_plan(plan)
+            losses.append(float(m(*batch)))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        assert len(rt.records) == 1
+        assert len(set(losses)) > 1  # the plan really changed the numerics
+
+    def test_no_host_reads_in_forward_backward_or_step(self):
+        model = _gpt()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", warmup_steps=1), backend="eager", optimizer=opt)
+        batch = _batch()
+        m(*batch).backward()  # compile outside the counted region
+        opt.step()
+        with _SyncCounter() as mode:
+            for _ in range(3):
+                m(*batch).backward()
+                gnmr_fx.runtime(m).step()
+        assert mode.syncs == 0
+
+
+@pytest.fixture(scope="module")
+def inductor_vs_eager():
+    """One inductor compile (slow on CPU), shared by the tests that need it."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = {}
+    plan = torch.zeros(13, dtype=torch.bool)
+    plan[::2] = True
+    for backend in ("eager", "aot_eager", "inductor"):
+        model = _gpt()
+        m = gnmr_fx.compile(model, GNMRConfig(recipe="fp8_e4m3"), backend=backend)
+        losses, grads = _run(model, m, plan, _batch())
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        flipped = []
+        for k in range(3):  # flip the plan on the compiled model
+            gnmr_fx.runtime(m).set_plan(torch.roll(plan, k + 1))
+            flipped.append(float(m(*_batch())))
+        recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        results[backend] = (losses[0], grads, recompiles, flipped)
+    return results
+
+
+class TestCompilers:
+    def test_backends_agree(self, inductor_vs_eager):
+        ref_loss, ref_grads, _, ref_flipped = inductor_vs_eager["eager"]
+        for backend in ("aot_eager", "inductor"):
+            loss, grads, _, flipped = inductor_vs_eager[backend]
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(flipped, ref_flipped, rtol=1e-4, atol=1e-4)
+            for name in ref_grads:
+                torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+    @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+    def test_zero_recompiles_when_plan_flips(self, inductor_vs_eager, backend):
+        assert inductor_vs_eager[backend][2] == 0
+
+
+class TestGraphBreak:
+    def test_units_in_every_graph_and_training_works(self):
+        model = BreakNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", warmup_steps=1), backend="aot_eager", optimizer=opt)
+        x = torch.randn(4, 8)
+        for _ in range(3):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        rt = gnmr_fx.runtime(m)
+        assert len(rt.records) == 2
+        assert rt.unit_names == ["a", "b", "matmul"]
+        assert [[s.name for s in r.sites] for r in rt.records] == [["a"], ["b", "matmul"]]
+        assert gnmr_fx.controller(m).step == 3
+        assert int(gnmr_fx.controller(m).n_obs.min()) == 3  # every unit observed every step
+        plan = torch.tensor([True, False, True])
+        rt.set_plan(plan)
+        assert [r.plan.tolist() for r in rt.records] == [[True], [False, True]]
+
+
+class TestStatistics:
+    def test_weight_unit_records_weight_grad_norm(self):
+        lin = nn.Linear(8, 4)
+        m = gnmr_fx.compile(lin, GNMRConfig(policy="always_high"), backend="eager")
+        m(torch.randn(3, 8)).sin().sum().backward()  # no optimizer: one update per backward
+        norm = float(gnmr_fx.controller(m).norm[0])
+        assert norm == pytest.approx(lin.weight.grad.norm().item(), rel=1e-6)
+        assert gnmr_fx.runtime(m).records[0].probe.grad is None  # read and cleared
+
+    def test_weightless_unit_records_output_grad_norm(self):
+        class MM(nn.Module):
+            def forward(self, a, b):
+                return a @ b
+
+        a, b = torch.randn(3, 4, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+        m = gnmr_fx.compile(MM(), GNMRConfig(policy="always_high"), backend="eager")
+        y = m(a, b)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        assert float(gnmr_fx.controller(m).norm[0]) == pytest.approx(gy.norm().item(), rel=1e-6)
+
+    def test_micro_batches_accumulate_sum_of_squares(self):
+        lin = nn.Linear(8, 4)
+        opt = torch.optim.SGD(lin.parameters(), lr=0.0)
+        m = gnmr_fx.compile(lin, GNMRConfig(policy="always_high"), backend="eager", optimizer=opt)
+        sq = 0.0
+        for k in range(3):
+            lin.weight.grad = None
+            m(torch.randn(2, 8)).pow(k + 1).sum().backward()
+            sq += lin.weight.grad.pow(2).sum().item()
+        opt.step()  # the controller reads the accumulated statistic here
+        ctl = gnmr_fx.controller(m)
+        assert ctl.step == 1
+        assert float(ctl.norm[0]) == pytest.approx(sq**0.5, rel=1e-5)
+        assert float(ctl.mu[0]) == pytest.approx(sq**0.5, rel=1e-5)
+
+
+class TestCheckpoint:
+    @staticmethod
+    def _train(model, opt, m, steps, start):
+        plans, losses = [], []
+        for s in range(start, start + steps):
+            idx, tgt = _batch(seed=s)
+            if s % 5 == 3:  # a loss spike: every unit's gradient jumps
+                loss = m(idx, tgt) * 30.0
+            else:
+                loss = m(idx, tgt)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            plans.append(gnmr_fx.controller(m).plan.clone())
+            losses.append(float(loss))
+        return plans, losses
+
+    def test_resume_gives_identical_plan_sequence(self):
+        cfg = GNMRConfig(recipe="int8", warmup_steps=2, max_o=3, lock_steps=2)
+        model = _gpt()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        m = gnmr_fx.compile(model, cfg, backend="eager", optimizer=opt)
+        self._train(model, opt, m, 6, 0)
+        buf = io.BytesIO()
+        torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
+        plans_a, losses_a = self._train(model, opt, m, 10, 6)
+        assert sum(int(p.sum()) for p in plans_a) > 0  # recovery happened
+
+        torch._dynamo.reset()
+        model_b = _gpt(seed=123)  # different init: everything must come from the checkpoint
+        opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-3)
+        m_b = gnmr_fx.compile(model_b, cfg, backend="eager", optimizer=opt_b)
+        buf.seek(0)
+        ckpt = torch.load(buf, weights_only=True)
+        assert any(k.startswith("_orig_mod._gnmr.") for k in ckpt["model"])
+        m_b.load_state_dict(ckpt["model"])
+        opt_b.load_state_dict(ckpt["opt"])
+        plans_b, losses_b = self._train(model_b, opt_b, m_b, 10, 6)
+        assert [p.tolist() for p in plans_a] == [p.tolist() for p in plans_b]
+        assert losses_a == losses_b
+        assert gnmr_fx.controller(m_b).step == 16
+
+
+def test_gnmr_backend_entry_point_without_import():
+    """torch.compile(model, backend="gnmr") works with no gnmr_fx import."""
+    code = (
+        "import torch, sys\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))\n"
+        "c = torch.compile(m, backend='gnmr', options={'recipe': 'int8', 'max_o': 1})\n"
+        "c(torch.randn(4, 8)).sum().backward()\n"
+        "assert 'gnmr_fx' in sys.modules\n"
+        "rt = sys.modules['gnmr_fx'].runtime(m)\n"
+        "print(rt.unit_names, rt.config.recipe, rt.controller.step)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['0', '2'] int8 1"
