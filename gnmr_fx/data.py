@@ -90,7 +90,7 @@ class Batches:
         starts = torch.randint(0, hi, (self.batch_size,), generator=self._gen)
         offs = torch.arange(self.block_size + 1)
         win = self.data[starts[:, None] + offs].long()
-        return win[:, :-1], win[:, 1:]
+        return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
     def fixed(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``n_batches`` batches from a separate generator (same every call)."""
@@ -101,5 +101,5 @@ class Batches:
         for _ in range(n_batches):
             starts = torch.randint(0, hi, (self.batch_size,), generator=g)
             win = self.data[starts[:, None] + offs].long()
-            out.append((win[:, :-1], win[:, 1:]))
+            out.append((win[:, :-1].contiguous(), win[:, 1:].contiguous()))
         return out
