@@ -187,58 +187,96 @@ def fake_quant_fp8_block2d(t: Tensor, kdim: int, *, block: int = 128) -> Tensor:
 
 
 def _e8m0_scale(amax: Tensor, elem_max_pow2: int) -> Tensor:
-    """OCP MX shared scale: a power of two, floor(log2(amax)) - emax_elem."""
-    exp = torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - elem_max_pow2
-    return torch.exp2(exp.clamp(-127, 127))
+    """OCP MX shared scale: 2^(floor(log2(amax)) - emax_elem), an E8M0 value.
+
+    ``frexp`` gives floor(log2(amax)) exactly (amax = m * 2^e, m in [0.5, 1)
+    means floor(log2) = e - 1); ``floor(log2(x))`` in float can land one off
+    just below a power of two. An all-zero block gets the smallest E8M0
+    scale, 2^-127, and stays zero.
+    """
+    _, e = torch.frexp(amax.float())
+    exp = torch.where(amax > 0, e - 1 - elem_max_pow2, torch.full_like(e, -127))
+    return torch.exp2(exp.clamp(-127, 127).float())
 
 
 _FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# Midpoints between neighbouring E2M1 magnitudes. A value exactly on a
+# midpoint rounds to the neighbour with the even code (IEEE round-to-nearest-
+# even): codes are e<<1|m, so "even code" = even index into the grid. That is
+# the lower neighbour for 0.25, 1.25, 2.5, 5 and the upper one for 0.75,
+# 1.75, 3.5.
+_FP4_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_FP4_TIES_UP = torch.tensor([0.75, 1.75, 3.5])
 
 
 def cast_fp4_e2m1(t: Tensor) -> Tensor:
     """Round onto the FP4 E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} with saturation.
 
     Ties go to the grid point with the even mantissa, as in IEEE rounding.
+
+    >>> cast_fp4_e2m1(torch.tensor([0.25, 0.75, 2.5, 3.5, -5.0, 7.0, 100.0])).tolist()
+    [0.0, 1.0, 2.0, 4.0, -4.0, 6.0, 6.0]
     """
-    grid = _FP4_E2M1_GRID.to(t.device)
+    dev = t.device
     a = t.float().abs().clamp(max=6.0)
-    # Distance to every grid point; ties broken towards the even code (index).
-    d = (a.unsqueeze(-1) - grid).abs()
-    best = d.min(dim=-1, keepdim=True).values
-    is_best = d <= best
-    idx = torch.arange(8, device=t.device)
-    # Prefer even codes among equal distances, then the smaller one.
-    rank = torch.where(is_best, (idx % 2) * 8 + idx, torch.full_like(idx, 99))
-    q = grid[rank.argmin(dim=-1)]
-    return torch.sign(t.float()) * q
+    # bucketize(right=False) counts midpoints strictly below a: ties go down;
+    # the three midpoints whose even neighbour is above are bumped up.
+    idx = torch.bucketize(a, _FP4_MIDPOINTS.to(dev), right=False)
+    idx = idx + torch.isin(a, _FP4_TIES_UP.to(dev)).long()
+    q = _FP4_E2M1_GRID.to(dev)[idx]
+    # NaN stays NaN so a broken input is not hidden behind a grid value.
+    q = torch.where(torch.isnan(a), a, q)
+    return torch.copysign(q, t.float())
 
 
 def fake_quant_mx(t: Tensor, kdim: int, *, elem: str, block: int = 32) -> Tensor:
-    """OCP microscaling (MXFP8 e4m3 / MXFP4 e2m1): 32-element blocks along K,
-    one E8M0 (power-of-two) shared scale per block."""
+    """OCP microscaling (MXFP8 e4m3 / MXFP4 e2m1): ``block``-element blocks
+    along K, one E8M0 (power-of-two) shared scale per block.
+
+    Per the OCP MX v1.0 spec the scale is 2^(floor(log2(amax)) - emax) with
+    emax the largest exponent of the element format (8 for e4m3, 2 for
+    e2m1); the block's largest element may then exceed the element max and
+    saturates.
+
+    >>> x = torch.tensor([[1.0, 3.0, 7.0, 0.1]])
+    >>> fake_quant_mx(x, -1, elem="fp4", block=4).tolist()
+    [[1.0, 3.0, 6.0, 0.0]]
+    """
+    if elem not in ("fp8", "fp4"):
+        raise ValueError(f"fake_quant_mx: elem must be 'fp8' or 'fp4', got {elem!r}")
     x, k, _ = _blocked(t.float(), kdim, block)
     xb = x.reshape(*x.shape[:-1], -1, block)
     amax = xb.abs().amax(-1, keepdim=True)
     if elem == "fp8":
-        scale = _e8m0_scale(amax, 8)  # e4m3 largest power of two: 2^8
+        scale = _e8m0_scale(amax, 8)  # e4m3: largest normal is 1.75 * 2^8
         q = cast_fp8(xb / scale, torch.float8_e4m3fn) * scale
-    elif elem == "fp4":
-        scale = _e8m0_scale(amax, 2)  # e2m1 largest power of two: 2^2
-        q = cast_fp4_e2m1(xb / scale) * scale
     else:
-        raise ValueError(f"fake_quant_mx: elem must be 'fp8' or 'fp4', got {elem!r}")
+        scale = _e8m0_scale(amax, 2)  # e2m1: largest normal is 1.5 * 2^2
+        q = cast_fp4_e2m1(xb / scale) * scale
     return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
 
 
 def fake_quant_nvfp4(t: Tensor, kdim: int, *, block: int = 16) -> Tensor:
-    """NVFP4: 16-element blocks of e2m1, e4m3 block scales, fp32 tensor scale."""
+    """NVFP4: ``block``-element blocks of e2m1 along K, one e4m3 scale per
+    block, and an fp32 per-tensor scale that maps the tensor amax onto
+    6 * 448 so the e4m3 block scales use their full range.
+
+    >>> x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    >>> fake_quant_nvfp4(x, -1, block=4).tolist()
+    [[1.0, 2.0, 3.0, 6.0]]
+    """
     x, k, _ = _blocked(t.float(), kdim, block)
     xb = x.reshape(*x.shape[:-1], -1, block)
     tensor_scale = (xb.abs().amax() / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
     block_amax = xb.abs().amax(-1, keepdim=True)
     block_scale = cast_fp8(block_amax / 6.0 / tensor_scale, torch.float8_e4m3fn)
-    scale = (block_scale * tensor_scale).clamp_min(_EPS)
-    q = cast_fp4_e2m1(xb / scale) * scale
+    scale = block_scale * tensor_scale
+    # A block whose scale underflows e4m3 (amax below ~2^-10 of the tensor's)
+    # is zero in the format; dividing by a clamped scale instead would turn
+    # it into +-6 * eps garbage.
+    live = scale > 0
+    q = cast_fp4_e2m1(xb / torch.where(live, scale, torch.ones_like(scale))) * scale
+    q = torch.where(live, q, torch.zeros_like(q))
     return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
 
 
@@ -303,3 +341,63 @@ def quantization_sqnr(ref: Tensor, approx: Tensor) -> float:
     if err == 0:
         return math.inf
     return float(10.0 * torch.log10(sig / err))
+
+
+# ---------------------------------------------------------------------------
+# Fine-grained recipes (DeepSeek-V3 blockwise fp8, OCP MX, NVFP4)
+# ---------------------------------------------------------------------------
+# The fp4 recipes quantize the forward operands only: they are activation-
+# and weight-quantization stress recipes, and round-to-nearest fp4 gradients
+# without stochastic rounding would add a bias no production recipe has.
+
+
+def _fp8_tile_1x128(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_fp8_blockwise(t, kdim, block=128)
+
+
+def _fp8_block_128x128(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_fp8_block2d(t, kdim, block=128)
+
+
+def _fp8_grad_1x128(t: Tensor, kdim: int) -> Tensor:
+    # DeepSeek-V3 keeps e4m3 for gradients too (the fine scales give it the
+    # range that per-tensor scaling needed e5m2 for).
+    return fake_quant_fp8_blockwise(t, -1, block=128)
+
+
+def _mxfp8(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_mx(t, kdim, elem="fp8", block=32)
+
+
+def _mxfp8_grad(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_mx(t, -1, elem="fp8", block=32)
+
+
+def _mxfp4(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_mx(t, kdim, elem="fp4", block=32)
+
+
+def _nvfp4(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_nvfp4(t, kdim, block=16)
+
+
+register_recipe(Recipe(
+    "fp8_blockwise",
+    "DeepSeek-V3 fine-grained fp8 e4m3: 1x128 activation tiles, 128x128 weight blocks, 1x128 gradient tiles",
+    _fp8_tile_1x128, _fp8_block_128x128, _fp8_grad_1x128,
+))
+register_recipe(Recipe(
+    "mxfp8",
+    "OCP MXFP8: e4m3 elements, 32-element blocks along K with E8M0 scales; gradients MXFP8",
+    _mxfp8, _mxfp8, _mxfp8_grad,
+))
+register_recipe(Recipe(
+    "mxfp4",
+    "OCP MXFP4: e2m1 elements, 32-element blocks along K with E8M0 scales (forward only)",
+    _mxfp4, _mxfp4, None,
+))
+register_recipe(Recipe(
+    "nvfp4",
+    "NVFP4: e2m1 elements, 16-element blocks with e4m3 scales and an fp32 tensor scale (forward only)",
+    _nvfp4, _nvfp4, None,
+))
