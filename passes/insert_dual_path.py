@@ -37,6 +37,11 @@ def insert_dual_path(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.G
     n_slots = 1 + max(n.meta["gnmr_unit"].slot for n in nodes)
     if not hasattr(gm, PLAN):
         gm.register_buffer(PLAN, torch.zeros(n_slots, dtype=torch.bool, device=_device_of(nodes[0])))
+    nodes = _insert_host_dispatch(gm, config, nodes, n_slots)
+    if not nodes:
+        gm.graph.lint()
+        gm.recompile()
+        return gm
     first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
     with gm.graph.inserting_after(first):
         plan = gm.graph.get_attr(PLAN)
@@ -74,3 +79,55 @@ def insert_dual_path(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.G
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+# ---------------------------------------------------------------------------
+# Host dispatch (real low-precision kernels). A separate path: units that
+# have a real kernel on their device leave the torch.where path above and
+# become one ``dual_linear`` call that reads a host-resident plan, so only
+# one branch runs (see gnmr_fx.backends.host_dispatch). Units without one
+# stay on the torch.where path, unchanged.
+# ---------------------------------------------------------------------------
+
+def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: list, n_slots: int) -> list:
+    """Rewrite the units that have a real kernel; return the other nodes."""
+    from gnmr_fx.backends.host_dispatch import PLAN_HOST, dual_linear, dual_matmul, kernel_for
+
+    emulate = getattr(config, "emulate", None)
+    chosen, rest = [], []
+    for node in nodes:
+        site = node.meta["gnmr_unit"]
+        kernel = kernel_for(site.spec.name, site.a_shape, site.b_shape, config.recipe, _device_of(node), emulate)
+        site.extra["kernel"] = kernel or "emulated"
+        (chosen if kernel else rest).append(node)
+    if not chosen:
+        return nodes
+    if not hasattr(gm, PLAN_HOST):
+        # On the CPU whatever the units' device: the dual ops read it on the
+        # host. Initial value = the controller's initial plan for the policy.
+        gm.register_buffer(PLAN_HOST, torch.full((n_slots,), config.policy == "always_high", dtype=torch.bool))
+        names = getattr(gm, "_param_name_to_source", None)
+        if names is not None:
+            from torch._dynamo.source import ConstantSource
+
+            names[PLAN_HOST] = ConstantSource(f"gnmr{PLAN_HOST}")
+    first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
+    with gm.graph.inserting_after(first):
+        plan_host = gm.graph.get_attr(PLAN_HOST)
+    for node in chosen:
+        site = node.meta["gnmr_unit"]
+        a, b = node.args[site.spec.a_index], node.args[site.spec.b_index]
+        kw = {"plan": plan_host, "slot": site.slot, "recipe": config.recipe, "high": config.high_path}
+        with gm.graph.inserting_before(node):
+            if site.spec.name == "linear":
+                bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                dual = gm.graph.call_function(dual_linear, (a, b, bias), kw)
+            else:
+                dual = gm.graph.call_function(dual_matmul, (a, b), kw)
+        dual.meta.update({k: v for k, v in node.meta.items() if k != "gnmr_unit"})
+        dual.meta["gnmr_dual"] = site
+        dual.meta["gnmr_branch"] = ("host", site.name)
+        node.replace_all_uses_with(dual)
+        gm.graph.erase_node(node)
+        counters["insert_dual_path"]["host_dispatch_nodes"] += 1
+    return rest

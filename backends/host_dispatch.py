@@ -1,0 +1,215 @@
+"""Host dispatch: real low-precision kernels with a host-resident plan.
+
+The emulated dual path computes both branches and selects with
+``torch.where`` on a device plan: no sync, but twice the GEMM work. With
+real fp8 kernels that would erase the speed-up, so units that have a real
+kernel are rewritten instead into :func:`dual_linear`, whose GEMMs are the
+custom op ``gnmr::select_mm``. The op reads the unit's plan entry from a
+**CPU** bool buffer (``_gnmr_plan_host`` on the rewritten graph) and runs
+exactly one branch: ``torch._scaled_mm`` on the fp8 operands (low path) or
+the GEMM as written (high path). Reading a CPU tensor never waits for the
+GPU, and the branch is chosen at run time inside an opaque op, so a new plan
+changes no guard and compiles nothing.
+
+The forward GEMM and the two backward GEMMs (grad-input, grad-weight) are
+each a ``select_mm`` call reading the same plan entry, so a unit's backward
+runs on the path its forward ran on (the runtime changes plans only between
+optimizer steps). The fp8 casts stay outside the op, as traced torch code
+that Inductor fuses; for a unit on the high path they are computed and
+unused (those units are at most ``max_o`` of the FLOPs).
+
+**The one transfer per step.** The controller decides on the device; after
+``GNMRRuntime.step`` the callback :func:`publish_plan` copies the new plan to
+every graph's host buffer: one small device-to-host copy (a few bytes per
+unit) per optimizer step, outside forward and backward. With
+``gnmr_fx.compile(..., optimizer=opt)`` it runs inside ``opt.step()``;
+without an optimizer the runtime steps at the end of backward, so that copy
+happens inside ``loss.backward()``.
+
+>>> import torch
+>>> plan = torch.tensor([False, True])
+>>> x, w = torch.randn(32, 64), torch.randn(48, 64)
+>>> y_lp = dual_linear(x, w, None, plan=plan, slot=0, recipe="fp8_e4m3")
+>>> y_hp = dual_linear(x, w, None, plan=plan, slot=1, recipe="fp8_e4m3")
+>>> torch.equal(y_hp, x @ w.t()), torch.equal(y_lp, x @ w.t())
+(True, False)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from gnmr_fx.backends import fp8_kernels
+from gnmr_fx.backends.fp8_kernels import REAL_RECIPES, GemmOperands, grad_operands, output_operands
+
+PLAN_HOST = "_gnmr_plan_host"
+_HIGH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@torch.library.custom_op("gnmr::select_mm", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
+def select_mm(
+    plan: Tensor,
+    slot: int,
+    a_hp: Tensor,
+    b_hp: Tensor,
+    a_lp: Tensor,
+    b_lp: Tensor,
+    scale_a: Tensor,
+    scale_b: Tensor,
+    fast_accum: bool,
+) -> Tensor:
+    """One GEMM of a unit: ``a_hp @ b_hp`` if ``plan[slot]`` (high path), else
+    ``_scaled_mm`` of the fp8 operands (low path). ``plan`` lives on the CPU."""
+    if plan.device.type != "cpu":
+        raise ValueError(f"select_mm: the plan must be a CPU tensor (reading a {plan.device} plan would sync)")
+    if bool(plan[slot]):
+        return torch.mm(a_hp, b_hp)
+    return fp8_kernels.scaled_mm(GemmOperands(a_lp, b_lp, scale_a, scale_b, fast_accum), a_hp.dtype)
+
+
+@select_mm.register_fake
+def _select_mm_fake(plan, slot, a_hp, b_hp, a_lp, b_lp, scale_a, scale_b, fast_accum):
+    return a_hp.new_empty(a_hp.shape[0], b_hp.shape[1])
+
+
+def _select(plan: Tensor, slot: int, a_hp: Tensor, b_hp: Tensor, ops: GemmOperands) -> Tensor:
+    return torch.ops.gnmr.select_mm(plan, slot, a_hp, b_hp, ops.a_lp, ops.b_lp, ops.scale_a, ops.scale_b,
+                                    ops.fast_accum)
+
+
+class _DualLinear(torch.autograd.Function):
+    """``F.linear`` whose three GEMMs each run one branch, chosen on the host."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Optional[Tensor], plan: Tensor, slot: int,
+                recipe: str, high: str) -> Tensor:
+        spec = REAL_RECIPES[recipe]
+        x2 = x.reshape(-1, x.shape[-1])
+        xh, wh = _high(x2, high), _high(w, high)
+        y = _select(plan, slot, xh, wh.t(), output_operands(x2, w, spec)).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x2, w, plan)
+        ctx.spec, ctx.slot, ctx.high, ctx.has_bias, ctx.x_shape = spec, slot, high, bias is not None, x.shape
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple:
+        x2, w, plan = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])
+        dx_ops, dw_ops = grad_operands(g2, x2, w, ctx.spec)
+        gh, xh, wh = _high(g2, ctx.high), _high(x2, ctx.high), _high(w, ctx.high)
+        dx = _select(plan, ctx.slot, gh, wh, dx_ops).to(gy.dtype).reshape(ctx.x_shape)
+        dw = _select(plan, ctx.slot, gh.t(), xh, dw_ops).to(w.dtype)
+        db = g2.sum(0) if ctx.has_bias else None
+        return dx, dw, db, None, None, None, None
+
+
+def _high(t: Tensor, high: str) -> Tensor:
+    return t if high == "native" else t.to(_HIGH_DTYPES[high])
+
+
+def dual_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, plan: Tensor, slot: int,
+                recipe: str, high: str = "native") -> Tensor:
+    """``F.linear(x, w, bias)`` as a dual-path unit with a host-resident plan.
+
+    ``plan`` is a CPU bool tensor; ``plan[slot]`` True runs the high path
+    (the GEMMs as written, or in ``high``'s dtype), False the real fp8 recipe.
+    """
+    if recipe not in REAL_RECIPES:
+        raise ValueError(f"dual_linear: recipe must be one of {list(REAL_RECIPES)} (got {recipe!r})")
+    return _DualLinear.apply(x, w, bias, plan, slot, recipe, high)
+
+
+def dual_matmul(a: Tensor, b: Tensor, *, plan: Tensor, slot: int, recipe: str, high: str = "native") -> Tensor:
+    """``a @ b`` for a 2-D ``b`` [K, N] (``torch.mm`` / ``matmul``) as a dual-path unit."""
+    return dual_linear(a, b.t(), None, plan=plan, slot=slot, recipe=recipe, high=high)
+
+
+# ---------------------------------------------------------------------------
+# Which units get real kernels
+# ---------------------------------------------------------------------------
+
+
+def kernel_for(op_name: str, a_shape: tuple, b_shape: tuple, recipe: str, device: torch.device,
+               emulate: Optional[bool]) -> Optional[str]:
+    """The real kernel a unit runs on its low path, or None for the emulated path.
+
+    ``emulate`` None chooses real kernels where the GPU has them (sm_89+
+    tensorwise, sm_90+ rowwise) and emulation elsewhere; True always
+    emulates; False demands real kernels and raises, naming the alternative,
+    where the recipe or the device cannot run them (on the CPU it selects
+    torch's CPU ``_scaled_mm``: correct, not fast, used by the CPU tests).
+    Only GEMMs with a 2-D second operand (``linear``, ``mm``, ``matmul`` by
+    a matrix) have real kernels; batched products (attention's ``q @ k^T``)
+    stay on the emulated ``torch.where`` path, in every mode, and inspect
+    shows it (``site.extra["kernel"]``).
+
+    >>> kernel_for("linear", (4, 32), (16, 32), "fp8_e4m3", torch.device("cpu"), None) is None
+    True
+    >>> kernel_for("linear", (4, 32), (16, 32), "fp8_e4m3", torch.device("cpu"), False)
+    'fp8_e4m3:tensorwise'
+    >>> kernel_for("linear", (4, 32), (16, 32), "int8", torch.device("cpu"), False)
+    Traceback (most recent call last):
+    ...
+    ValueError: GNMRConfig.emulate=False: recipe 'int8' has no real low-precision kernel here (real kernels: fp8_e4m3, fp8_rowwise); use emulate=True
+    """
+    if emulate is True:
+        return None
+    device = torch.device(device)
+    if emulate is None and device.type != "cuda":
+        return None
+    problem = fp8_kernels.real_kernel_problem(recipe, device)
+    if problem is not None:
+        if emulate is False:
+            raise ValueError(f"GNMRConfig.emulate=False: {problem}")
+        return None
+    if not _has_real_gemm(op_name, b_shape):
+        return None
+    return f"{recipe}:{REAL_RECIPES[recipe].scaling}"
+
+
+def _has_real_gemm(op_name: str, b_shape: tuple) -> bool:
+    return op_name in ("linear", "mm", "matmul") and len(b_shape) == 2
+
+
+# ---------------------------------------------------------------------------
+# Runtime side: the once-per-step host copy of the plan
+# ---------------------------------------------------------------------------
+
+
+def publish_plan(runtime: Any) -> None:
+    """Copy the controller's plan into every graph's host plan buffer.
+
+    One device-to-host transfer for all graphs (the controller plan, one
+    byte per unit), then host-side indexing per graph.
+    """
+    recs = [r for r in runtime.records if r.plan is not None and hasattr(r.rewritten, PLAN_HOST)]
+    if not recs:
+        return
+    plan_cpu = runtime.controller.plan.to("cpu")  # the step's one small D2H transfer
+    for r in recs:
+        ids = r.extra.get("unit_ids_cpu")
+        if ids is None:
+            ids = r.extra["unit_ids_cpu"] = r.unit_ids.to("cpu")
+        getattr(r.rewritten, PLAN_HOST).copy_(plan_cpu[ids])
+
+
+def install(runtime: Any) -> Any:
+    """Make ``runtime`` publish its plan to the host buffers after every step.
+
+    Idempotent. Call it right after ``gnmr_fx.compile`` (before training),
+    and call :func:`publish_plan` after ``runtime.set_plan``.
+
+    >>> from gnmr_fx.runtime import GNMRRuntime
+    >>> from gnmr_fx.config import GNMRConfig
+    >>> rt = install(install(GNMRRuntime(GNMRConfig())))
+    >>> rt.callbacks.count(publish_plan)
+    1
+    """
+    if publish_plan not in runtime.callbacks:
+        runtime.callbacks.append(publish_plan)
+    return runtime

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The lent-GPU run of issue #4, in one call: install, GPU tests (SQNR, no
+# syncs, zero recompiles), then `gnmr-fx bench perf` with the given args.
+#   bash benchmarks/gpu_suite.sh --sizes 1b,8b,70b --profile
+# Results go to $OUT (the device tool's folder) or /tmp/gnmr_out.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gnmr_out}
+mkdir -p "$OUT"
+# torchao travels as a wheel (.whl, git-ignored) where the image lacks it.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -2
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
+  date -u; } 2>&1 | tee "$OUT/env.txt"
+if [ -z "$SKIP_TESTS" ]; then
+  GNMR_SQNR_LOG="$OUT/sqnr.jsonl" timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    | tee "$OUT/test_gpu.log" | grep -vE '^\s*$' | tail -40
+fi
+python3 -m gnmr_fx.cli bench perf "$@" --out "$OUT/perf.json" --md "$OUT/perf.md" 2>&1 | tee "$OUT/perf.log"

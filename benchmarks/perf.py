@@ -1,0 +1,510 @@
+"""``gnmr-fx bench perf``: training throughput of bf16, plain FP8, FP8 + GNMR and torchao.
+
+A Llama-style decoder (RMSNorm, RoPE, causal SDPA, SwiGLU; built from
+:class:`LlamaSpec`, random init, synthetic tokens) trains with AdamW at a few
+sizes. All arms share the same parameters and optimizer and run interleaved
+in one process, round by round, so their ratios hold on a noisy machine:
+
+* ``bf16``: ``torch.compile(model)``;
+* ``fp8``: plain FP8, the same real recipe with no GNMR (every ``nn.Linear``
+  swapped to ``fp8_kernels.Float8Linear``), ``torch.compile``;
+* ``gnmr0`` / ``gnmr5`` / ``gnmr10``: ``gnmr_fx.compile`` with real kernels
+  (host dispatch), no unit recovered / units holding 5% / 10% of the FLOPs
+  locked on the high path (one compiled model; only the plan changes);
+* ``torchao``: ``torchao.float8.convert_to_float8_training`` (tensorwise),
+  when torchao imports.
+
+Per arm: tokens/s (median over timed steps, each timed with device events),
+ratio to bf16 and to plain FP8, peak memory, compile time (first step minus a
+median step) and graphs compiled after the first step (recompiles). Prints a
+tabulate table and writes JSON (``--out``) and a markdown table (``--md``).
+
+    gnmr-fx bench perf --sizes 1b,8b --out perf.json --md perf.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARMS = ("bf16", "fp8", "gnmr0", "gnmr5", "gnmr10", "torchao")
+GNMR_HIGH_FRACTION = {"gnmr0": 0.0, "gnmr5": 0.05, "gnmr10": 0.10}
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """Shape of the benchmark decoder (Llama layer geometry, fewer layers)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    layers: int
+    vocab: int = 32000
+    seq: int = 2048
+    batch: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+
+SIZES = {
+    "tiny": LlamaSpec(hidden=64, intermediate=176, heads=4, layers=2, vocab=256, seq=64, batch=2),
+    "1b": LlamaSpec(hidden=2048, intermediate=5632, heads=16, layers=4, seq=2048, batch=4),
+    "8b": LlamaSpec(hidden=4096, intermediate=14336, heads=32, layers=2, seq=2048, batch=2),
+    "70b": LlamaSpec(hidden=8192, intermediate=28672, heads=64, layers=1, seq=2048, batch=2),
+}
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, s: LlamaSpec) -> None:
+        super().__init__()
+        self.heads = s.heads
+        self.q_proj = nn.Linear(s.hidden, s.hidden, bias=False)
+        self.k_proj = nn.Linear(s.hidden, s.hidden, bias=False)
+        self.v_proj = nn.Linear(s.hidden, s.hidden, bias=False)
+        self.o_proj = nn.Linear(s.hidden, s.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        shape = (b, t, self.heads, c // self.heads)
+        q = _rope(self.q_proj(x).view(shape).transpose(1, 2), cos, sin)
+        k = _rope(self.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, s: LlamaSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(s.hidden, s.intermediate, bias=False)
+        self.up_proj = nn.Linear(s.hidden, s.intermediate, bias=False)
+        self.down_proj = nn.Linear(s.intermediate, s.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, s: LlamaSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(s.hidden)
+        self.self_attn = Attention(s)
+        self.post_attention_layernorm = RMSNorm(s.hidden)
+        self.mlp = MLP(s)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """A compact Llama-style decoder; ``forward(idx, targets)`` returns the loss."""
+
+    def __init__(self, s: LlamaSpec) -> None:
+        super().__init__()
+        self.spec = s
+        self.embed_tokens = nn.Embedding(s.vocab, s.hidden)
+        self.layers = nn.ModuleList([Layer(s) for _ in range(s.layers)])
+        self.norm = RMSNorm(s.hidden)
+        self.lm_head = nn.Linear(s.hidden, s.vocab, bias=False)
+        hd = s.hidden // s.heads
+        inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.outer(torch.arange(s.seq).float(), inv)
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, self.cos, self.sin)
+        logits = self.lm_head(self.norm(x))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def llama_flops_per_token(s: LlamaSpec) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + attention (causal, fwd+bwd)."""
+    per_layer = 4 * s.hidden * s.hidden + 3 * s.hidden * s.intermediate
+    mm_params = s.layers * per_layer + s.hidden * s.vocab
+    attn = s.layers * 6 * s.seq * s.hidden  # 12 * L * seq * hidden / 2 for causal
+    return 6.0 * mm_params + attn
+
+
+# ---------------------------------------------------------------------------
+# Arms
+# ---------------------------------------------------------------------------
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its parameters (not buffers)."""
+    memo = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _aligned(mod: nn.Module) -> bool:
+    return mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+
+
+@dataclass
+class Arm:
+    name: str
+    model: Callable
+    before: Callable[[], None] = lambda: None  # set the plan (GNMR arms)
+    note: str = ""
+    compile_s: float = float("nan")
+    graphs_first: int = 0
+    step_ms: list = dataclasses.field(default_factory=list)
+    peak_gib: float = 0.0
+    recompiles: int = 0
+    high_flops: float = 0.0
+
+
+def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, device: torch.device) -> tuple[list[Arm], dict]:
+    import gnmr_fx
+    from gnmr_fx.backends import fp8_kernels, host_dispatch
+
+    info: dict = {}
+    arms: list[Arm] = []
+    compile_kw = {} if backend == "inductor" else {"backend": backend}
+    if "bf16" in names:
+        arms.append(Arm("bf16", torch.compile(base, **compile_kw)))
+    if "fp8" in names:
+        m = fp8_kernels.convert_to_fp8(_shared_copy(base), recipe, lambda n, mod: _aligned(mod))
+        arms.append(Arm("fp8", torch.compile(m, **compile_kw)))
+    gnmr_names = [n for n in names if n in GNMR_HIGH_FRACTION]
+    if gnmr_names:
+        cfg = _gnmr_config(recipe, device)
+        gm = gnmr_fx.compile(_shared_copy(base), cfg, backend=backend)
+        rt = gnmr_fx.runtime(gm)
+        host_dispatch.install(rt)
+        for n in gnmr_names:
+            arms.append(Arm(n, gm, before=_plan_setter(rt, GNMR_HIGH_FRACTION[n])))
+        info["gnmr_runtime"] = rt
+    if "torchao" in names:
+        try:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        except ImportError as e:  # an optional arm: say so in the table
+            info["torchao"] = f"not run: {e}"
+        else:
+            import torchao
+
+            m = _shared_copy(base)
+            convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+                                       module_filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and _aligned(mod))
+            shared = {id(p) for p in base.parameters()}
+            info["torchao"] = f"torchao {torchao.__version__}, shares params: {all(id(p) in shared for p in m.parameters())}"
+            arms.append(Arm("torchao", torch.compile(m, **compile_kw)))
+    return arms, info
+
+
+def _gnmr_config(recipe: str, device: torch.device) -> Any:
+    from gnmr_fx.config import GNMRConfig
+
+    # max_o caps what the controller may choose; the 5% / 10% arms lock
+    # units directly, so the cap is the larger of the two.
+    kw = dict(recipe=recipe, max_o=0.1)
+    if device.type != "cuda":
+        return GNMRConfig(**kw)
+    fields = {f.name for f in dataclasses.fields(GNMRConfig)}
+    if "emulate" in fields:
+        return GNMRConfig(emulate=False, **kw)
+    return GNMRConfig(**kw)  # real kernels are chosen automatically on sm_89+
+
+
+def _plan_setter(rt: Any, fraction: float) -> Callable[[], None]:
+    """Lock the largest units whose FLOPs fit in ``fraction`` of the total on
+    the high path (the budget fully used), or unlock all (fraction 0)."""
+
+    def apply() -> None:
+        from gnmr_fx.backends import host_dispatch
+
+        ctl = rt.controller
+        if ctl.num_units == 0:  # not compiled yet: the first step discovers the units
+            return
+        costs = ctl.costs.detach().cpu()
+        lock = torch.zeros(ctl.num_units, dtype=torch.long)
+        cap, used = fraction * float(costs.sum()), 0.0
+        for i in torch.argsort(costs, descending=True).tolist():
+            if used + float(costs[i]) <= cap * (1 + 1e-6):
+                lock[i] = 10**9
+                used += float(costs[i])
+        # A lock longer than the run keeps the unit high through every
+        # controller update; unlocking returns it to the controller.
+        ctl.lock = lock.to(ctl.device)
+        ctl.plan = ctl.lock > 0
+        for rec in rt.records:
+            if rec.plan is not None:
+                rec.plan.copy_(ctl.plan[rec.unit_ids])
+        host_dispatch.publish_plan(rt)
+
+    return apply
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_size(name: str, s: LlamaSpec, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], dict]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = Llama(s).to(device=device, dtype=dtype)
+    base.cos, base.sin = base.cos.float(), base.sin.float()
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-5, foreach=True)
+    arms, info = build_arms(base, args.arms, args.recipe, args.backend, device)
+    idx = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
+    tgt = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
+    cuda = device.type == "cuda"
+
+    def step(arm: Arm) -> None:
+        loss = arm.model(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    # Compile (first step) and warm up every arm.
+    for arm in arms:
+        arm.before()
+        g0 = _graph_count()
+        sync()
+        t0 = time.perf_counter()
+        step(arm)
+        sync()
+        arm.compile_s = time.perf_counter() - t0
+        arm.graphs_first = _graph_count() - g0
+        for _ in range(args.warmup):
+            step(arm)
+        sync()
+    g_after_warm = _graph_count()
+
+    # Timed rounds, arms interleaved.
+    for _ in range(args.rounds):
+        for arm in arms:
+            arm.before()
+            g0 = _graph_count()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(args.steps)]
+                for a, b in ev:
+                    a.record()
+                    step(arm)
+                    b.record()
+                torch.cuda.synchronize()
+                arm.step_ms += [a.elapsed_time(b) for a, b in ev]
+                arm.peak_gib = max(arm.peak_gib, torch.cuda.max_memory_allocated() / 2**30)
+            else:
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    step(arm)
+                    arm.step_ms.append(1e3 * (time.perf_counter() - t0))
+            arm.recompiles += _graph_count() - g0
+            if arm.name in GNMR_HIGH_FRACTION:
+                ctl = info["gnmr_runtime"].controller
+                arm.high_flops = float((ctl.costs * ctl.plan).sum() / ctl.costs.sum())
+    rows = _rows(name, s, arms)
+    extra = {k: v for k, v in info.items() if k != "gnmr_runtime"}
+    extra["graphs_compiled_after_warmup"] = _graph_count() - g_after_warm
+    if "gnmr_runtime" in info:
+        rt = info["gnmr_runtime"]
+        kernels: dict = {}
+        for r in rt.records:
+            for site in r.sites:
+                k = site.extra.get("kernel", "emulated")
+                kernels[k] = kernels.get(k, 0) + 1
+        extra["gnmr_units"] = len(rt.units)
+        extra["gnmr_kernels"] = kernels
+    if args.profile and cuda:
+        extra["profile"] = _profile(arms, step, args.profile_rows)
+    del arms, opt, base
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows, extra
+
+
+def _rows(size: str, s: LlamaSpec, arms: list[Arm]) -> list[dict]:
+    med = {a.name: statistics.median(a.step_ms) for a in arms}
+    fpt = llama_flops_per_token(s)
+    rows = []
+    for a in arms:
+        ms = med[a.name]
+        tps = s.tokens / (ms / 1e3)
+        rows.append({
+            "size": size, "arm": a.name, "hidden": s.hidden, "layers": s.layers, "seq": s.seq, "batch": s.batch,
+            "step_ms": ms, "step_ms_iqr": _iqr(a.step_ms), "tokens_per_s": tps,
+            "tflops": tps * fpt / 1e12,
+            "vs_bf16": med["bf16"] / ms if "bf16" in med else float("nan"),
+            "vs_fp8": med["fp8"] / ms if "fp8" in med else float("nan"),
+            "vs_torchao": med["torchao"] / ms if "torchao" in med else float("nan"),
+            "peak_gib": a.peak_gib,
+            "compile_s": a.compile_s - ms / 1e3,
+            "graphs": a.graphs_first, "recompiles": a.recompiles,
+            "high_flops": a.high_flops, "n_steps": len(a.step_ms),
+        })
+    return rows
+
+
+def _iqr(xs: list[float]) -> float:
+    if len(xs) < 4:
+        return 0.0
+    q = statistics.quantiles(xs, n=4)
+    return q[2] - q[0]
+
+
+def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
+    """Kernel-time summary of one step of each arm (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for arm in arms:
+        if arm.name not in ("bf16", "fp8", "gnmr0", "torchao"):
+            continue
+        arm.before()
+        step(arm)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(arm)
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        table = ka.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+        dev = sum(e.self_device_time_total for e in ka) / 1e3
+        n_kernels = sum(e.count for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
+        out[arm.name] = {"device_ms": dev, "kernels": n_kernels, "table": table}
+        print(f"\n=== profile {arm.name}: device time {dev:.1f} ms, {n_kernels} device events ===\n{table}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default="1b,8b,70b", help=f"comma list of {list(SIZES)}")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)}")
+    p.add_argument("--recipe", default="fp8_e4m3", choices=("fp8_e4m3", "fp8_rowwise"))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per arm per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm after compiling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    p.add_argument("--batch", type=int, default=None, help="override every size's batch")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler summary per arm")
+    p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument("--out", default="perf.json", help="JSON results")
+    p.add_argument("--md", default=None, help="also write the table as markdown here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in args.arms if a not in ARMS]
+    if bad:
+        raise ValueError(f"--arms: unknown arm(s) {bad}; choose from {list(ARMS)}")
+    sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    bad = [x for x in sizes if x not in SIZES]
+    if bad:
+        raise ValueError(f"--sizes: unknown size(s) {bad}; choose from {list(SIZES)}")
+    device = torch.device(args.device)
+    env = _environment(device)
+    env["command"] = "gnmr-fx bench perf " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "perf"] else sys.argv[1:])
+    all_rows, extras = [], {}
+    for name in sizes:
+        s = SIZES[name]
+        if args.batch is not None:
+            s = dataclasses.replace(s, batch=args.batch)
+        rows, extra = run_size(name, s, args, device)
+        all_rows += rows
+        extras[name] = extra
+        print(_table(rows), flush=True)
+    table = _table(all_rows)
+    print("\n" + table)
+    result = {"environment": env, "rows": all_rows,
+              "extras": {k: {kk: vv for kk, vv in v.items() if kk != "profile"} for k, v in extras.items()},
+              "profiles": {k: {a: {kk: vv for kk, vv in p.items()} for a, p in v.get("profile", {}).items()}
+                           for k, v in extras.items()}}
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, default=str)
+    if args.md:
+        with open(args.md, "w", encoding="utf-8") as f:
+            f.write(_markdown(env, all_rows, extras))
+    return 0
+
+
+_HEAD = ["size", "arm", "step_ms", "tokens_per_s", "tflops", "vs_bf16", "vs_fp8", "vs_torchao", "peak_gib",
+         "compile_s", "graphs", "recompiles", "high_flops"]
+
+
+def _table(rows: list[dict], fmt: str = "simple") -> str:
+    from tabulate import tabulate
+
+    return tabulate([[r[h] for h in _HEAD] for r in rows], headers=_HEAD, tablefmt=fmt, floatfmt=".3g")
+
+
+def _markdown(env: dict, rows: list[dict], extras: dict) -> str:
+    lines = [f"- machine: {env['gpu']}, torch {env['torch']}, python {env['python']}",
+             f"- date (UTC): {env['date']}",
+             f"- command: `{env['command']}`", ""]
+    lines.append(_table(rows, "github"))
+    lines.append("")
+    for k, v in extras.items():
+        lines.append(f"- {k}: " + ", ".join(f"{kk}={vv}" for kk, vv in v.items() if kk != "profile"))
+    return "\n".join(lines) + "\n"
+
+
+def _environment(device: torch.device) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+    }
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    sys.exit(run(ap.parse_args()))
