@@ -264,48 +264,102 @@ class GNMRRuntime:
 
     # ------------------------------------------------------------ telemetry
     def _record_telemetry(self, sumsq: torch.Tensor) -> None:
-        if self.config.log is None:
+        """Buffer this step's telemetry as device tensors (no host sync).
+
+        The buffer reaches the host in one transfer per ``log_every`` steps
+        (see :class:`gnmr_fx.telemetry.TelemetryWriter`); it is also written
+        by :meth:`flush`, when the runtime is garbage-collected, and at exit.
+        """
+        writer = self._telemetry_writer()
+        if writer is None:
             return
         ctl = self.controller
-        # Device tensors only; they reach the host in one batch per log_every steps.
-        self._telemetry.append({
-            "step": ctl.step,
+        if writer.n_units != ctl.num_units:
+            # Units joined (a new graph): a new header line. Rare, so the one
+            # sync reading the costs here is not a per-step cost.
+            writer.set_header(self._telemetry_header())
+        metrics, self.__dict__["_pending_metrics"] = self.__dict__.get("_pending_metrics", {}), {}
+        writer.append(ctl.step, {
             "norm": sumsq.sqrt(),
-            "gnmr": ctl.gnmr.clone(),
-            "delta_gnmr": ctl.delta_gnmr.clone(),
-            "plan": ctl.plan.clone(),
-            "triggered": ctl.triggered.clone(),
-            "denied": ctl.denied.clone(),
+            "gnmr": ctl.gnmr,
+            "delta_gnmr": ctl.delta_gnmr,
+            "plan": ctl.plan,
+            "triggered": ctl.triggered,
+            "denied": ctl.denied,
+            "lock": ctl.lock,
             "budget_used": ctl.budget_used(),
-        })
-        if len(self._telemetry) >= self.config.log_every:
-            self.flush()
+        }, metrics)
+
+    def _telemetry_writer(self) -> Any:
+        writer = self.__dict__.get("_telemetry_w")
+        if writer is None and (self.config.log is not None or self.__dict__.get("_tensorboard") is not None):
+            from gnmr_fx.telemetry import TelemetryWriter
+
+            writer = TelemetryWriter(self.config.log, self.config.log_every, self.__dict__.get("_tensorboard"))
+            self.__dict__["_telemetry_w"] = writer
+            # Lines still buffered are written when the runtime goes away or
+            # the interpreter exits; the writer holds no reference back here.
+            weakref.finalize(self, writer.close)
+        return writer
+
+    def _telemetry_header(self) -> dict:
+        cfg, ctl = self.config, self.controller
+        return {
+            "header": True, "units": list(ctl.names), "recipe": cfg.recipe, "policy": cfg.policy,
+            "high_path": cfg.high_path, "max_o": cfg.max_o, "budget": ctl.budget,
+            "costs": ctl.costs.cpu().tolist(), "threshold": cfg.threshold,
+            "delta_threshold": cfg.delta_threshold, "warmup_steps": cfg.warmup_steps,
+            "lock_steps": cfg.lock_steps, "log_every": cfg.log_every,
+        }
+
+    def log_metrics(self, **scalars: Any) -> None:
+        """Log scalars (e.g. ``loss=loss``) with this step's telemetry line.
+
+        Tensors stay on the device until the batch is written, so logging a
+        CUDA loss every step adds no sync. Call it before ``optimizer.step()``
+        (or before ``backward()`` without an optimizer): the values join the
+        line of the step that consumes this loss's gradients.
+
+        >>> import torch, gnmr_fx
+        >>> m = gnmr_fx.compile(torch.nn.Linear(4, 4), backend="eager")
+        >>> gnmr_fx.runtime(m).log_metrics(loss=torch.tensor(0.5))  # no-op without a log
+        """
+        if self.config.log is None and self.__dict__.get("_tensorboard") is None:
+            return
+        pending = self.__dict__.setdefault("_pending_metrics", {})
+        for k, v in scalars.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"log_metrics: {k} must be a scalar, got shape {tuple(v.shape)}")
+                pending[k] = v.detach().reshape(()).float()
+            else:
+                pending[k] = float(v)
+
+    def attach_tensorboard(self, writer: Any) -> None:
+        """Also write telemetry as TensorBoard scalars, at each flush.
+
+        ``writer`` is a ``torch.utils.tensorboard.SummaryWriter`` or a log
+        directory (needs the optional ``tensorboard`` package).
+        """
+        if isinstance(writer, str):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError("attach_tensorboard(logdir) needs `pip install tensorboard`; "
+                                 "or pass any object with add_scalar()") from e
+            writer = SummaryWriter(writer)
+        if not hasattr(writer, "add_scalar"):
+            raise ValueError(f"attach_tensorboard expects a SummaryWriter or a log dir, got {type(writer).__name__}")
+        self.__dict__["_tensorboard"] = writer
+        w = self.__dict__.get("_telemetry_w")
+        if w is not None:
+            w.tensorboard = writer
 
     def flush(self) -> None:
-        """Write buffered telemetry lines (one host transfer for the batch)."""
-        if not self._telemetry or self.config.log is None:
-            return
-        batch, self._telemetry = self._telemetry, []
-        keys = ("norm", "gnmr", "delta_gnmr", "plan", "triggered", "denied")
-        stacked = {k: torch.stack([b[k] for b in batch]).cpu() for k in keys}
-        used = torch.stack([b["budget_used"] for b in batch]).cpu().tolist()
-        if self._log_file is None:
-            self._log_file = open(self.config.log, "a", encoding="utf-8")
-            self._log_file.write(json.dumps({
-                "header": True, "units": self.controller.names, "recipe": self.config.recipe,
-                "policy": self.config.policy, "max_o": self.config.max_o,
-                "budget": self.controller.budget,
-                "costs": self.controller.costs.cpu().tolist(),
-            }) + "\n")
-        names = self.controller.names
-        for j, b in enumerate(batch):
-            row = {"step": b["step"], "budget_used": used[j], "budget": self.controller.budget}
-            for k in ("norm", "gnmr", "delta_gnmr"):
-                row[k] = [_json_float(v) for v in stacked[k][j, : len(names)].tolist()]
-            for k in ("plan", "triggered", "denied"):
-                row[k] = [names[i] for i in torch.nonzero(stacked[k][j]).flatten().tolist()]
-            self._log_file.write(json.dumps(row) + "\n")
-        self._log_file.flush()
+        """Write buffered telemetry lines now (one host transfer for the batch)."""
+        writer = self.__dict__.get("_telemetry_w")
+        if writer is not None:
+            writer.flush()
 
     # ----------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,435 @@
+"""Run telemetry: the JSON-lines writer behind ``gnmr_fx.compile(..., log=PATH)``
+and ``gnmr-fx report RUN.jsonl``.
+
+File format (one JSON object per line):
+
+* a *header* line ``{"header": true, "units": [...], "recipe": ..., "budget":
+  ..., "costs": [...], "threshold": ..., ...}`` at the start of a run and
+  again whenever units join (a new graph was captured);
+* one line per optimizer step: ``step``, per-unit ``norm`` / ``gnmr`` /
+  ``delta_gnmr`` lists in header order (``null`` = the unit did not run that
+  step, ``"inf"`` = non-finite), ``plan`` / ``triggered`` / ``denied`` as
+  lists of unit names, ``budget_used`` and ``budget``, and any scalars
+  logged with ``runtime.log_metrics`` (e.g. ``loss``).
+
+The writer keeps device tensors until ``log_every`` steps are buffered, then
+moves the whole batch to the host in a single transfer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+_VECTORS = ("norm", "gnmr", "delta_gnmr")
+_MASKS = ("plan", "triggered", "denied")
+
+
+class TelemetryWriter:
+    """Buffers per-step device tensors and writes JSON lines in batches.
+
+    Holds no reference to the runtime, so ``weakref.finalize`` can flush it
+    when the runtime is collected or the interpreter exits.
+    """
+
+    def __init__(self, path: Optional[str], log_every: int, tensorboard: Any = None) -> None:
+        self.path = path
+        self.log_every = int(log_every)
+        self.tensorboard = tensorboard
+        self.rows: list[tuple[int, dict, dict, dict]] = []  # (step, tensors, metrics, header)
+        self.header: Optional[dict] = None
+        self._written_header: Optional[dict] = None
+        self._file = None
+        self.lines_written = 0
+        self.transfers = 0  # device-to-host copies made (tests assert the batching)
+
+    @property
+    def n_units(self) -> int:
+        return -1 if self.header is None else len(self.header["units"])
+
+    def set_header(self, header: dict) -> None:
+        self.header = header
+
+    def append(self, step: int, tensors: dict, metrics: dict) -> None:
+        # Clones: the controller replaces its tensors each step, but a later
+        # in-place write (set_plan) must not change a buffered line.
+        snap = {k: v.detach().clone() for k, v in tensors.items()}
+        self.rows.append((step, snap, dict(metrics), self.header))
+        if len(self.rows) >= self.log_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        batch, self.rows = self.rows, []
+        # Everything in the batch goes into one flat float vector: one
+        # device-to-host transfer per batch, whatever the number of keys.
+        parts, layout = [], []
+        dev = None
+        for step, tens, metrics, header in batch:
+            entry = {}
+            for k, v in tens.items():
+                entry[k] = (sum(p.numel() for p in parts), v.numel())
+                dev = dev or v.device
+                parts.append(v.reshape(-1).float())
+            for k, v in metrics.items():
+                if isinstance(v, torch.Tensor):
+                    entry["metric:" + k] = (sum(p.numel() for p in parts), 1)
+                    parts.append(v.reshape(1).float().to(dev or v.device))
+            layout.append(entry)
+        flat = torch.cat([p.to(dev) for p in parts]).cpu().tolist() if parts else []
+        self.transfers += 1
+        lines = []
+        for (step, tens, metrics, header), entry in zip(batch, layout):
+            if header is not self._written_header:
+                lines.append(header)
+                self._written_header = header
+            names = header["units"]
+            row: dict[str, Any] = {"step": step}
+
+            def get(k: str) -> list:
+                off, n = entry[k]
+                return flat[off: off + n]
+
+            for k in _VECTORS:
+                row[k] = [_json_float(x) for x in get(k)]
+            for k in _MASKS:
+                row[k] = [names[i] for i, x in enumerate(get(k)) if x]
+            row["lock"] = {names[i]: int(x) for i, x in enumerate(get("lock")) if x}
+            row["budget_used"] = get("budget_used")[0]
+            row["budget"] = header["budget"]
+            for k, v in metrics.items():
+                row[k] = _json_float(get("metric:" + k)[0] if isinstance(v, torch.Tensor) else v)
+            lines.append(row)
+        if self.path is not None:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")
+            for line in lines:
+                self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
+        if self.tensorboard is not None:
+            _to_tensorboard(self.tensorboard, [r for r in lines if "header" not in r])
+        self.lines_written += sum(1 for r in lines if "header" not in r)
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _to_tensorboard(writer: Any, rows: list[dict]) -> None:
+    for row in rows:
+        step = row["step"]
+        writer.add_scalar("gnmr/budget_used", row["budget_used"], step)
+        writer.add_scalar("gnmr/units_high", len(row["plan"]), step)
+        writer.add_scalar("gnmr/triggered", len(row["triggered"]), step)
+        writer.add_scalar("gnmr/denied", len(row["denied"]), step)
+        for k, v in row.items():
+            if k not in ("step", "budget", "budget_used", "lock", *_VECTORS, *_MASKS) and isinstance(v, (int, float)):
+                writer.add_scalar(f"metrics/{k}", v, step)
+
+
+def _json_float(v: float) -> Any:
+    """JSON has no NaN/inf: NaN (unit did not run) -> null, inf -> "inf"."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def _from_json(v: Any) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, str):
+        return float(v)
+    return float(v)
+
+
+# --------------------------------------------------------------------------
+# Reading a run
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A telemetry file as arrays: ``[steps, units]`` matrices in header order."""
+
+    units: list[str]
+    steps: np.ndarray
+    norm: np.ndarray
+    gnmr: np.ndarray
+    delta_gnmr: np.ndarray
+    plan: np.ndarray  # bool
+    triggered: np.ndarray  # bool
+    denied: np.ndarray  # bool
+    budget_used: np.ndarray
+    budget: np.ndarray
+    metrics: dict[str, np.ndarray]
+    header: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_triggers(self) -> np.ndarray:
+        return self.triggered.sum(axis=0)
+
+    def top_units(self, k: int = 5) -> list[int]:
+        """Indices of the units that triggered most (ties: more high steps, then name order)."""
+        key = [(-int(self.n_triggers[i]), -int(self.plan[:, i].sum()), i) for i in range(len(self.units))]
+        return [i for *_, i in sorted(key) if self.n_triggers[i] > 0][:k]
+
+
+def load_run(path: str) -> Run:
+    """Parse a telemetry file.
+
+    A file appended to by several runs keeps only the last one, unless the
+    later run resumes the step count (a restart from a checkpoint).
+    """
+    headers: list[dict] = []
+    rows: list[tuple[dict, dict]] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            if obj.get("header"):
+                headers.append(obj)
+                continue
+            if not headers:
+                raise ValueError(f"{path}:{n}: step line before any header line")
+            if rows and obj["step"] <= rows[-1][1]["step"]:
+                rows = []  # a new run appended to the same file
+            rows.append((headers[-1], obj))
+    if not rows:
+        raise ValueError(f"{path}: no step lines (did the run flush? call gnmr_fx.runtime(model).flush())")
+    units = list(rows[-1][0]["units"])
+    index = {u: i for i, u in enumerate(units)}
+    s, n = len(rows), len(units)
+    mats = {k: np.full((s, n), np.nan) for k in _VECTORS}
+    masks = {k: np.zeros((s, n), dtype=bool) for k in _MASKS}
+    metric_names = sorted({k for _, r in rows for k in r} - {"step", "budget", "budget_used", "lock", *_VECTORS, *_MASKS})
+    metrics = {k: np.full(s, np.nan) for k in metric_names}
+    for j, (hdr, r) in enumerate(rows):
+        cols = [index[u] for u in hdr["units"]]
+        for k in _VECTORS:
+            mats[k][j, cols] = [_from_json(v) for v in r[k]]
+        for k in _MASKS:
+            masks[k][j, [index[u] for u in r[k]]] = True
+        for k in metric_names:
+            if r.get(k) is not None:
+                metrics[k][j] = _from_json(r[k])
+    return Run(
+        units=units, steps=np.array([r["step"] for _, r in rows]), **mats, **masks,
+        budget_used=np.array([r["budget_used"] for _, r in rows], dtype=float),
+        budget=np.array([r["budget"] for _, r in rows], dtype=float),
+        metrics=metrics, header=rows[-1][0],
+    )
+
+
+def summarize(run: Run, top: int = 10) -> str:
+    """The report's text: run totals, then a table of the most-triggered units."""
+    from tabulate import tabulate
+
+    h = run.header
+    trig = run.n_triggers
+    lines = [
+        f"steps {int(run.steps[0])}..{int(run.steps[-1])} ({len(run.steps)} lines), {len(run.units)} units, "
+        f"recipe {h.get('recipe')}, policy {h.get('policy')}, budget max_o={h.get('max_o')} "
+        f"(= {run.budget[-1]:g} {'FLOP-weighted' if isinstance(h.get('max_o'), float) else 'units'})",
+        f"triggers {int(trig.sum())}, denied {int(run.denied.sum())}, unit-steps on the high path "
+        f"{int(run.plan.sum())}, peak budget use {np.nanmax(run.budget_used):g} / {run.budget[-1]:g}"
+        f"{'  (EXCEEDED)' if np.any(run.budget_used > run.budget * (1 + 1e-6)) else ''}",
+    ]
+    for k, v in run.metrics.items():
+        ok = v[np.isfinite(v)]
+        if ok.size:
+            lines.append(f"{k}: first {ok[0]:.4g}, last {ok[-1]:.4g}, min {ok.min():.4g}, max {ok.max():.4g}")
+    order = run.top_units(top)
+    if order:
+        lines.append(f"most triggered unit: {run.units[order[0]]} ({int(trig[order[0]])} triggers, first at step "
+                     f"{int(run.steps[run.triggered[:, order[0]].argmax()])})")
+        rows = []
+        for i in order:
+            first = int(run.steps[run.triggered[:, i].argmax()])
+            g = run.gnmr[:, i]
+            g = g[np.isfinite(g)]
+            rows.append([run.units[i], int(trig[i]), int(run.denied[:, i].sum()), int(run.plan[:, i].sum()), first,
+                         f"{g.max():.3g}" if g.size else "-"])
+        lines.append(tabulate(rows, headers=["unit", "triggers", "denied", "high steps", "first trigger", "max GNMR"],
+                              disable_numparse=True))
+    else:
+        lines.append("no unit triggered")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------
+
+
+def plot(run: Run, out_dir: str, top: int = 4) -> list[str]:
+    """Write the report's PNGs into ``out_dir``; returns their paths.
+
+    * ``plan_heatmap.png``: unit x step, dark where the unit ran on the high
+      path, red ticks where it triggered; the bar beside it counts triggers
+      per unit, the most-triggered unit in red and named in the title;
+    * ``gnmr_traces.png``: GNMR and Delta-GNMR of the most-triggered units
+      against their thresholds;
+    * ``budget.png``: budget use per step against the budget;
+    * ``loss.png``: every logged scalar (e.g. loss), when there is one.
+    """
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ValueError("gnmr-fx report needs matplotlib for plots (pip install 'gnmr-fx[plot]')") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    steps = run.steps
+    order = run.top_units(top)
+    hot = order[0] if order else None
+    n = len(run.units)
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, n - 0.5, -0.5)
+
+    # 1. plan heatmap + trigger counts
+    fig, (ax, axb) = plt.subplots(1, 2, figsize=(12, 0.32 * n + 2.2), sharey=True,
+                                  gridspec_kw={"width_ratios": [5, 1]})
+    ax.imshow(run.plan.T.astype(float), aspect="auto", cmap="Blues", vmin=0, vmax=1.25,
+              interpolation="nearest", extent=extent)
+    ty, tx = np.nonzero(run.triggered.T)
+    ax.scatter(steps[tx], ty, marker="|", s=60, color="crimson", label="triggered")
+    dy, dx = np.nonzero(run.denied.T)
+    if dy.size:
+        ax.scatter(steps[dx], dy, marker="x", s=25, color="darkorange", label="denied (budget full)")
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(run.units, fontsize=8)
+    if hot is not None:
+        ax.get_yticklabels()[hot].set_color("crimson")
+        ax.get_yticklabels()[hot].set_fontweight("bold")
+    ax.set_xlabel("optimizer step")
+    ax.set_title("plan: dark = high path (locked), | = trigger")
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    trig = run.n_triggers
+    colors = ["crimson" if i == hot else "steelblue" for i in range(n)]
+    axb.barh(range(n), trig, color=colors)
+    axb.set_xlabel("triggers")
+    axb.set_title("triggers per unit")
+    title = "GNMR plan per unit"
+    if hot is not None:
+        first = int(steps[run.triggered[:, hot].argmax()])
+        title += f": most triggered = {run.units[hot]} ({int(trig[hot])} triggers, first at step {first})"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir, "plan_heatmap.png"))
+
+    # 2. GNMR traces of the top units (all units faintly for context)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
+    # Non-finite values (a NaN gradient, "no history yet") cannot be drawn;
+    # a first-step Delta-GNMR of -inf would flatten the whole axis.
+    gn = np.where(np.isfinite(run.gnmr) & (run.gnmr > 0), run.gnmr, np.nan)
+    dthr = run.header.get("delta_threshold") or 1.0
+    dg = np.where(np.isfinite(run.delta_gnmr), np.maximum(run.delta_gnmr, -2.0 * dthr), np.nan)
+    for i in range(n):
+        if i not in order:
+            ax1.plot(steps, gn[:, i], color="0.8", lw=0.7)
+            ax2.plot(steps, dg[:, i], color="0.8", lw=0.7)
+    palette = ["crimson", "tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
+    for rank, i in enumerate(order):
+        c = palette[rank % len(palette)]
+        lbl = f"{run.units[i]} ({int(trig[i])} triggers)"
+        ax1.plot(steps, gn[:, i], color=c, lw=2.0 if rank == 0 else 1.2, label=lbl)
+        ax2.plot(steps, dg[:, i], color=c, lw=2.0 if rank == 0 else 1.2, label=lbl)
+    thr = run.header.get("threshold")
+    if thr is not None:
+        ax1.axhline(thr, color="k", ls="--", lw=1, label=f"threshold {thr:g}")
+    ax2.axhline(dthr, color="k", ls="--", lw=1, label=f"delta threshold {dthr:g}")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("GNMR = g / mu (log)")
+    ax2.set_ylabel("Delta-GNMR (floored at -2x threshold)")
+    ax2.set_xlabel("optimizer step")
+    ax1.set_title("GNMR of the most-triggered units (grey: all other units)")
+    ax1.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir, "gnmr_traces.png"))
+
+    # 3. budget use
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    ax.step(steps, run.budget_used, where="post", color="tab:blue", label="budget used (high path)")
+    ax.plot(steps, run.budget, color="crimson", ls="--", label="budget (max_o)")
+    ax.fill_between(steps, 0, run.budget_used, step="post", alpha=0.25)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("FLOP-weighted" if isinstance(run.header.get("max_o"), float) else "units")
+    ax.set_ylim(0, max(float(np.nanmax(run.budget)), float(np.nanmax(run.budget_used))) * 1.15 + 1e-9)
+    ax.set_title("budget use over time")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    paths.append(_save(fig, out_dir, "budget.png"))
+
+    # 4. logged scalars
+    if run.metrics:
+        fig, axes = plt.subplots(len(run.metrics), 1, figsize=(11, 2.8 * len(run.metrics)), squeeze=False)
+        for ax, (k, v) in zip(axes[:, 0], run.metrics.items()):
+            ax.plot(steps, v, color="tab:blue", lw=1.2)
+            high = run.plan.any(axis=1)
+            if high.any():
+                lo, hi = np.nanmin(v), np.nanmax(v)
+                ax.fill_between(steps, lo, hi, where=high, color="crimson", alpha=0.12, step="mid",
+                                label="a unit on the high path")
+                ax.legend(fontsize=8, loc="upper right")
+            ax.set_ylabel(k)
+            ax.set_xlabel("optimizer step")
+            ax.set_title(f"{k} (logged with runtime.log_metrics)")
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir, "loss.png"))
+    return paths
+
+
+def _save(fig: Any, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_file", metavar="RUN.jsonl", help="telemetry file written by gnmr_fx.compile(..., log=PATH)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs (default: RUN_report/)")
+    parser.add_argument("--top", type=int, default=10, help="units in the summary table")
+    parser.add_argument("--no-plots", action="store_true", help="print the summary only")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        r = load_run(args.run_file)
+        print(summarize(r, top=args.top))
+        if not args.no_plots:
+            out = args.out or os.path.splitext(args.run_file)[0] + "_report"
+            for p in plot(r, out):
+                print(f"wrote {p}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"gnmr-fx report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
