@@ -31,13 +31,13 @@ ARMS = ("always_high", "always_low", "gnmr")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 16
-    lr: float = 4e-3  # aggressive on purpose: low precision must be stressed
+    lr: float = 6e-3  # aggressive on purpose: low precision must be stressed
     recipe: str = "int4"
     max_o: float = 0.1
     seed: int = 0
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     model: GPTConfig = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
 
