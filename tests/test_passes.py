@@ -279,7 +279,7 @@ def inductor_vs_eager():
     plan[::2] = True
     for backend in ("eager", "aot_eager", "inductor"):
         model = _gpt()
-        m = gnmr_fx.compile(model, GNMRConfig(recipe="fp8_e4m3"), backend=backend)
+        m = gnmr_fx.compile(model, GNMRConfig(recipe="fp8_e4m3"), backend=backend, example_inputs=_batch())
         losses, grads = _run(model, m, plan, _batch())
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         flipped = []
