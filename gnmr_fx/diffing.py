@@ -250,8 +250,15 @@ def _target_key(node: torch.fx.Node) -> Any:
     return str(t)
 
 
-def _key(item: _Item, to_a: Optional[dict[int, int]], strict: Union[bool, str]) -> str:
-    """A name-free key: refs become the matched A-side item (or "new")."""
+def _key(item: _Item, to_a: Optional[dict[int, int]], tier: str) -> str:
+    """A name-free key of ``item`` at one matching tier.
+
+    Refs become the matched A-side item (or "new"). Tiers, strictest first:
+    ``exact`` (op, form, args); ``loose`` (op and the values read: a unit
+    whose form changed, a changed constant); ``kind`` (any target of the
+    same node kind with the same argument layout: relu -> tanh); ``wild``
+    (op and constants, whatever it reads: a node whose input was replaced).
+    """
 
     def conv(x: Any) -> Any:
         if isinstance(x, _Ref) and to_a is not None:
@@ -259,25 +266,35 @@ def _key(item: _Item, to_a: Optional[dict[int, int]], strict: Union[bool, str]) 
         return x
 
     args = map_aggregate(item.args, conv) if item.args != () else ()
-    if strict is True:
+    if tier == "exact":
         return repr((item.sig, item.form, args))
-    # Looser keys: reading the same values, constants and form may differ
-    # ("loose"), or even the target ("kind": relu -> sigmoid is a replacement).
     refs: list = []
     map_aggregate(args, lambda x: refs.append(x) if isinstance(x, _Ref) else None)
-    head = item.sig if strict == "loose" else (item.node.op,)
-    return repr((head, refs))
+    if tier == "loose":
+        return repr((item.sig, refs))
+    if tier == "kind":
+        layout = map_aggregate(args, lambda x: "ref" if isinstance(x, _Ref) else type(x).__name__)
+        return repr((item.node.op, item.sig[0] == "unit", refs, layout))
+    consts = map_aggregate(args, lambda x: "ref" if isinstance(x, _Ref) else x)
+    return repr((item.sig, item.form, consts))
 
 
-def _match(items_a: list[_Item], items_b: list[_Item]) -> tuple[dict[int, int], set[int]]:
-    """B item -> A item, and the B items matched only loosely (replaced)."""
-    to_a: dict[int, int] = {}
-    loose: set[int] = set()
-    tiers = (True, "loose", "kind")
-    index_a: dict[Any, dict[str, list[int]]] = {t: {} for t in tiers}
+_TIERS = ("exact", "loose", "kind")
+
+
+def _match(items_a: list[_Item], items_b: list[_Item]) -> dict[int, int]:
+    """B item -> A item, by what the items compute, in topological order.
+
+    A first pass matches by ``exact`` / ``loose`` / ``kind`` keys; a second
+    pass over what is left may also match ``wild`` (same op and constants,
+    different inputs), which pairs the readers of an inserted node.
+    """
+    tiers = (*_TIERS, "wild")
+    index_a: dict[str, dict[str, list[int]]] = {t: {} for t in tiers}
     for it in items_a:
         for t in tiers:
             index_a[t].setdefault(_key(it, None, t), []).append(it.index)
+    to_a: dict[int, int] = {}
     used: set[int] = set()
     out_a = [it.index for it in items_a if it.sig == ("output",)]
 
@@ -287,24 +304,23 @@ def _match(items_a: list[_Item], items_b: list[_Item]) -> tuple[dict[int, int], 
                 return c
         return None
 
-    for it in items_b:
-        if it.sig == ("output",) and out_a:
-            # A graph has one output: always the counterpart of the other's.
-            a = out_a[0]
-            if _key(it, to_a, True) != _key(items_a[a], None, True):
-                loose.add(it.index)
-        else:
-            a = take(index_a[True].get(_key(it, to_a, True), []))
-            for t in tiers[1:]:
-                if a is not None:
-                    break
-                a = take(index_a[t].get(_key(it, to_a, t), []))
-                if a is not None:
-                    loose.add(it.index)
-        if a is not None:
-            used.add(a)
-            to_a[it.index] = a
-    return to_a, loose
+    for allowed in (_TIERS, tiers):
+        for it in items_b:
+            if it.index in to_a:
+                continue
+            if it.sig == ("output",):
+                # A graph has one output: always the counterpart of the other's.
+                a = take(out_a)
+            else:
+                a = None
+                for t in allowed:
+                    a = take(index_a[t].get(_key(it, to_a, t), []))
+                    if a is not None:
+                        break
+            if a is not None:
+                used.add(a)
+                to_a[it.index] = a
+    return to_a
 
 
 # --------------------------------------------------------------------------
@@ -433,7 +449,10 @@ def diff(a: GraphLike, b: GraphLike, *, label_a: str = "a", label_b: str = "b", 
     ga, gb = _graph(a), _graph(b)
     items_a, _ = _items(ga)
     items_b, _ = _items(gb)
-    to_a, loose = _match(items_a, items_b)
+    to_a = _match(items_a, items_b)
+    # A matched pair is unchanged iff it computes the same thing from the
+    # same (matched) inputs; decided once the whole matching is known.
+    loose = {b for b, a in to_a.items() if _key(items_b[b], to_a, "exact") != _key(items_a[a], None, "exact")}
     names_a, names_b = _display_names(items_a, items_b, ga, gb, to_a)
 
     entries: list[DiffEntry] = []

@@ -1,0 +1,116 @@
+"""gnmr_fx.inspect and `gnmr-fx inspect`: unit tables, graph breaks, filters, exit codes."""
+
+import json
+
+import pytest
+import torch
+
+import gnmr_fx
+from gnmr_fx.cli import main as cli
+from gnmr_fx.examples import load_spec
+
+TINY_UNITS = [
+    f"blocks.{i}.{u}" for i in range(2)
+    for u in ("attn.qkv", "attn.matmul", "attn.matmul_1", "attn.proj", "fc", "out")
+] + ["head"]
+
+
+class TestInspectTinyGPT:
+    def test_units_named_after_modules(self):
+        model, inputs = load_spec("tiny_gpt")
+        res = gnmr_fx.inspect(model, inputs, gnmr_fx.GNMRConfig(recipe="int8"))
+        assert res.names == TINY_UNITS
+        assert [u.op for u in res.units].count("linear") == 9
+        assert [u.op for u in res.units].count("matmul") == 4
+        qkv = res.units[0]
+        assert (qkv.input_shape, qkv.weight_shape, qkv.weight) == ((2, 16, 32), (96, 32), "blocks.0.attn.qkv.weight")
+        assert qkv.flops == 2 * 2 * 16 * 96 * 32
+        assert res.units[1].weight_shape is None  # q @ k^T is weightless
+        assert sum(u.flops_share for u in res.units) == pytest.approx(1.0)
+        assert {u.plan for u in res.units} == {"low"} and {u.recipe for u in res.units} == {"int8"}
+        assert (res.graphs, res.graph_breaks, res.not_recoverable) == (1, [], {"embedding": 2})
+
+    def test_user_state_untouched(self):
+        model, inputs = load_spec("tiny_gpt")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        rng = torch.get_rng_state()
+        gnmr_fx.inspect(model, inputs)
+        assert "_gnmr_runtime" not in model.__dict__
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(p.grad is None for p in model.parameters())
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    def test_repeated_inspection_never_hits_recompile_limit(self):
+        # Dynamo keeps at most recompile_limit (8) entries per code object;
+        # inspect compiles a fresh code object each time, so call 10 works.
+        model, inputs = load_spec("tiny_gpt")
+        counts = [len(gnmr_fx.inspect(model, inputs).units) for _ in range(10)]
+        assert counts == [13] * 10
+
+    def test_plan_comes_from_the_compiled_models_controller(self):
+        model, inputs = load_spec("tiny_gpt")
+        cfg = gnmr_fx.GNMRConfig(recipe="int8", max_o=2)
+        compiled = gnmr_fx.compile(model, cfg, backend="eager", example_inputs=inputs)
+        plan = torch.zeros(13, dtype=torch.bool)
+        plan[[4, 12]] = True
+        gnmr_fx.runtime(compiled).set_plan(plan)
+        res = gnmr_fx.inspect(compiled, inputs)
+        assert [u.name for u in res.units if u.plan == "high"] == ["blocks.0.fc", "head"]
+        assert res.plan_source.startswith("controller")
+
+    def test_filter_marks_excluded_units(self):
+        model, inputs = load_spec("tiny_gpt")
+        res = gnmr_fx.inspect(model, inputs, gnmr_fx.GNMRConfig(unit_filter=["blocks.1.*"]))
+        included = [u.name for u in res.units if u.included]
+        assert included == TINY_UNITS[6:12]
+        assert all(u.plan == "excluded" and u.recipe is None for u in res.units if not u.included)
+
+    def test_graph_break_reason(self):
+        model, inputs = load_spec("tiny_gpt_graph_break")
+        res = gnmr_fx.inspect(model, inputs)
+        assert res.graphs == 2 and len(res.graph_breaks) == 1
+        assert "item()" in res.graph_breaks[0].reason and "examples.py" in res.graph_breaks[0].reason
+        assert len(res.units) == 13 and res.units[0].name == "gpt.blocks.0.attn.qkv"
+        assert {u.graph for u in res.units} == {0, 1}
+
+
+def test_inspect_hf_gpt2_from_config():
+    pytest.importorskip("transformers")
+    model, inputs = load_spec("hf_gpt2")
+    res = gnmr_fx.inspect(model, inputs)
+    expected = [f"transformer.h.{i}.{m}" for i in range(2)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")] + ["lm_head"]
+    assert res.names == expected
+    assert [u.op for u in res.units] == ["addmm"] * 8 + ["linear"]
+    assert res.not_recoverable == {"embedding": 2, "scaled_dot_product_attention": 2}
+
+
+class TestInspectCLI:
+    def test_table(self, capsys):
+        assert cli(["inspect", "tiny_gpt", "--recipe", "int8", "--max-o", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "blocks.0.attn.qkv" in out and "int8" in out
+        assert "graphs captured: 1    graph breaks: 0" in out
+        assert "units: 13 (13 included by the filter)" in out
+        assert "seen but not recoverable: embedding x2" in out
+
+    def test_json(self, capsys):
+        assert cli(["inspect", "tiny_gpt", "--format", "json", "--filter", "head"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["totals"]["units"] == 13 and d["totals"]["included"] == 1
+        assert [u["name"] for u in d["units"] if u["included"]] == ["head"]
+
+    def test_filter_matching_nothing_is_an_error(self, capsys):
+        assert cli(["inspect", "tiny_gpt", "--filter", "blocks.*.fc", "blocks.*.mlp"]) == 2
+        err = capsys.readouterr().err
+        assert "['blocks.*.mlp'] match no unit" in err and "blocks.0.fc" in err
+
+    def test_filter_matching_nothing_raises_in_api(self):
+        model, inputs = load_spec("tiny_gpt")
+        with pytest.raises(ValueError, match=r"\['nope\*'\] match no unit"):
+            gnmr_fx.inspect(model, inputs, gnmr_fx.GNMRConfig(unit_filter=["nope*"]))
+
+    def test_bad_spec(self, capsys):
+        assert cli(["inspect", "no_such_example"]) == 2
+        assert "neither a built-in example" in capsys.readouterr().err
