@@ -421,3 +421,45 @@ def test_gnmr_backend_entry_point_without_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['0', '2'] int8 1"
+
+
+class GroupedMoE(nn.Module):
+    """Two experts through torch._grouped_mm, as Hugging Face MoE layers call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter((torch.randn(2, 16, 16) * 0.1).bfloat16())
+
+    def forward(self, x, offs):
+        return torch._grouped_mm(x, self.experts, offs=offs)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_grouped_mm_unit():
+    x = torch.randn(32, 16).bfloat16()
+    offs = torch.tensor([16, 32], dtype=torch.int32)
+    ref = GroupedMoE()
+    out = {}
+    for policy in ("always_high", "always_low"):
+        torch._dynamo.reset()
+        m = gnmr_fx.compile(copy.deepcopy(ref), GNMRConfig(policy=policy, recipe="int8"), backend="eager")
+        out[policy] = m(x, offs)
+        assert gnmr_fx.controller(m).names == ["experts"]
+        assert gnmr_fx.runtime(m).units[0].op_name == "grouped_mm"
+    assert torch.equal(out["always_high"], ref(x, offs))
+    assert 20.0 < quantization_sqnr(ref(x, offs).float(), out["always_low"].float()) < 60.0
+
+
+def test_bf16_autocast_training():
+    model = _gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    m = gnmr_fx.compile(model, GNMRConfig(recipe="fp8_e4m3"), backend="aot_eager", optimizer=opt)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(*_batch())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ctl = gnmr_fx.controller(m)
+    assert ctl.step == 2 and ctl.names == TINY_GPT_UNITS
+    assert torch.isfinite(ctl.norm).all() and (ctl.norm > 0).all()
