@@ -147,7 +147,7 @@ class GNMRController:
     @property
     def mu(self) -> Tensor:
         """Bias-corrected history mean per unit (NaN before the first healthy step)."""
-        corr = 1.0 - torch.pow(torch.tensor(self.config.beta, device=self._device), self.n_obs.float())
+        corr = 1.0 - torch.pow(self.config.beta, self.n_obs.float())
         return torch.where(self.n_obs > 0, self.ema / corr.clamp_min(_TINY), torch.full_like(self.ema, float("nan")))
 
     @property
@@ -247,7 +247,8 @@ class GNMRController:
         """
         cfg = self.config
         costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
-        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else torch.tensor(float(cfg.max_o), device=costs.device)
+        # Python scalars, not new device tensors: no host-to-device copy per step.
+        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else float(cfg.max_o)
         free = cap - (costs * held).sum()
         key = torch.where(cand, risk, torch.full_like(risk, float("-inf")))
         order = torch.argsort(key, descending=True, stable=True)
