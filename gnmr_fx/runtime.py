@@ -239,7 +239,7 @@ class GNMRRuntime:
             sumsq.index_add_(0, rec.unit_ids, g.to(dev))
             seen.index_fill_(0, rec.unit_ids, True)
             rec.probe.grad = None
-        sumsq = self._reduce(sumsq)
+        sumsq, seen = self._reduce(sumsq, seen)
         plan = ctl.update(sumsq.sqrt(), observed=seen)
         for rec in live:
             rec.plan.copy_(plan[rec.unit_ids.to(plan.device)])
@@ -248,9 +248,37 @@ class GNMRRuntime:
             cb(self)
         return plan
 
-    def _reduce(self, sumsq: torch.Tensor) -> torch.Tensor:
-        """Hook for data-parallel reduction of the statistics (identity here)."""
-        return sumsq
+    # Data-parallel reduction, set by gnmr_fx.distributed.enable / disable:
+    # the group whose ranks' statistics are summed, the factor applied to the
+    # sum (1 / grad_divide_factor**2), and an explicit opt-out.
+    dp_group: Any = None
+    dp_scale: float = 1.0
+    dp_local: bool = False
+
+    def _reduce(self, sumsq: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combine every rank's statistics so that all ranks compute the same plan.
+
+        One ``all_reduce`` (SUM) of one vector ``[sumsq | seen]`` per step over
+        ``dp_group``: a unit is observed if any rank ran it, and its statistic
+        is ``dp_scale`` times the sum over ranks (see ``gnmr_fx.distributed``
+        for which quantity that is). No collective per unit.
+        """
+        dist = torch.distributed
+        if self.dp_group is None:
+            if (not self.dp_local and dist.is_available() and dist.is_initialized()
+                    and dist.get_world_size() > 1):
+                # Without the reduction each rank would decide from its own
+                # batch and the ranks would train different numerics.
+                raise RuntimeError(
+                    "torch.distributed is initialized with several ranks but GNMR decides per rank: "
+                    "call gnmr_fx.distributed.enable(model) after compiling, or "
+                    "gnmr_fx.distributed.disable(model) if rank-local plans are intended"
+                )
+            return sumsq, seen
+        n = sumsq.numel()
+        buf = torch.cat([sumsq, seen.to(sumsq.dtype)])
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return buf[:n] * self.dp_scale, buf[n:] > 0
 
     def set_plan(self, plan: torch.Tensor) -> None:
         """Force a plan (tests, export, what-if runs); the controller keeps it."""
