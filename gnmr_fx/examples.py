@@ -72,7 +72,7 @@ def hf_gpt2() -> tuple[torch.nn.Module, tuple]:
     except ImportError as e:  # optional: only this example needs it
         raise ValueError("the hf_gpt2 example needs `transformers` (pip install transformers)") from e
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=256,
-                     bos_token_id=0, eos_token_id=0)
+                     bos_token_id=0, eos_token_id=0, use_cache=False)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = GPT2LMHeadModel(cfg).eval()

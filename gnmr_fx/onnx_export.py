@@ -1,0 +1,346 @@
+"""``gnmr_fx.export_onnx``: an ONNX model with the GNMR plan frozen.
+
+The export starts from the graph the GNMR pass rewrote (Dynamo capture of
+the model, eager inner compiler) and freezes the plan into it:
+
+* a unit on the **high path** keeps only its high branch: a plain
+  ``MatMul`` / ``Gemm`` in ONNX;
+* a unit on the **low path** keeps only its low branch, with each rounded
+  operand written as a standard ``QuantizeLinear`` -> ``DequantizeLinear``
+  pair (QDQ), which ONNX runtimes recognize as a quantized matmul;
+* statistics nodes (identity in forward) and the plan select disappear.
+
+How the ``int8`` recipe maps to QDQ. The recipe is symmetric int8 with one
+scale per row along the reduction dim K: per token for activations, per
+output channel for weights. ``QuantizeLinear`` takes a 1-D scale along one
+``axis``, so each operand is viewed as ``[rows, K]`` (K moved last, the
+other dims flattened) and quantized with ``axis=0``. Activation scales are
+dynamic: they are computed in the graph (``Abs`` -> ``ReduceMax`` -> ``Div``
+by 127 -> ``Clip`` at 1e-12) from the same tensor, exactly as the recipe
+does, and fed to QuantizeLinear as an input. The zero point is 0 (int8). The
+recipe clamps codes to [-127, 127] and ONNX saturates to [-128, 127]; with
+scale = amax / 127 no code ever exceeds 127 in magnitude, so the two agree.
+
+Recipes whose ``Recipe.onnx`` is None (fp8, MX, NVFP4, int4 here) raise a
+``ValueError`` naming the recipe when a unit on the low path would need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+import torch.fx
+
+from gnmr_fx.backends.paths import BRANCH_OPS
+from gnmr_fx.backends.recipes import get_recipe
+from gnmr_fx.config import GNMRConfig
+from gnmr_fx.inspection import capture, unwrap
+from gnmr_fx.passes.insert_dual_path import PLAN
+from gnmr_fx.passes.insert_grad_stats import PROBE
+from gnmr_fx.passes.nodes import record_grad_norm
+
+_EPS = 1e-12  # the recipes' scale floor (backends.recipes._EPS)
+ONNX_FORMATS = ("int8",)
+
+PlanLike = Union[None, str, torch.Tensor, Sequence[bool], Mapping[str, bool]]
+
+
+# --------------------------------------------------------------------------
+# QDQ building blocks
+# --------------------------------------------------------------------------
+
+
+class _QDQInt8(torch.autograd.Function):
+    """Per-row symmetric int8 round trip of a 2-D tensor; exports as QDQ.
+
+    Forward computes exactly what the recipe computes (round half to even,
+    saturate), so the PyTorch side of the export equals the GNMR low path.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x2d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        s = scale.unsqueeze(1)
+        return torch.round(x2d / s).clamp(-127.0, 127.0) * s
+
+    @staticmethod
+    def symbolic(g: Any, x2d: Any, scale: Any) -> Any:
+        zero = g.op("Constant", value_t=torch.zeros(1, dtype=torch.int8))
+        zp = g.op("Expand", zero, g.op("Shape", scale))  # per-axis: one zero point per scale
+        q = g.op("QuantizeLinear", x2d, scale, zp, axis_i=0)
+        return g.op("DequantizeLinear", q, scale, zp, axis_i=0)
+
+
+def qdq_int8(t: torch.Tensor, kdim: int) -> torch.Tensor:
+    """int8 fake quantization with one scale per row along ``kdim``, as QDQ.
+
+    >>> import torch
+    >>> from gnmr_fx.backends.recipes import fake_quant_int
+    >>> x = torch.randn(2, 3, 8)
+    >>> torch.equal(qdq_int8(x, -1), fake_quant_int(x, bits=8, kdim=-1))
+    True
+    """
+    # Non-negative dims: the TorchScript exporter writes a negative movedim
+    # dim straight into Transpose's perm, which ONNX rejects.
+    kdim, last = kdim % t.dim(), t.dim() - 1
+    x = t if t.dtype == torch.float32 else t.float()
+    x = x.movedim(kdim, last) if kdim != last else x
+    moved_shape = x.shape
+    x2d = x.reshape(-1, moved_shape[-1])
+    scale = (x2d.detach().abs().amax(dim=1) / 127.0).clamp_min(_EPS)
+    y = _QDQInt8.apply(x2d, scale).reshape(moved_shape)
+    y = y.movedim(last, kdim) if kdim != last else y
+    return y if y.dtype == t.dtype else y.to(t.dtype)
+
+
+_QDQ = {"int8": qdq_int8}
+
+
+def low_path_qdq(
+    op: str,
+    *args: Any,
+    recipe: str,
+    a_index: int,
+    b_index: int,
+    b_kdim: int,
+    b_is_weight: bool,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """The low branch of a unit written with QDQ pairs (same signature as
+    ``backends.paths.low_path``, so the frozen graph calls it in place)."""
+    fmt = get_recipe(recipe).onnx
+    if fmt not in _QDQ:
+        raise ValueError(_unsupported(recipe))
+    q = _QDQ[fmt]
+    args = list(args)
+    args[a_index] = q(args[a_index], -1)
+    args[b_index] = q(args[b_index], b_kdim)
+    return BRANCH_OPS[op](*args, **kwargs)
+
+
+def _unsupported(recipe: str) -> str:
+    return (
+        f"recipe {recipe!r} cannot be expressed as ONNX QuantizeLinear/DequantizeLinear "
+        f"(export supports recipes with Recipe.onnx in {ONNX_FORMATS}, i.e. 'int8'); "
+        f"export with GNMRConfig(recipe='int8'), or put the low units on the high path with plan='high'"
+    )
+
+
+# --------------------------------------------------------------------------
+# Freezing the plan into the rewritten graph
+# --------------------------------------------------------------------------
+
+
+def freeze_plan(gm: torch.fx.GraphModule, high: Mapping[str, bool]) -> torch.fx.GraphModule:
+    """Rewrite a GNMR graph for inference under a fixed plan (in place).
+
+    ``high`` maps unit name -> True for the high path. Statistics nodes and
+    selects are removed; each unit keeps exactly one branch.
+    """
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is record_grad_norm:
+            node.replace_all_uses_with(node.args[0])
+            g.erase_node(node)
+    for sel in list(g.nodes):
+        site = sel.meta.get("gnmr_dual")
+        if site is None:
+            continue
+        _plan, _slot, hp, lp = sel.args
+        if high[site.name]:
+            keep = hp
+        else:
+            with g.inserting_before(sel):
+                keep = g.call_function(low_path_qdq, lp.args, dict(lp.kwargs))
+            keep.meta.update(lp.meta)
+        sel.replace_all_uses_with(keep)
+        g.erase_node(sel)
+        for branch in (hp, lp):
+            if branch is not keep and not branch.users:
+                g.erase_node(branch)
+    for node in list(g.nodes):
+        if node.op == "get_attr" and node.target in (PLAN, PROBE) and not node.users:
+            g.erase_node(node)
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+class _FrozenModel(torch.nn.Module):
+    """Calls the frozen graph with the user's inputs and the model's own
+    parameters and buffers (so the exporter stores them as initializers)."""
+
+    def __init__(self, model: torch.nn.Module, gm: torch.fx.GraphModule, bindings: list[tuple[str, Any]]) -> None:
+        super().__init__()
+        self.model = model
+        self.frozen = gm
+        self.bindings = bindings
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        args = []
+        for kind, key in self.bindings:
+            if kind == "input":
+                args.append(inputs[key])
+            elif kind == "param":
+                args.append(self.model.get_parameter(key))
+            else:
+                args.append(self.model.get_buffer(key))
+        out = self.frozen(*args)
+        if isinstance(out, (tuple, list)) and len(out) == 1:
+            return out[0]
+        return out
+
+
+def _bindings(record: Any, model: torch.nn.Module, inputs: Sequence) -> list[tuple[str, Any]]:
+    params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    buffers = {id(b): n for n, b in model.named_buffers(remove_duplicate=False)}
+    out = []
+    placeholders = list(record.rewritten.graph.find_nodes(op="placeholder"))
+    for ph, x in zip(placeholders, record.extra["example_inputs"]):
+        j = next((j for j, y in enumerate(inputs) if y is x), None)
+        if j is not None:
+            out.append(("input", j))
+        elif id(x) in params:
+            out.append(("param", params[id(x)]))
+        elif id(x) in buffers:
+            out.append(("buffer", buffers[id(x)]))
+        else:
+            raise ValueError(
+                f"export_onnx: graph input {ph.name!r} is neither an example input nor a parameter or "
+                "buffer of the model; pass every tensor the forward reads as an example input"
+            )
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote."""
+
+    path: str
+    opset: int
+    recipe: str
+    plan: dict[str, str]  # unit -> "high" / "low"
+    excluded: list[str] = field(default_factory=list)  # units the filter left as written
+
+    @property
+    def low_units(self) -> list[str]:
+        return [u for u, p in self.plan.items() if p == "low"]
+
+    @property
+    def high_units(self) -> list[str]:
+        return [u for u, p in self.plan.items() if p == "high"]
+
+
+def _resolve_plan(plan: PlanLike, names: list[str], live: Any) -> dict[str, bool]:
+    if plan is None:
+        if live is not None and live.controller.num_units:
+            cur = dict(zip(live.controller.names, live.controller.plan.detach().cpu().tolist()))
+            return {n: bool(cur.get(n, False)) for n in names}
+        return None  # caller uses its fresh controller's initial plan
+    if isinstance(plan, str):
+        if plan not in ("high", "low"):
+            raise ValueError(f"plan as a string must be 'high' or 'low' (got {plan!r})")
+        return {n: plan == "high" for n in names}
+    if isinstance(plan, Mapping):
+        unknown = sorted(set(plan) - set(names))
+        if unknown:
+            raise ValueError(f"plan names unknown unit(s) {unknown}; units are: {', '.join(names)}")
+        return {n: bool(plan.get(n, False)) for n in names}
+    flags = plan.detach().cpu().tolist() if isinstance(plan, torch.Tensor) else list(plan)
+    if len(flags) != len(names):
+        raise ValueError(f"plan has {len(flags)} entries for {len(names)} units ({', '.join(names)})")
+    return {n: bool(f) for n, f in zip(names, flags)}
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_inputs: Sequence,
+    path: str,
+    plan: PlanLike = None,
+    *,
+    config: Optional[GNMRConfig] = None,
+    opset: int = 17,
+    input_names: Optional[Sequence[str]] = None,
+    output_names: Optional[Sequence[str]] = None,
+) -> OnnxExport:
+    """Export ``model`` to ONNX with the GNMR plan frozen.
+
+    Args:
+        model: the model (plain, or compiled with ``gnmr_fx.compile``).
+        example_inputs: tensors for one forward pass (fixed shapes).
+        path: the ``.onnx`` file to write.
+        plan: the plan to freeze. None: the compiled model's current plan
+            (or, for a model never compiled, the initial plan). Or ``"high"``
+            / ``"low"`` for all units, a ``{unit: high}`` dict (others low),
+            or bools in controller unit order.
+        config: GNMR config (default: the compiled model's, else defaults);
+            its ``recipe`` is the low path.
+        opset: ONNX opset (>= 13, for per-axis QuantizeLinear).
+
+    The export runs in eval mode (restored afterwards) and needs one graph:
+    a model with graph breaks raises ``ValueError`` listing them.
+
+    >>> import torch, tempfile, os, gnmr_fx
+    >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> f = os.path.join(tempfile.mkdtemp(), "m.onnx")
+    >>> ex = gnmr_fx.export_onnx(m, (torch.randn(4, 8),), f, plan={"2": True},
+    ...                          config=gnmr_fx.GNMRConfig(recipe="int8"))
+    >>> ex.plan
+    {'0': 'low', '2': 'high'}
+    """
+    if opset < 13:
+        raise ValueError(f"opset must be >= 13 (per-axis QuantizeLinear), got {opset}")
+    root = unwrap(model)
+    live = root.__dict__.get("_gnmr_runtime")
+    if config is None:
+        config = live.config if live is not None else GNMRConfig()
+    inputs = tuple(example_inputs)
+    with _eval_mode(root):
+        rt = capture(root, inputs, config, keep_inputs=True)
+        if len(rt.records) != 1:
+            reasons = "; ".join(r.graph_break_reason or "?" for r in rt.records if r.graph_break_reason)
+            raise ValueError(
+                f"export_onnx needs the forward as one graph, Dynamo captured {len(rt.records)} "
+                f"(graph breaks: {reasons}); remove the breaks (see `gnmr-fx inspect`)"
+            )
+        names = list(rt.controller.names)
+        high = _resolve_plan(plan, names, live)
+        if high is None:
+            high = dict(zip(names, rt.controller.plan.tolist()))
+        if not all(high.values()) and get_recipe(config.recipe).onnx not in _QDQ:
+            raise ValueError(_unsupported(config.recipe))
+        record = rt.records[0]
+        gm = torch.fx.GraphModule(record.rewritten, copy.deepcopy(record.rewritten.graph))
+        freeze_plan(gm, high)
+        wrapper = _FrozenModel(root, gm, _bindings(record, root, inputs))
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper, inputs, path, dynamo=False, opset_version=opset,
+                input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None,
+            )
+    return OnnxExport(
+        path=str(path), opset=opset, recipe=config.recipe,
+        plan={n: "high" if high[n] else "low" for n in names},
+        excluded=[u.name for u in rt.units if not u.included],
+    )
