@@ -1,0 +1,202 @@
+"""The arms of the stability benchmark: GNMR and what a practitioner would use instead.
+
+Every arm runs on the *same* compiled model (the low path is the scenario's
+recipe), data and seeds; an arm only decides the plan and what happens to the
+gradients before ``optimizer.step()``:
+
+===================  =====================================================
+arm                  plan / gradient treatment
+===================  =====================================================
+always_high          every unit on the high path (quality reference, cost ceiling)
+always_low           every unit on the low path (instability reference)
+low+clip             always_low + global gradient-norm clipping at 1.0
+low+zclip            always_low + ZClip: EMA mean/variance of the global
+                     gradient norm, clip to mean + 2.5 std when z > 2.5
+static@k             the first ceil(k/2) and last floor(k/2) units always high
+                     (torchao / Megatron "first/last layers in bf16")
+random@k             random units recovered: every free budget slot gets a
+                     random unit locked high for ``lock_steps`` steps
+gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
+                     units, a float is a fraction of the units' FLOPs)
+===================  =====================================================
+
+static and random always fill their whole budget, so at equal budget they
+spend at least as much high-path compute as GNMR (which recovers only when a
+unit triggers): a conservative comparison for GNMR.
+
+The plan drivers run as ``GNMRRuntime.callbacks``, i.e. after the controller's
+update in every ``runtime.step()``, and overwrite the plan with
+``runtime.set_plan``; the controller still observes (its ``triggered`` is
+recorded for every arm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "random", "gnmr")
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm. ``budget`` is the ``max_o`` of gnmr / static / random arms."""
+
+    name: str
+    kind: str
+    budget: Union[int, float] = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ARM_KINDS:
+            raise ValueError(f"ArmSpec.kind must be one of {ARM_KINDS} (got {self.kind!r})")
+
+    @property
+    def policy(self) -> str:
+        """The GNMRConfig.policy of the arm's controller."""
+        if self.kind == "always_high":
+            return "always_high"
+        if self.kind == "gnmr":
+            return "gnmr"
+        return "always_low"  # the controller only observes; a driver or nothing sets the plan
+
+
+def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
+    """Canonical arm names: ``gnmr@2``, ``gnmr@5%``, ``static@2``, ``low+clip``...
+
+    >>> arm_name("gnmr", 0.05), arm_name("random", 2), arm_name("zclip")
+    ('gnmr@5%', 'random@2', 'low+zclip')
+    """
+    if kind in ("clip", "zclip"):
+        return f"low+{kind}"
+    if kind in ("gnmr", "static", "random"):
+        b = f"{budget * 100:g}%" if isinstance(budget, float) else f"{budget}"
+        return f"{kind}@{b}"
+    return kind
+
+
+def parse_arm(name: str) -> ArmSpec:
+    """Inverse of :func:`arm_name`.
+
+    >>> parse_arm("gnmr@10%")
+    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1)
+    """
+    if name.startswith("low+"):
+        return ArmSpec(name, name[4:])
+    if "@" in name:
+        kind, b = name.split("@", 1)
+        budget: Union[int, float] = float(b[:-1]) / 100.0 if b.endswith("%") else int(b)
+        return ArmSpec(name, kind, budget)
+    return ArmSpec(name, name)
+
+
+def budget_units(budget: Union[int, float], costs: torch.Tensor) -> int:
+    """How many units a static / random arm holds for a budget: an int is a
+    count; a float is a FLOP fraction, filled with the cheapest units that fit
+    (the most units that budget can buy)."""
+    if isinstance(budget, int):
+        return min(budget, costs.numel())
+    cap = budget * float(costs.sum())
+    return int((torch.cumsum(costs.sort().values, 0) <= cap * (1 + 1e-6)).sum())
+
+
+class StaticPlan:
+    """First and last units always high (the 'first/last layers high' practice)."""
+
+    def __init__(self, num_units: int, k: int) -> None:
+        plan = torch.zeros(num_units, dtype=torch.bool)
+        first = math.ceil(k / 2)
+        plan[:first] = True
+        if k - first:
+            plan[num_units - (k - first):] = True
+        self.plan = plan
+
+    def __call__(self, runtime) -> None:
+        runtime.set_plan(self.plan)
+
+
+class RandomRecovery:
+    """Random units recovered at the same budget and lock as GNMR.
+
+    Each step every lock counts down; every free slot is given to a unit drawn
+    uniformly from the units not held, locked high for ``lock_steps`` steps.
+    """
+
+    def __init__(self, num_units: int, k: int, lock_steps: int, seed: int) -> None:
+        self.k, self.lock_steps = k, lock_steps
+        self.lock = torch.zeros(num_units, dtype=torch.long)
+        self.gen = torch.Generator().manual_seed(10_000 + seed)
+        self._draw()
+
+    def _draw(self) -> None:
+        self.lock = (self.lock - 1).clamp_min(0)
+        free = self.k - int((self.lock > 0).sum())
+        idle = torch.nonzero(self.lock == 0).flatten()
+        if free > 0 and idle.numel():
+            pick = idle[torch.randperm(idle.numel(), generator=self.gen)[:free]]
+            self.lock[pick] = self.lock_steps
+        self.plan = self.lock > 0
+
+    def __call__(self, runtime) -> None:
+        self._draw()
+        runtime.set_plan(self.plan)
+
+
+class GlobalClip:
+    """Global gradient-norm clipping (``clip_grad_norm_``)."""
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        self.max_norm = max_norm
+        self.n_clipped = 0
+
+    def __call__(self, params) -> float:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm))
+        self.n_clipped += int(norm > self.max_norm)
+        return norm
+
+
+class ZClip:
+    """ZClip-style adaptive clipping on the global gradient norm.
+
+    EMA mean and variance (decay ``alpha``) of the norm; after ``warmup``
+    steps (which only feed the statistics), a step with z = (g - mean) / std
+    above ``z_thresh`` is clipped to mean + z_thresh * std, and the clipped
+    value is what enters the EMA, so a spike cannot inflate its own baseline.
+    """
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25) -> None:
+        self.alpha, self.z_thresh, self.warmup = alpha, z_thresh, warmup
+        self.mean: Optional[float] = None
+        self.var = 0.0
+        self.seen: list[float] = []
+        self.n_clipped = 0
+
+    def __call__(self, params) -> float:
+        params = [p for p in params if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        if not math.isfinite(norm):
+            # A non-finite norm cannot be clipped to a finite one; skip the
+            # update's gradients instead (what ZClip implementations do).
+            for p in params:
+                p.grad.zero_()
+            self.n_clipped += 1
+            return norm
+        if len(self.seen) < self.warmup:
+            self.seen.append(norm)
+            if len(self.seen) == self.warmup:
+                t = torch.tensor(self.seen, dtype=torch.float64)
+                self.mean, self.var = float(t.mean()), float(t.var(unbiased=False))
+            return norm
+        std = math.sqrt(max(self.var, 1e-24))
+        z = (norm - self.mean) / std
+        value = norm
+        if z > self.z_thresh:
+            value = self.mean + self.z_thresh * std
+            torch.nn.utils.clip_grads_with_norm_(params, value, torch.tensor(norm))
+            self.n_clipped += 1
+        a = self.alpha
+        self.mean = a * self.mean + (1 - a) * value
+        self.var = a * self.var + (1 - a) * (value - self.mean) ** 2
+        return norm

@@ -1,0 +1,728 @@
+"""``gnmr-fx bench stability``: does GNMR keep low-precision training on track?
+
+A small byte-level GPT (``gnmr_fx.models.TinyGPT``) trains on the CPython
+standard library's own sources (offline, fixed per-file split, see
+``benchmarks/data.py``) under four scenarios:
+
+a  activation-quantization stress: int4 per-tensor activations at an aggressive LR
+b  DeepSeek-V3-style fine-grained fp8 on every linear of the blocks; embeddings,
+   norms, softmax, the attention matmuls and the head stay high (unit_filter)
+c  injected faults (``gnmr_fx.faults``): outlier bursts and corrupted backward
+   passes on known units at known steps, scored for detection
+d  fine-tuning: a checkpoint of an always_high run continues in nvfp4
+
+and compares the arms of ``benchmarks/arms.py`` on identical model, data and
+seeds. Within one (scenario, seed) task the model is compiled once and every
+arm reuses that compiled structure: an arm loads the seed's initial weights,
+gets a fresh optimizer and a fresh controller, and only differs in the plan
+and the gradient treatment.
+
+Outputs (``--out``): ``results.json``, ``tables.md``, ``loss_<scenario>.png``
+and ``frontier.png``; the tables are also printed.
+
+    gnmr-fx bench stability --quick                 # CPU, all scenarios, seeds 0 1 2
+    gnmr-fx bench stability --scenarios a --arms always_high gnmr@2 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from gnmr_fx.benchmarks.arms import (
+    GlobalClip,
+    RandomRecovery,
+    StaticPlan,
+    ZClip,
+    arm_name,
+    budget_units,
+    parse_arm,
+)
+from gnmr_fx.benchmarks.data import fixed_windows, load_corpus, random_batch
+from gnmr_fx.models import GPTConfig
+
+DEFAULT_ARMS = (
+    "always_high", "always_low", "low+clip", "low+zclip", "static@2", "random@2",
+    "gnmr@0", "gnmr@1", "gnmr@2", "gnmr@5%", "gnmr@10%",
+)
+SPIKE_FACTOR = 1.5  # a step is a loss spike when loss > 1.5x the running median
+SPIKE_WINDOW = 20  # ... of the previous 20 steps
+DETECT_TOLERANCE = 1  # a fault counts as detected if its unit triggers within 1 step
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    name: str
+    recipe: str
+    lr: float
+    description: str
+    unit_filter: Optional[tuple] = None
+    faults: bool = False
+    finetune: bool = False
+    pretrain_lr: float = 1e-3
+
+
+SCENARIOS = {
+    "a": Scenario("a", "activation_stress", "int4", 3e-2,
+                  "int4 per-tensor activations (int8 per-channel weights) at an aggressive LR"),
+    "b": Scenario("b", "deepseek_fp8", "fp8_blockwise", 3e-3,
+                  "DeepSeek-V3 fp8 (1x128 tiles, 128x128 weight blocks) on the block linears; "
+                  "embeddings, norms, softmax, attention matmuls and head high",
+                  unit_filter=("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.fc", "blocks.*.out")),
+    "c": Scenario("c", "faults", "fp8_e4m3", 3e-3,
+                  "fp8 e4m3 per-tensor with injected outlier bursts and corrupted backward passes",
+                  faults=True),
+    "d": Scenario("d", "finetune_nvfp4", "nvfp4", 1e-3,
+                  "fine-tune an always_high checkpoint in NVFP4", finetune=True, pretrain_lr=3e-3),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: GPTConfig
+    batch: int
+    steps: int
+    pretrain_steps: int  # scenario d: the always_high run that makes the checkpoint
+    eval_every: int
+    eval_seqs: int
+    corpus_bytes: dict
+    backend: str
+    jobs: int
+    warmup_lr: int = 10
+    fault_every: int = 15
+    fault_start: int = 30  # after the controller's 20-step warm-up
+
+
+PRESETS = {
+    "quick": Preset(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64), batch=16, steps=120,
+                    pretrain_steps=100, eval_every=20, eval_seqs=64,
+                    corpus_bytes={"train": 2_000_000, "tune": 200_000, "val": 200_000},
+                    backend="eager", jobs=2),
+    "full": Preset(GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384), batch=32, steps=2000,
+                   pretrain_steps=2000, eval_every=100, eval_seqs=256,
+                   corpus_bytes={"train": 40_000_000, "tune": 2_000_000, "val": 2_000_000},
+                   backend="inductor", jobs=1, warmup_lr=100, fault_every=50, fault_start=100),
+    "smoke": Preset(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16), batch=4, steps=6,
+                    pretrain_steps=4, eval_every=3, eval_seqs=8,
+                    corpus_bytes={"train": 50_000, "tune": 5_000, "val": 5_000},
+                    backend="eager", jobs=1, warmup_lr=2, fault_every=2, fault_start=2),
+}
+
+
+# --------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the CPU preset (same as --preset quick)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="model/steps preset (default: full, or quick with --quick)")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
+                        help="arm names (always_high, always_low, low+clip, low+zclip, static@K, random@K, gnmr@K / gnmr@P%%)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps per run")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda for full if available)")
+    parser.add_argument("--backend", default=None, choices=["eager", "aot_eager", "inductor"])
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="S.FIELD=VALUE",
+                        help="override a scenario field, e.g. a.lr=3e-3 a.recipe=nvfp4")
+    parser.add_argument("--eval-split", default="val", choices=["val", "tune"],
+                        help="split the reported losses use; tune thresholds only with --eval-split tune")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/out/stability-<preset>)")
+    parser.add_argument("--no-plots", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    preset_name = args.preset or ("quick" if args.quick else "full")
+    preset = PRESETS[preset_name]
+    if args.steps is not None:
+        preset = dataclasses.replace(preset, steps=args.steps, pretrain_steps=min(preset.pretrain_steps, args.steps))
+    device = args.device or ("cuda" if preset_name == "full" and torch.cuda.is_available() else "cpu")
+    backend = args.backend or (preset.backend if device != "cpu" or preset.backend != "inductor" else "eager")
+    scenarios = _apply_overrides({k: SCENARIOS[k] for k in args.scenarios}, args.overrides)
+    arms = [parse_arm(a) for a in args.arms]
+    if "always_high" not in [a.name for a in arms]:
+        raise ValueError("--arms must include always_high: every gap is measured against it")
+    out = Path(args.out or f"benchmarks/out/stability-{preset_name}")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = max(1, args.jobs if args.jobs is not None else preset.jobs)
+    tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, preset=preset_name,
+                  preset_obj=_preset_dict(preset), arms=[a.name for a in arms], device=device, backend=backend,
+                  threads=args.threads, out=str(out), eval_split=args.eval_split)
+             for s in scenarios.values() for seed in args.seeds]
+    # Longest first (d also pretrains) so two workers finish together.
+    tasks.sort(key=lambda t: -int(t["scenario"]["finetune"]))
+    t0 = time.time()
+    if jobs == 1 or len(tasks) == 1:
+        results = [run_task(t) for t in tasks]
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(run_task, tasks))
+    wall = time.time() - t0
+    corpus = _corpus(tuple(sorted(preset.corpus_bytes.items())))
+    doc = {
+        "meta": {
+            "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
+            "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
+            "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
+            "threads_per_job": args.threads, "eval_split": args.eval_split,
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
+            "definitions": DEFINITIONS,
+        },
+        "scenarios": {},
+    }
+    for key, s in scenarios.items():
+        runs = [r for res in results if res["scenario"] == key for r in res["runs"]]
+        first = next(res for res in results if res["scenario"] == key)
+        doc["scenarios"][key] = {
+            "config": dataclasses.asdict(s), "units": first["units"], "costs": first["costs"],
+            "pretrain": [res["pretrain"] for res in results if res["scenario"] == key and res["pretrain"]],
+            "runs": runs, "summary": summarize(runs, [a.name for a in arms], s.faults),
+        }
+    (out / "results.json").write_text(json.dumps(_finite_json(doc), indent=1, default=_json_default))
+    tables = format_tables(doc)
+    print(tables["terminal"])
+    (out / "tables.md").write_text(tables["markdown"])
+    if not args.no_plots:
+        plot(doc, out)
+    print(f"\nwrote {out}/results.json, tables.md{'' if args.no_plots else ', loss_*.png, frontier.png'} "
+          f"in {wall:.0f} s ({jobs} job(s))", file=sys.stderr)
+    return 0
+
+
+DEFINITIONS = {
+    "val_loss": "mean next-byte cross-entropy (nats) on fixed windows of the eval split, computed by the "
+                "eager model (every matmul high), so arms differ only by what training did to the weights",
+    "gap_pct": "100 * (final_val(arm) - final_val(always_high)) / final_val(always_high), per seed, then mean/std",
+    "spikes": f"steps whose training loss > {SPIKE_FACTOR}x the median of the previous {SPIKE_WINDOW} losses",
+    "diverged": "a non-finite training loss, or a final val loss >= ln(256) (no better than uniform bytes)",
+    "high_unit_steps_pct": "100 * (unit-steps whose plan was high) / (units * steps), from the plan "
+                           "read out of the compiled graphs' plan buffers before every forward",
+    "flop_high_pct": "the same, each unit weighted by its FLOPs (controller.costs)",
+    "units": "the units GNMR controls (in scenario b the filter leaves attention matmuls and head out; "
+             "they are always high in every arm and not counted)",
+    "recall": f"fraction of faults whose unit triggered (controller.triggered) within {DETECT_TOLERANCE} step "
+              "of the fault step (the step's own update counts as latency 0)",
+    "fp_per_1k": "triggers not explained by a fault, per 1000 unit-steps after the controller warm-up. "
+                 "Explained = the faulted unit, or a unit of the same transformer block (its chain-rule "
+                 "neighbours: same residual branch), within the detection window of that fault",
+    "fp_strict_per_1k": "the same but only the faulted unit itself is explained",
+    "latency": "mean steps from the fault to the first trigger of its unit, over detected faults",
+}
+
+
+# ------------------------------------------------------------------- tasks
+@functools.lru_cache(maxsize=2)
+def _corpus(bytes_items: tuple):
+    return load_corpus(dict(bytes_items))
+
+
+def run_task(task: dict) -> dict:
+    """Train every arm of one (scenario, seed) on one compiled model."""
+    import gnmr_fx
+    from gnmr_fx.controller import GNMRController
+    from gnmr_fx.faults import FaultInjector
+    from gnmr_fx.models import TinyGPT
+
+    torch.set_num_threads(task["threads"])
+    s = Scenario(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in task["scenario"].items()})
+    p = _preset_from_dict(task["preset_obj"])
+    seed, device = task["seed"], torch.device(task["device"])
+    label = f"{s.key} s{seed}"
+    corpus = _corpus(tuple(sorted(p.corpus_bytes.items())))
+    train = corpus.train
+    vx, vy = fixed_windows(corpus.split(task["eval_split"]), p.eval_seqs, p.model.block_size)
+    vx, vy = vx.to(device), vy.to(device)
+
+    torch.manual_seed(seed)
+    model = TinyGPT(p.model).to(device)
+    injector = None
+    if s.faults:
+        injector = FaultInjector(model, fault_schedule(model, p, seed))
+    base = gnmr_fx.GNMRConfig(recipe=s.recipe, unit_filter=s.unit_filter)
+    ex = random_batch(train, p.batch, p.model.block_size, torch.Generator().manual_seed(0))
+    cm = gnmr_fx.compile(model, base, backend=task["backend"],
+                         example_inputs=tuple(t.to(device) for t in ex))
+    rt = gnmr_fx.runtime(cm)
+    names = list(rt.controller.names)
+    costs = rt.controller.costs.detach().cpu().clone()
+    if injector is not None:
+        injector.check_units(names)
+    init = _weights(model)
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            tot = 0.0
+            for i in range(0, vx.shape[0], 32):
+                tot += float(model(vx[i:i + 32], vy[i:i + 32])) * vx[i:i + 32].shape[0]
+        return tot / vx.shape[0]
+
+    def train_arm(arm_label: str, arm, steps: int, lr: float, data_seed: int, init_sd: dict) -> dict:
+        model.load_state_dict(init_sd)
+        cfg = base.replace(policy=arm.policy, max_o=arm.budget if arm.kind == "gnmr" else 0)
+        ctl = GNMRController(names, cfg, costs=costs, device=device)
+        rt.controller = ctl  # a fresh controller per arm on the shared compiled graphs
+        driver = None
+        k = budget_units(arm.budget, costs) if arm.kind in ("static", "random") else 0
+        if arm.kind == "static":
+            driver = StaticPlan(len(names), k)
+        elif arm.kind == "random":
+            driver = RandomRecovery(len(names), k, cfg.lock_steps, seed)
+        trig: list = []
+        rt.callbacks = [lambda r: trig.append(r.controller.triggered.detach().cpu().clone())]
+        if driver is not None:
+            rt.callbacks.append(driver)
+        rt.set_plan(driver.plan if driver is not None else ctl.plan)
+        clip = GlobalClip(1.0) if arm.kind == "clip" else ZClip() if arm.kind == "zclip" else None
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        gen = torch.Generator().manual_seed(data_seed)
+        losses, vals, plans = [], [], []
+        diverged = False
+        bar = ProgressBar(f"{label} {arm_label}", steps)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * _lr_factor(step, steps, p.warmup_lr)
+            if injector is not None:
+                injector.set_step(step)
+            plans.append(_actual_plan(rt, len(names)))
+            x, y = random_batch(train, p.batch, p.model.block_size, gen)
+            loss = cm(x.to(device), y.to(device))
+            loss.backward()  # runtime.step() runs at the end of backward: next plan
+            if clip is not None:
+                clip(model.parameters())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            lv = float(loss.detach())
+            losses.append(lv)
+            if injector is not None:
+                injector.clear()
+            if not math.isfinite(lv):
+                diverged = True
+                vals.append((step + 1, float("nan")))
+                break
+            if (step + 1) % p.eval_every == 0 or step == steps - 1:
+                vals.append((step + 1, evaluate()))
+            bar.update(step + 1, lv)
+        wall = time.perf_counter() - t0
+        bar.close(wall)
+        plan_t = torch.stack(plans)
+        trig_t = torch.stack(trig) if trig else torch.zeros(0, len(names), dtype=torch.bool)
+        rec = {
+            "scenario": s.key, "arm": arm_label, "seed": seed, "steps": len(losses), "lr": lr,
+            "train_loss": losses, "val": vals, "wall_s": wall,
+            "plans": [torch.nonzero(r).flatten().tolist() for r in plan_t],
+            "n_clipped": getattr(clip, "n_clipped", None),
+        }
+        rec.update(run_metrics(losses, vals, plan_t, costs, diverged))
+        rec["triggers"] = int(trig_t.sum())
+        if injector is not None:
+            rec["detection"] = detection_metrics(injector.events(), trig_t, names, cfg.warmup_steps)
+        return rec
+
+    pretrain = None
+    lr = s.lr
+    data_seed = 1000 * seed + 1
+    if s.finetune:
+        # The earlier high-precision run; its checkpoint (weights only) is
+        # what every fine-tuning arm starts from.
+        pre = train_arm("pretrain", parse_arm("always_high"), p.pretrain_steps, s.pretrain_lr, data_seed, init)
+        ckpt = Path(task["out"]) / f"ckpt_{s.key}_seed{seed}.pt"
+        torch.save(_weights(model), ckpt)
+        init = torch.load(ckpt, weights_only=True, map_location=device)
+        pretrain = {k: pre[k] for k in ("seed", "steps", "final_val", "best_val", "wall_s", "val")}
+        pretrain["checkpoint"] = str(ckpt)
+        data_seed += 1  # fine-tune on fresh batches
+    runs = [train_arm(a, parse_arm(a), p.steps, lr, data_seed, init) for a in task["arms"]]
+    return {"scenario": s.key, "seed": seed, "units": names, "costs": costs.tolist(),
+            "runs": runs, "pretrain": pretrain}
+
+
+def fault_schedule(model: torch.nn.Module, p: Preset, seed: int) -> list:
+    """Faults every ``fault_every`` steps from ``fault_start``, alternating
+    outlier / grad_blowup, on linear units drawn in a seeded order."""
+    from gnmr_fx.faults import Fault
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    order = torch.randperm(len(linears), generator=torch.Generator().manual_seed(500 + seed)).tolist()
+    faults = []
+    for i, step in enumerate(range(p.fault_start, p.steps - DETECT_TOLERANCE, p.fault_every)):
+        unit = linears[order[i % len(linears)]]
+        if i % 2 == 0:
+            # Four input channels, the way a few outlier features dominate LLM activations.
+            faults.append(Fault(unit, "outlier", steps=(step,), factor=30.0, channels=(0, 1, 2, 3)))
+        else:
+            faults.append(Fault(unit, "grad_blowup", steps=(step,), factor=30.0))
+    return faults
+
+
+# ------------------------------------------------------------------ metrics
+def _actual_plan(rt, n: int) -> torch.Tensor:
+    """The plan the next forward will run, read out of the compiled graphs."""
+    plan = torch.zeros(n, dtype=torch.bool)
+    for rec in rt.records:
+        if rec.plan is not None:
+            plan[rec.unit_ids.cpu()] = rec.plan.detach().cpu()
+    return plan
+
+
+def run_metrics(losses: Sequence[float], vals: Sequence, plans: torch.Tensor, costs: torch.Tensor,
+                diverged: bool) -> dict:
+    """Per-run metrics; the cost columns come from ``plans`` ([steps, units] bool)."""
+    v = [x[1] for x in vals]
+    final = v[-1] if v else float("nan")
+    finite = [x for x in v if math.isfinite(x)]
+    diverged = diverged or not math.isfinite(final) or final >= math.log(256)
+    return {
+        "final_val": final,
+        "best_val": min(finite) if finite else float("nan"),
+        "final_train": statistics.fmean(losses[-10:]) if losses else float("nan"),
+        "spikes": count_spikes(losses),
+        "diverged": bool(diverged),
+        **plan_costs(plans, costs),
+    }
+
+
+def plan_costs(plans: torch.Tensor, costs: torch.Tensor) -> dict:
+    """% unit-steps high and FLOP-weighted high share of a [steps, units] plan history.
+
+    >>> plan_costs(torch.tensor([[True, False], [False, False]]), torch.tensor([3.0, 1.0]))
+    {'high_unit_steps_pct': 25.0, 'flop_high_pct': 37.5}
+    """
+    p = plans.float()
+    if p.numel() == 0:
+        return {"high_unit_steps_pct": 0.0, "flop_high_pct": 0.0}
+    return {
+        "high_unit_steps_pct": float(p.mean()) * 100.0,
+        "flop_high_pct": float((p @ costs.float()).sum() / (p.shape[0] * costs.float().sum())) * 100.0,
+    }
+
+
+def count_spikes(losses: Sequence[float]) -> int:
+    """Steps whose loss exceeds SPIKE_FACTOR x the median of the previous SPIKE_WINDOW.
+
+    >>> count_spikes([1.0] * 25 + [2.0, 1.0])
+    1
+    """
+    n = 0
+    for i in range(SPIKE_WINDOW, len(losses)):
+        med = statistics.median(losses[i - SPIKE_WINDOW:i])
+        if not math.isfinite(losses[i]) or losses[i] > SPIKE_FACTOR * med:
+            n += 1
+    return n
+
+
+def neighbours(unit: str, names: Sequence[str]) -> set:
+    """Units that count as chain-rule neighbours of ``unit``: the units of the
+    same transformer block (``blocks.<i>.``); the head has none but itself."""
+    parts = unit.split(".")
+    if len(parts) >= 2 and parts[0] == "blocks":
+        prefix = f"blocks.{parts[1]}."
+        return {n for n in names if n.startswith(prefix)}
+    return {unit}
+
+
+def detection_metrics(events: Sequence, trig: torch.Tensor, names: Sequence[str], warmup: int) -> dict:
+    """Recall / false positives / latency of the controller's triggers against ground truth.
+
+    ``trig`` is [steps, units]: row t is the trigger vector of the update that
+    used step t's gradients, so a fault at step s detected in row s has latency 0.
+    """
+    steps = trig.shape[0]
+    index = {n: i for i, n in enumerate(names)}
+    explained = torch.zeros_like(trig)
+    strict = torch.zeros_like(trig)
+    per_event = []
+    for s, unit, kind in events:
+        if s >= steps:
+            continue
+        u = index[unit]
+        hi = min(steps, s + DETECT_TOLERANCE + 1)
+        hit = torch.nonzero(trig[s:hi, u]).flatten()
+        per_event.append({"step": s, "unit": unit, "kind": kind,
+                          "latency": int(hit[0]) if hit.numel() else None})
+        strict[s:hi, u] = True
+        for v in neighbours(unit, names):
+            explained[s:hi, index[v]] = True
+    unit_steps = len(names) * max(steps - warmup, 1)
+    detected = [e for e in per_event if e["latency"] is not None]
+    fp = int((trig & ~explained).sum())
+    fp_strict = int((trig & ~strict).sum())
+    by_kind = {}
+    for kind in ("outlier", "grad_blowup"):
+        ev = [e for e in per_event if e["kind"] == kind]
+        by_kind[kind] = (sum(e["latency"] is not None for e in ev) / len(ev)) if ev else None
+    return {
+        "faults": len(per_event),
+        "detected": len(detected),
+        "recall": len(detected) / len(per_event) if per_event else float("nan"),
+        "recall_by_kind": by_kind,
+        "latency": statistics.fmean(e["latency"] for e in detected) if detected else float("nan"),
+        "false_positives": fp,
+        "fp_per_1k": 1000.0 * fp / unit_steps,
+        "fp_strict_per_1k": 1000.0 * fp_strict / unit_steps,
+        "unit_steps": unit_steps,
+        "events": per_event,
+    }
+
+
+def summarize(runs: list, arms: Sequence[str], faults: bool) -> list:
+    """Mean and std over seeds per arm; gaps are per seed against that seed's always_high."""
+    high = {r["seed"]: r["final_val"] for r in runs if r["arm"] == "always_high"}
+    out = []
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        gaps = [100.0 * (r["final_val"] - high[r["seed"]]) / high[r["seed"]] for r in rs if r["seed"] in high]
+        row = {"arm": arm, "seeds": len(rs)}
+        for key, vals in (
+            ("final_val", [r["final_val"] for r in rs]),
+            ("best_val", [r["best_val"] for r in rs]),
+            ("gap_pct", gaps),
+            ("spikes", [r["spikes"] for r in rs]),
+            ("high_unit_steps_pct", [r["high_unit_steps_pct"] for r in rs]),
+            ("flop_high_pct", [r["flop_high_pct"] for r in rs]),
+            ("wall_s", [r["wall_s"] for r in rs]),
+        ):
+            row[key] = _mean_std(vals)
+        row["diverged"] = sum(r["diverged"] for r in rs)
+        if faults and "detection" in rs[0]:
+            d = [r["detection"] for r in rs]
+            tot = sum(x["faults"] for x in d)
+            row["recall"] = sum(x["detected"] for x in d) / tot if tot else float("nan")
+            row["faults"] = tot
+            row["fp_per_1k"] = _mean_std([x["fp_per_1k"] for x in d])
+            row["fp_strict_per_1k"] = _mean_std([x["fp_strict_per_1k"] for x in d])
+            lat = [e["latency"] for x in d for e in x["events"] if e["latency"] is not None]
+            row["latency"] = statistics.fmean(lat) if lat else float("nan")
+        out.append(row)
+    return out
+
+
+def _mean_std(vals: Sequence[float]) -> list:
+    vals = [float(v) for v in vals]
+    if not vals:
+        return [float("nan"), float("nan")]
+    if any(not math.isfinite(v) for v in vals):
+        return [float("nan"), float("nan")]
+    return [statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0]
+
+
+# ------------------------------------------------------------------ output
+def format_tables(doc: dict) -> dict:
+    from tabulate import tabulate
+
+    term, md = [], []
+    for key, sc in doc["scenarios"].items():
+        cfg = sc["config"]
+        title = (f"Scenario ({key}) {cfg['name']}: recipe {cfg['recipe']}, lr {cfg['lr']:g}, "
+                 f"{len(sc['units'])} units, seeds {doc['meta']['seeds']}")
+        faults = cfg["faults"]
+        head = ["arm", "final val", "best val", "gap %", "spikes", "diverged", "% unit-steps high",
+                "% FLOPs high", "wall s"]
+        if faults:
+            head += ["recall (<=1 step)", "FP/1k (block)", "FP/1k (strict)", "latency"]
+        rows = []
+        for r in sc["summary"]:
+            row = [r["arm"], _pm(r["final_val"], 3), _pm(r["best_val"], 3), _pm(r["gap_pct"], 2),
+                   _pm(r["spikes"], 1), f"{r['diverged']}/{r['seeds']}", _pm(r["high_unit_steps_pct"], 2),
+                   _pm(r["flop_high_pct"], 2), _pm(r["wall_s"], 1)]
+            if faults:
+                if r["arm"].startswith("gnmr"):
+                    row += [f"{r['recall'] * 100:.0f}% of {r['faults']}", _pm(r["fp_per_1k"], 2),
+                            _pm(r["fp_strict_per_1k"], 2), f"{r['latency']:.2f}"]
+                else:
+                    row += ["-", "-", "-", "-"]
+            rows.append(row)
+        term.append(title + "\n" + tabulate(rows, headers=head, tablefmt="simple"))
+        md.append(f"**{title}**\n\n" + tabulate(rows, headers=head, tablefmt="github"))
+        if sc["pretrain"]:
+            pv = ", ".join(f"seed {x['seed']}: {x['final_val']:.3f}" for x in sc["pretrain"])
+            note = f"checkpoint (always_high, {sc['pretrain'][0]['steps']} steps) val loss: {pv}"
+            term.append(note)
+            md.append(note)
+    return {"terminal": "\n\n".join(term), "markdown": "\n\n".join(md) + "\n"}
+
+
+def _pm(ms: Sequence[float], nd: int) -> str:
+    m, s = ms
+    if not math.isfinite(m):
+        return "nan"
+    return f"{m:.{nd}f} ± {s:.{nd}f}"
+
+
+def plot(doc: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(doc["scenarios"])
+    for key in keys:
+        sc = doc["scenarios"][key]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for arm in doc["meta"]["arms"]:
+            rs = [r for r in sc["runs"] if r["arm"] == arm]
+            if not rs:
+                continue
+            n = min(len(r["train_loss"]) for r in rs)
+            mean = torch.tensor([r["train_loss"][:n] for r in rs]).mean(0)
+            ax1.plot(_ema(mean.tolist(), 0.9), label=arm, lw=1.6 if arm.startswith("gnmr") else 1.0,
+                     ls="-" if arm.startswith(("gnmr", "always")) else "--")
+            steps = [s for s, _ in rs[0]["val"]]
+            m = min(len(r["val"]) for r in rs)
+            vmean = torch.tensor([[v for _, v in r["val"][:m]] for r in rs]).mean(0)
+            ax2.plot(steps[:m], vmean.tolist(), marker="o", ms=3, label=arm)
+        ax1.set(title=f"({key}) {sc['config']['name']}: training loss (EMA 0.9, mean of seeds)",
+                xlabel="step", ylabel="loss (nats/byte)")
+        ax2.set(title="validation loss (mean of seeds)", xlabel="step", ylabel="loss (nats/byte)")
+        ax2.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / f"loss_{key}.png", dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        sc = doc["scenarios"][key]
+        for r in sc["summary"]:
+            x, xs = r["flop_high_pct"]
+            y, ys = r["gap_pct"]
+            if not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            ax.errorbar(x, y, xerr=xs, yerr=ys, fmt="o" if r["arm"].startswith("gnmr") else "s", ms=4, capsize=2)
+            ax.annotate(r["arm"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0.0, color="gray", lw=0.6)
+        ax.set(title=f"({key}) {sc['config']['name']}", xlabel="% FLOPs on the high path",
+               ylabel="val-loss gap to always_high (%)")
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=110)
+    plt.close(fig)
+
+
+def _ema(xs: Sequence[float], beta: float) -> list:
+    out, m = [], None
+    for x in xs:
+        m = x if m is None else beta * m + (1 - beta) * x
+        out.append(m)
+    return out
+
+
+class ProgressBar:
+    """A one-line stderr progress bar (redrawn in place on a terminal, else
+    printed at every 25%)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, max(total, 1)
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self._last_quarter = -1
+
+    def update(self, n: int, loss: float) -> None:
+        frac = n / self.total
+        if self.tty:
+            filled = int(24 * frac)
+            sys.stderr.write(f"\r{self.label:<24} |{'#' * filled}{'.' * (24 - filled)}| {n}/{self.total} "
+                             f"loss {loss:.3f} {time.perf_counter() - self.t0:.0f}s")
+            sys.stderr.flush()
+        elif int(frac * 4) > self._last_quarter:
+            self._last_quarter = int(frac * 4)
+            print(f"{self.label:<24} {n}/{self.total} loss {loss:.3f} {time.perf_counter() - self.t0:.0f}s",
+                  file=sys.stderr, flush=True)
+
+    def close(self, wall: float) -> None:
+        if self.tty:
+            sys.stderr.write(f"  done {wall:.1f}s\n")
+            sys.stderr.flush()
+
+
+# ----------------------------------------------------------------- helpers
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% (nanoGPT's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _weights(model: torch.nn.Module) -> dict:
+    """The model's own tensors (no ``_gnmr.*`` controller keys), cloned."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("_gnmr.")}
+
+
+def _apply_overrides(scenarios: dict, overrides: Sequence[str]) -> dict:
+    for item in overrides:
+        try:
+            lhs, value = item.split("=", 1)
+            key, name = lhs.split(".", 1)
+        except ValueError:
+            raise ValueError(f"--set expects S.FIELD=VALUE, e.g. a.lr=3e-3 (got {item!r})") from None
+        if key not in scenarios:
+            raise ValueError(f"--set {item!r}: scenario {key!r} is not selected ({sorted(scenarios)})")
+        if name not in ("recipe", "lr", "pretrain_lr"):
+            raise ValueError(f"--set {item!r}: only recipe, lr and pretrain_lr can be overridden")
+        v: Any = float(value) if name != "recipe" else value
+        scenarios[key] = dataclasses.replace(scenarios[key], **{name: v})
+    return scenarios
+
+
+def _preset_dict(p: Preset) -> dict:
+    d = dataclasses.asdict(p)
+    d["model"] = dataclasses.asdict(p.model)
+    return d
+
+
+def _preset_from_dict(d: dict) -> Preset:
+    d = dict(d)
+    d["model"] = GPTConfig(**d["model"])
+    return Preset(**d)
+
+
+def _machine() -> dict:
+    return {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _finite_json(o: Any) -> Any:
+    """JSON has no NaN / inf: they become null (a missing or undefined value)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_json(v) for v in o]
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    sys.exit(run(ap.parse_args()))

@@ -1,0 +1,136 @@
+"""Smoke test of the stability benchmark harness (tiny model, a few steps).
+
+Checks the JSON schema, that the cost columns are computed from the plans
+the compiled graphs actually ran, and the detection scoring on a known case.
+"""
+
+import argparse
+import doctest
+import json
+import math
+
+import pytest
+import torch
+
+from gnmr_fx.benchmarks import arms, data, stability
+
+RUN_KEYS = {"scenario", "arm", "seed", "steps", "lr", "train_loss", "val", "wall_s", "plans", "final_val",
+            "best_val", "final_train", "spikes", "diverged", "high_unit_steps_pct", "flop_high_pct", "triggers"}
+SUMMARY_KEYS = {"arm", "seeds", "final_val", "best_val", "gap_pct", "spikes", "high_unit_steps_pct",
+                "flop_high_pct", "wall_s", "diverged"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stability")
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    args = parser.parse_args(["--preset", "smoke", "--scenarios", "a", "--seeds", "0",
+                              "--arms", "always_high", "static@2", "gnmr@1", "--out", str(out)])
+    assert stability.run(args) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_schema_and_outputs(smoke):
+    out, doc = smoke
+    assert {"command", "preset", "seeds", "arms", "machine", "date_utc", "corpus", "definitions"} <= set(doc["meta"])
+    assert doc["meta"]["corpus"]["bytes"] == {"train": 50_000, "tune": 5_000, "val": 5_000}
+    sc = doc["scenarios"]["a"]
+    assert sc["config"]["recipe"] == "int4"
+    n = len(sc["units"])
+    assert n == 7 and len(sc["costs"]) == n  # 1 block: 6 units + head
+    assert [r["arm"] for r in sc["runs"]] == ["always_high", "static@2", "gnmr@1"]
+    for r in sc["runs"]:
+        assert RUN_KEYS <= set(r), RUN_KEYS - set(r)
+        assert r["steps"] == 6 and len(r["train_loss"]) == 6 and len(r["plans"]) == 6
+        assert [s for s, _ in r["val"]] == [3, 6]
+        assert all(math.isfinite(v) for v in r["train_loss"])
+    assert [row["arm"] for row in sc["summary"]] == ["always_high", "static@2", "gnmr@1"]
+    for row in sc["summary"]:
+        assert SUMMARY_KEYS <= set(row)
+    assert sc["summary"][0]["gap_pct"] == [0.0, 0.0]
+    for name in ("tables.md", "loss_a.png", "frontier.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_cost_columns_come_from_the_actual_plans(smoke):
+    _, doc = smoke
+    sc = doc["scenarios"]["a"]
+    costs = torch.tensor(sc["costs"])
+    n = len(sc["units"])
+    by_arm = {r["arm"]: r for r in sc["runs"]}
+    # The plans read out of the graphs are what each arm prescribes.
+    assert all(p == list(range(n)) for p in by_arm["always_high"]["plans"])
+    assert all(p == [0, n - 1] for p in by_arm["static@2"]["plans"])
+    assert all(len(p) <= 1 for p in by_arm["gnmr@1"]["plans"])
+    for r in sc["runs"]:
+        plans = torch.zeros(len(r["plans"]), n, dtype=torch.bool)
+        for t, high in enumerate(r["plans"]):
+            plans[t, high] = True
+        unit_pct = 100.0 * plans.float().mean().item()
+        flop_pct = 100.0 * (plans.float() @ costs).sum().item() / (len(r["plans"]) * costs.sum().item())
+        assert r["high_unit_steps_pct"] == pytest.approx(unit_pct, abs=1e-9)
+        assert r["flop_high_pct"] == pytest.approx(flop_pct, rel=1e-6)
+    static = next(row for row in sc["summary"] if row["arm"] == "static@2")
+    assert static["high_unit_steps_pct"][0] == pytest.approx(200.0 / n)
+    assert static["flop_high_pct"][0] == pytest.approx(100.0 * (costs[0] + costs[-1]).item() / costs.sum().item(),
+                                                       rel=1e-6)
+
+
+def test_detection_scoring():
+    names = ["blocks.0.qkv", "blocks.0.fc", "blocks.1.fc", "head"]
+    trig = torch.zeros(30, 4, dtype=torch.bool)
+    trig[11, 1] = True  # fault at 10 on blocks.0.fc, seen one step late
+    trig[10, 0] = True  # its block neighbour: explained, but a strict false positive
+    trig[25, 3] = True  # nothing happened at 25: a false positive
+    # the fault at 20 on blocks.1.fc is missed
+    events = [(10, "blocks.0.fc", "outlier"), (20, "blocks.1.fc", "grad_blowup")]
+    d = stability.detection_metrics(events, trig, names, warmup=5)
+    assert d["faults"] == 2 and d["detected"] == 1 and d["recall"] == 0.5
+    assert d["recall_by_kind"] == {"outlier": 1.0, "grad_blowup": 0.0}
+    assert d["latency"] == 1.0
+    assert d["unit_steps"] == 4 * 25
+    assert d["false_positives"] == 1 and d["fp_per_1k"] == 10.0
+    assert d["fp_strict_per_1k"] == 20.0
+
+
+def test_arms_and_budgets():
+    assert arms.parse_arm("gnmr@5%").budget == 0.05
+    assert arms.parse_arm("random@2") == arms.ArmSpec("random@2", "random", 2)
+    costs = torch.tensor([4.0, 1.0, 1.0, 4.0])
+    assert arms.budget_units(0.25, costs) == 2  # 25% of 10 FLOPs buys the two cheap units
+    assert arms.StaticPlan(5, 3).plan.tolist() == [True, True, False, False, True]
+    rnd = arms.RandomRecovery(6, 2, lock_steps=3, seed=0)
+    held = [rnd.plan.clone()]
+    for _ in range(6):
+        rnd._draw()
+        held.append(rnd.plan.clone())
+    assert all(int(p.sum()) == 2 for p in held)  # always exactly the budget
+    assert torch.equal(held[0], held[1]) and torch.equal(held[0], held[2])  # locked for 3 steps
+    with pytest.raises(ValueError, match="kind must be one of"):
+        arms.ArmSpec("x", "sometimes")
+
+
+def test_zclip_clips_only_spikes():
+    p = torch.nn.Parameter(torch.zeros(4))
+    z = arms.ZClip(warmup=5)
+    for i in range(30):
+        p.grad = torch.full((4,), 1.0 + 0.01 * (i % 3))
+        z([p])
+    assert z.n_clipped == 0
+    p.grad = torch.full((4,), 50.0)
+    z([p])
+    assert z.n_clipped == 1 and p.grad.norm().item() < 2.5
+
+
+def test_split_is_fixed_and_disjoint():
+    files = data.stdlib_files()
+    splits = {f: data.split_of(f) for f in files}
+    assert set(splits.values()) == {"train", "tune", "val"}
+    val = sum(s == "val" for s in splits.values()) / len(files)
+    assert 0.05 < val < 0.15
+
+
+def test_doctests():
+    for mod in (stability, arms, data):
+        assert doctest.testmod(mod).failed == 0
