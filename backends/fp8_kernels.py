@@ -192,10 +192,24 @@ def scaled_mm(ops: GemmOperands, out_dtype: torch.dtype) -> Tensor:
     Dims that are not multiples of 16 are zero-padded (zeros add nothing to
     a dot product) and the result is sliced back.
     """
+    padded, (m, n) = pad_operands(ops)
+    y = torch._scaled_mm(padded.a_lp, padded.b_lp, scale_a=padded.scale_a, scale_b=padded.scale_b,
+                         out_dtype=out_dtype, use_fast_accum=ops.fast_accum)
+    return y if y.shape == (m, n) else y[:m, :n]
+
+
+def padding(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Zero rows / cols to add to M, K, N so that ``_scaled_mm`` accepts them."""
+    return (-m) % ALIGN, (-k) % ALIGN, (-n) % ALIGN
+
+
+def pad_operands(ops: GemmOperands) -> tuple[GemmOperands, tuple[int, int]]:
+    """The operands in ``_scaled_mm``'s layouts, padded to multiples of 16,
+    and the unpadded output shape."""
     a, b, sa, sb = ops.a_lp, ops.b_lp, ops.scale_a, ops.scale_b
     m, k = a.shape
     n = b.shape[1]
-    pm, pk, pn = (-m) % ALIGN, (-k) % ALIGN, (-n) % ALIGN
+    pm, pk, pn = padding(m, k, n)
     if pm or pk or pn:
         a = _pad2(a, pm, pk)
         b = col_major(_pad2(b, pk, pn))
@@ -207,10 +221,7 @@ def scaled_mm(ops: GemmOperands, out_dtype: torch.dtype) -> Tensor:
         a, b = row_major(a), col_major(b)
     if sa.dim() == 2:
         sa, sb = sa.contiguous(), sb.contiguous()
-    y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=ops.fast_accum)
-    if pm or pn:
-        y = y[:m, :n]
-    return y
+    return GemmOperands(a, b, sa, sb, ops.fast_accum), (m, n)
 
 
 def _pad2(t: Tensor, p0: int, p1: int) -> Tensor:

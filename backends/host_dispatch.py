@@ -49,35 +49,54 @@ PLAN_HOST = "_gnmr_plan_host"
 _HIGH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-@torch.library.custom_op("gnmr::select_mm", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
-def select_mm(
-    plan: Tensor,
-    slot: int,
-    a_hp: Tensor,
-    b_hp: Tensor,
-    a_lp: Tensor,
-    b_lp: Tensor,
-    scale_a: Tensor,
-    scale_b: Tensor,
-    fast_accum: bool,
-) -> Tensor:
-    """One GEMM of a unit: ``a_hp @ b_hp`` if ``plan[slot]`` (high path), else
-    ``_scaled_mm`` of the fp8 operands (low path). ``plan`` lives on the CPU."""
-    if plan.device.type != "cpu":
-        raise ValueError(f"select_mm: the plan must be a CPU tensor (reading a {plan.device} plan would sync)")
-    if bool(plan[slot]):
+# A plain library op rather than ``torch.library.custom_op``: it is called
+# three times per unit per step, and the dispatcher's direct Python kernel
+# costs less host time than custom_op's wrappers (the forward of a small
+# model is host-bound, and host time is what a GNMR step adds).
+_LIB = torch.library.Library("gnmr", "FRAGMENT")
+# Defined once per process even if this file is imported under a second name
+# (doctest collection).
+_DEFINE = not hasattr(torch.ops.gnmr, "select_mm")
+if _DEFINE:
+    _LIB.define(
+        "select_mm(Tensor plan, int slot, Tensor a_hp, Tensor b_hp, Tensor a_lp, Tensor b_lp, "
+        "Tensor scale_a, Tensor scale_b, bool fast_accum) -> Tensor",
+        tags=(torch.Tag.needs_fixed_stride_order,),
+    )
+
+
+def select_mm(plan: Tensor, slot: int, a_hp: Tensor, b_hp: Tensor, a_lp: Tensor, b_lp: Tensor,
+              scale_a: Tensor, scale_b: Tensor, fast_accum: bool) -> Tensor:
+    """One GEMM of a unit (the kernel of ``gnmr::select_mm``): ``a_hp @ b_hp``
+    if ``plan[slot]`` (high path), else ``_scaled_mm`` of the fp8 operands
+    (low path, already in ``_scaled_mm``'s layouts). ``plan`` is on the CPU,
+    so reading it never waits for the GPU."""
+    if plan[slot]:
         return torch.mm(a_hp, b_hp)
-    return fp8_kernels.scaled_mm(GemmOperands(a_lp, b_lp, scale_a, scale_b, fast_accum), a_hp.dtype)
+    return torch._scaled_mm(a_lp, b_lp, scale_a=scale_a, scale_b=scale_b, out_dtype=a_hp.dtype,
+                            use_fast_accum=fast_accum)
 
 
-@select_mm.register_fake
 def _select_mm_fake(plan, slot, a_hp, b_hp, a_lp, b_lp, scale_a, scale_b, fast_accum):
     return a_hp.new_empty(a_hp.shape[0], b_hp.shape[1])
 
 
+if _DEFINE:
+    _LIB.impl("select_mm", select_mm, "CPU")
+    _LIB.impl("select_mm", select_mm, "CUDA")
+    torch.library.register_fake("gnmr::select_mm", _select_mm_fake, lib=_LIB)
+
+
 def _select(plan: Tensor, slot: int, a_hp: Tensor, b_hp: Tensor, ops: GemmOperands) -> Tensor:
-    return torch.ops.gnmr.select_mm(plan, slot, a_hp, b_hp, ops.a_lp, ops.b_lp, ops.scale_a, ops.scale_b,
-                                    ops.fast_accum)
+    # Layouts and padding are decided here, in traced code (shapes are
+    # static), so the op itself only picks a kernel.
+    lp, (m, n) = fp8_kernels.pad_operands(ops)
+    pm, pk, pn = fp8_kernels.padding(m, a_hp.shape[1], n)
+    if pm or pk or pn:
+        a_hp = torch.nn.functional.pad(a_hp, (0, pk, 0, pm))
+        b_hp = torch.nn.functional.pad(b_hp, (0, pn, 0, pk))
+    y = torch.ops.gnmr.select_mm(plan, slot, a_hp, b_hp, lp.a_lp, lp.b_lp, lp.scale_a, lp.scale_b, lp.fast_accum)
+    return y if (pm or pn) == 0 else y[:m, :n]
 
 
 class _DualLinear(torch.autograd.Function):

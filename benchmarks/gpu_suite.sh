@@ -12,7 +12,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-pip install --no-deps --no-build-isolation -q -e . 2>&1 | tail -2
+python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v "Running pip as"
+python3 -c "import gnmr_fx.backends.host_dispatch" || exit 1
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1

@@ -42,7 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARMS = ("bf16", "fp8", "gnmr0", "gnmr5", "gnmr10", "torchao")
-GNMR_HIGH_FRACTION = {"gnmr0": 0.0, "gnmr5": 0.05, "gnmr10": 0.10}
+# Diagnostics (not run by default): gnmr0 without the per-step plan copy to
+# the host (``nosync``), or without the runtime step at all (``nostep``).
+DIAGNOSTIC_ARMS = ("gnmr0_nosync", "gnmr0_nostep")
+GNMR_HIGH_FRACTION = {"gnmr0": 0.0, "gnmr5": 0.05, "gnmr10": 0.10, "gnmr0_nosync": 0.0, "gnmr0_nostep": 0.0}
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,9 @@ class LlamaSpec:
 
 SIZES = {
     "tiny": LlamaSpec(hidden=64, intermediate=176, heads=4, layers=2, vocab=256, seq=64, batch=2),
-    "1b": LlamaSpec(hidden=2048, intermediate=5632, heads=16, layers=4, seq=2048, batch=4),
-    "8b": LlamaSpec(hidden=4096, intermediate=14336, heads=32, layers=2, seq=2048, batch=2),
-    "70b": LlamaSpec(hidden=8192, intermediate=28672, heads=64, layers=1, seq=2048, batch=2),
+    "1b": LlamaSpec(hidden=2048, intermediate=5632, heads=16, layers=4, seq=2048, batch=8),
+    "8b": LlamaSpec(hidden=4096, intermediate=14336, heads=32, layers=2, seq=2048, batch=4),
+    "70b": LlamaSpec(hidden=8192, intermediate=28672, heads=64, layers=1, seq=2048, batch=4),
 }
 
 
@@ -214,7 +217,7 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
         rt = gnmr_fx.runtime(gm)
         host_dispatch.install(rt)
         for n in gnmr_names:
-            arms.append(Arm(n, gm, before=_plan_setter(rt, GNMR_HIGH_FRACTION[n])))
+            arms.append(Arm(n, gm, before=_plan_setter(rt, GNMR_HIGH_FRACTION[n], n)))
         info["gnmr_runtime"] = rt
     if "torchao" in names:
         try:
@@ -247,13 +250,23 @@ def _gnmr_config(recipe: str, device: torch.device) -> Any:
     return GNMRConfig(**kw)  # real kernels are chosen automatically on sm_89+
 
 
-def _plan_setter(rt: Any, fraction: float) -> Callable[[], None]:
+def _plan_setter(rt: Any, fraction: float, arm: str) -> Callable[[], None]:
     """Lock the largest units whose FLOPs fit in ``fraction`` of the total on
     the high path (the budget fully used), or unlock all (fraction 0)."""
 
     def apply() -> None:
         from gnmr_fx.backends import host_dispatch
 
+        # Diagnostic arms switch parts of the per-step work off; others restore it.
+        if arm == "gnmr0_nosync":
+            if host_dispatch.publish_plan in rt.callbacks:
+                rt.callbacks.remove(host_dispatch.publish_plan)
+        else:
+            host_dispatch.install(rt)
+        if arm == "gnmr0_nostep":
+            rt.step = lambda: None
+        else:
+            rt.__dict__.pop("step", None)
         ctl = rt.controller
         if ctl.num_units == 0:  # not compiled yet: the first step discovers the units
             return
@@ -399,7 +412,7 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 
     out = {}
     for arm in arms:
-        if arm.name not in ("bf16", "fp8", "gnmr0", "torchao"):
+        if arm.name not in ("bf16", "fp8", "gnmr0", "gnmr0_nosync", "torchao"):
             continue
         arm.before()
         step(arm)
@@ -441,9 +454,9 @@ def run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    bad = [a for a in args.arms if a not in ARMS]
+    bad = [a for a in args.arms if a not in ARMS + DIAGNOSTIC_ARMS]
     if bad:
-        raise ValueError(f"--arms: unknown arm(s) {bad}; choose from {list(ARMS)}")
+        raise ValueError(f"--arms: unknown arm(s) {bad}; choose from {list(ARMS + DIAGNOSTIC_ARMS)}")
     sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     bad = [x for x in sizes if x not in SIZES]
     if bad:
