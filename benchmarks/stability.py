@@ -222,9 +222,13 @@ DEFINITIONS = {
     "recall": f"fraction of faults whose unit triggered (controller.triggered) within {DETECT_TOLERANCE} step "
               "of the fault step (the step's own update counts as latency 0)",
     "fp_per_1k": "triggers not explained by a fault, per 1000 unit-steps after the controller warm-up. "
-                 "Explained = the faulted unit, or a unit of the same transformer block (its chain-rule "
-                 "neighbours: same residual branch), within the detection window of that fault",
+                 "Explained = inside a fault's detection window (its step and the next), on the faulted "
+                 "unit or a unit the fault reaches through the chain rule: for grad_blowup the faulted unit "
+                 "and every unit before it in forward order (the blown-up gradient flows there), for "
+                 "outlier the faulted unit and every unit after it (its perturbed output feeds them)",
     "fp_strict_per_1k": "the same but only the faulted unit itself is explained",
+    "fp_clean_per_1k": "triggers on steps outside every fault window, per 1000 such unit-steps "
+                       "(false alarms on clean steps)",
     "latency": "mean steps from the fault to the first trigger of its unit, over detected faults",
 }
 
@@ -334,6 +338,7 @@ def run_task(task: dict) -> dict:
         }
         rec.update(run_metrics(losses, vals, plan_t, costs, diverged))
         rec["triggers"] = int(trig_t.sum())
+        rec["trigger_list"] = torch.nonzero(trig_t).tolist()  # [step, unit index] pairs
         if injector is not None:
             rec["detection"] = detection_metrics(injector.events(), trig_t, names, cfg.warmup_steps)
         return rec
@@ -430,14 +435,24 @@ def count_spikes(losses: Sequence[float]) -> int:
     return n
 
 
-def neighbours(unit: str, names: Sequence[str]) -> set:
-    """Units that count as chain-rule neighbours of ``unit``: the units of the
-    same transformer block (``blocks.<i>.``); the head has none but itself."""
-    parts = unit.split(".")
-    if len(parts) >= 2 and parts[0] == "blocks":
-        prefix = f"blocks.{parts[1]}."
-        return {n for n in names if n.startswith(prefix)}
-    return {unit}
+def chain_rule_units(unit: str, kind: str, names: Sequence[str]) -> set:
+    """Units whose gradient a fault on ``unit`` changes through the chain rule.
+
+    ``names`` is in forward (graph) order; in this model every unit reads the
+    residual stream that all earlier units wrote, so order is dependency:
+
+    * ``grad_blowup``: the blown-up gradient flows from ``unit`` to every
+      earlier unit; later units' gradients are computed before it and are
+      untouched -> ``unit`` and everything before it.
+    * ``outlier``: the perturbed output of ``unit`` feeds every later unit
+      -> ``unit`` and everything after it. (Earlier units still see a
+      perturbed loss; their triggers count as false positives.)
+
+    >>> sorted(chain_rule_units("b", "grad_blowup", ["a", "b", "c"])), sorted(chain_rule_units("b", "outlier", ["a", "b", "c"]))
+    (['a', 'b'], ['b', 'c'])
+    """
+    i = list(names).index(unit)
+    return set(names[: i + 1]) if kind == "grad_blowup" else set(names[i:])
 
 
 def detection_metrics(events: Sequence, trig: torch.Tensor, names: Sequence[str], warmup: int) -> dict:
@@ -448,8 +463,9 @@ def detection_metrics(events: Sequence, trig: torch.Tensor, names: Sequence[str]
     """
     steps = trig.shape[0]
     index = {n: i for i, n in enumerate(names)}
-    explained = torch.zeros_like(trig)
-    strict = torch.zeros_like(trig)
+    explained = torch.zeros_like(trig)  # chain-rule set of a fault, inside its window
+    strict = torch.zeros_like(trig)  # only the faulted unit, inside its window
+    window = torch.zeros(steps, dtype=torch.bool)  # steps inside any fault's window
     per_event = []
     for s, unit, kind in events:
         if s >= steps:
@@ -460,12 +476,17 @@ def detection_metrics(events: Sequence, trig: torch.Tensor, names: Sequence[str]
         per_event.append({"step": s, "unit": unit, "kind": kind,
                           "latency": int(hit[0]) if hit.numel() else None})
         strict[s:hi, u] = True
-        for v in neighbours(unit, names):
+        window[s:hi] = True
+        for v in chain_rule_units(unit, kind, names):
             explained[s:hi, index[v]] = True
-    unit_steps = len(names) * max(steps - warmup, 1)
+    counted = torch.arange(steps) >= warmup
+    unit_steps = len(names) * max(int(counted.sum()), 1)
+    clean = counted & ~window
+    clean_unit_steps = len(names) * max(int(clean.sum()), 1)
     detected = [e for e in per_event if e["latency"] is not None]
     fp = int((trig & ~explained).sum())
     fp_strict = int((trig & ~strict).sum())
+    fp_clean = int(trig[clean].sum())
     by_kind = {}
     for kind in ("outlier", "grad_blowup"):
         ev = [e for e in per_event if e["kind"] == kind]
@@ -479,6 +500,7 @@ def detection_metrics(events: Sequence, trig: torch.Tensor, names: Sequence[str]
         "false_positives": fp,
         "fp_per_1k": 1000.0 * fp / unit_steps,
         "fp_strict_per_1k": 1000.0 * fp_strict / unit_steps,
+        "fp_clean_per_1k": 1000.0 * fp_clean / clean_unit_steps,
         "unit_steps": unit_steps,
         "events": per_event,
     }
@@ -512,6 +534,7 @@ def summarize(runs: list, arms: Sequence[str], faults: bool) -> list:
             row["faults"] = tot
             row["fp_per_1k"] = _mean_std([x["fp_per_1k"] for x in d])
             row["fp_strict_per_1k"] = _mean_std([x["fp_strict_per_1k"] for x in d])
+            row["fp_clean_per_1k"] = _mean_std([x["fp_clean_per_1k"] for x in d])
             lat = [e["latency"] for x in d for e in x["events"] if e["latency"] is not None]
             row["latency"] = statistics.fmean(lat) if lat else float("nan")
         out.append(row)
@@ -540,7 +563,7 @@ def format_tables(doc: dict) -> dict:
         head = ["arm", "final val", "best val", "gap %", "spikes", "diverged", "% unit-steps high",
                 "% FLOPs high", "wall s"]
         if faults:
-            head += ["recall (<=1 step)", "FP/1k (block)", "FP/1k (strict)", "latency"]
+            head += ["recall (<=1 step)", "FP/1k (chain rule)", "FP/1k (strict)", "FP/1k (clean steps)", "latency"]
         rows = []
         for r in sc["summary"]:
             row = [r["arm"], _pm(r["final_val"], 3), _pm(r["best_val"], 3), _pm(r["gap_pct"], 2),
@@ -549,9 +572,9 @@ def format_tables(doc: dict) -> dict:
             if faults:
                 if r["arm"].startswith("gnmr"):
                     row += [f"{r['recall'] * 100:.0f}% of {r['faults']}", _pm(r["fp_per_1k"], 2),
-                            _pm(r["fp_strict_per_1k"], 2), f"{r['latency']:.2f}"]
+                            _pm(r["fp_strict_per_1k"], 2), _pm(r["fp_clean_per_1k"], 2), f"{r['latency']:.2f}"]
                 else:
-                    row += ["-", "-", "-", "-"]
+                    row += ["-", "-", "-", "-", "-"]
             rows.append(row)
         term.append(title + "\n" + tabulate(rows, headers=head, tablefmt="simple"))
         md.append(f"**{title}**\n\n" + tabulate(rows, headers=head, tablefmt="github"))

@@ -80,18 +80,21 @@ def test_cost_columns_come_from_the_actual_plans(smoke):
 def test_detection_scoring():
     names = ["blocks.0.qkv", "blocks.0.fc", "blocks.1.fc", "head"]
     trig = torch.zeros(30, 4, dtype=torch.bool)
-    trig[11, 1] = True  # fault at 10 on blocks.0.fc, seen one step late
-    trig[10, 0] = True  # its block neighbour: explained, but a strict false positive
-    trig[25, 3] = True  # nothing happened at 25: a false positive
-    # the fault at 20 on blocks.1.fc is missed
+    trig[11, 1] = True  # outlier at 10 on blocks.0.fc, seen one step late
+    trig[10, 2] = True  # downstream of the outlier: chain-rule explained, a strict false positive
+    trig[10, 0] = True  # upstream of the outlier: a false positive under both rules
+    trig[20, 0] = True  # upstream of the grad blow-up at 20: explained
+    trig[25, 3] = True  # nothing happened at 25: a false positive on a clean step
+    # the grad blow-up at 20 on blocks.1.fc itself is missed
     events = [(10, "blocks.0.fc", "outlier"), (20, "blocks.1.fc", "grad_blowup")]
     d = stability.detection_metrics(events, trig, names, warmup=5)
     assert d["faults"] == 2 and d["detected"] == 1 and d["recall"] == 0.5
     assert d["recall_by_kind"] == {"outlier": 1.0, "grad_blowup": 0.0}
     assert d["latency"] == 1.0
     assert d["unit_steps"] == 4 * 25
-    assert d["false_positives"] == 1 and d["fp_per_1k"] == 10.0
-    assert d["fp_strict_per_1k"] == 20.0
+    assert d["false_positives"] == 2 and d["fp_per_1k"] == 20.0
+    assert d["fp_strict_per_1k"] == 40.0
+    assert d["fp_clean_per_1k"] == pytest.approx(1000.0 / (4 * 21))
 
 
 def test_arms_and_budgets():
