@@ -1,0 +1,249 @@
+"""One rank of the data-parallel GNMR runs in tests/test_distributed.py.
+
+``python tests/_dist_worker.py RANK WORLD PORT OUT_DIR`` joins a gloo group on
+127.0.0.1:PORT, runs every scenario below and writes ``OUT_DIR/rank{RANK}.json``:
+per scenario, the unit names and, per step, the plan and the reduced norms.
+
+The test imports this file too, for the model, the data and the
+single-process reference runs, so both sides use the same definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gnmr_fx
+import gnmr_fx.distributed
+
+STEPS = 8
+FAULT_STEP = 5  # rank 1's batch gets large input channels at this step
+FAULT_RANK = 1
+SAVE_AFTER = 3  # the DCP checkpoint is taken after this step's optimizer step
+BATCH = 4  # per rank
+SEQ = 6
+D_IN, D, D_OUT = 8, 16, 4
+LR = 0.01
+CONFIG = gnmr_fx.GNMRConfig(recipe="int8", warmup_steps=3, threshold=3.0, delta_threshold=1.5,
+                            max_o=1, lock_steps=2)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A weightless unit pair (x @ x^T, then @ x) next to the weight units.
+        mix = torch.softmax((x @ x.transpose(-1, -2)) * 0.25, dim=-1) @ x
+        return x + 0.5 * mix + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, n_blocks: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D_IN, D)
+        self.blocks = nn.ModuleList([Block(D) for _ in range(n_blocks)])
+        self.head = nn.Linear(D, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks[0](self.inp(x))
+        # Units spread over two graphs: one reduction must cover both. (Not
+        # inside the loop: Dynamo does not resume a frame in a loop body.)
+        torch._dynamo.graph_break()
+        for b in self.blocks[1:]:
+            h = b(h)
+        return self.head(h)
+
+
+def make_model() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def global_batch(step: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch, rank r's slice is rows [r*BATCH, (r+1)*BATCH)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(world * BATCH, SEQ, D_IN, generator=g)
+    y = torch.randn(world * BATCH, SEQ, D_OUT, generator=g)
+    if step == FAULT_STEP:
+        rows = slice(FAULT_RANK * BATCH, (FAULT_RANK + 1) * BATCH)
+        x[rows, :, :3] *= 10.0  # a few input channels blow up on one rank only
+    return x, y
+
+
+def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = global_batch(step, world)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    return x[rows], y[rows]
+
+
+def _recorder(rt, log: list) -> None:
+    def cb(runtime) -> None:
+        ctl = runtime.controller
+        log.append({"plan": ctl.plan.tolist(), "denied": ctl.denied.tolist(), "norm": ctl.norm.tolist()})
+
+    rt.callbacks.append(cb)
+
+
+def train(model: nn.Module, step_fn: Callable[[int], torch.Tensor], opt, steps: range) -> None:
+    for s in steps:
+        step_fn(s).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+# ----------------------------------------------------------------- reference
+def reference(kind: str, world: int) -> dict:
+    """One process, same global batch as ``world`` micro-batches of loss / world."""
+    torch._dynamo.reset()
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    if kind == "blocks":
+        rt = gnmr_fx.distributed.compile_blocks(model, model.blocks, CONFIG, backend="eager", optimizer=opt)
+        run = model
+    else:
+        run = gnmr_fx.compile(model, CONFIG, backend="eager", optimizer=opt)
+        rt = gnmr_fx.runtime(run)
+    log: list = []
+    _recorder(rt, log)
+    for s in range(STEPS):
+        for r in range(world):
+            x, y = local_batch(s, r, world)
+            (F.mse_loss(run(x), y) / world).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"names": rt.unit_names, "steps": log}
+
+
+# ------------------------------------------------------------------ scenarios
+def run_ddp(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    cm = gnmr_fx.compile(ddp, CONFIG, backend="eager", optimizer=opt)
+    rt = gnmr_fx.distributed.enable(cm)
+    log: list = []
+    _recorder(rt, log)
+
+    def step(s: int) -> torch.Tensor:
+        x, y = local_batch(s, rank, world)
+        return F.mse_loss(cm(x), y)
+
+    train(cm, step, opt, range(STEPS))
+    return {"names": rt.unit_names, "steps": log, "dp_scale": rt.dp_scale, "graphs": len(rt.records)}
+
+
+def run_fsdp_root(rank: int, world: int) -> dict:
+    """fully_shard on the root only, then gnmr_fx.compile of the whole model."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    cm = gnmr_fx.compile(model, CONFIG, backend="eager", optimizer=opt)
+    rt = gnmr_fx.distributed.enable(cm)
+    log: list = []
+    _recorder(rt, log)
+
+    def step(s: int) -> torch.Tensor:
+        x, y = local_batch(s, rank, world)
+        return F.mse_loss(cm(x), y)
+
+    train(cm, step, opt, range(STEPS))
+    return {"names": rt.unit_names, "steps": log}
+
+
+def _fsdp_blocks_model():
+    """The torchtitan order: compile per block, fully_shard each block and the root, enable."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    rt = gnmr_fx.distributed.compile_blocks(model, model.blocks, CONFIG, backend="eager")
+    for b in model.blocks:
+        fully_shard(b)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rt.attach_optimizer(opt)
+    gnmr_fx.distributed.enable(model)
+    return model, opt, rt
+
+
+def run_fsdp_blocks(rank: int, world: int, ckpt: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    model, opt, rt = _fsdp_blocks_model()
+    log: list = []
+    _recorder(rt, log)
+
+    def step_of(m):
+        def step(s: int) -> torch.Tensor:
+            x, y = local_batch(s, rank, world)
+            return F.mse_loss(m(x), y)
+        return step
+
+    train(model, step_of(model), opt, range(SAVE_AFTER + 1))
+    sd = model.state_dict()
+    gnmr_keys = sorted(k for k in sd if k.startswith("_gnmr."))
+    sharded = any(isinstance(v, DTensor) for v in sd.values())
+    dcp.save(sd, checkpoint_id=ckpt)
+    train(model, step_of(model), opt, range(SAVE_AFTER + 1, STEPS))
+
+    # Resume: a fresh model built the same way; one no-grad forward creates
+    # the units (so the _gnmr.* tensors have their saved shapes), then DCP
+    # loads in place and load_state_dict restores the controller.
+    torch._dynamo.reset()
+    model2, opt2, rt2 = _fsdp_blocks_model()
+    with torch.no_grad():
+        model2(local_batch(0, rank, world)[0])
+    sd2 = model2.state_dict()
+    dcp.load(sd2, checkpoint_id=ckpt)
+    model2.load_state_dict(sd2)
+    resumed_step = rt2.controller.step
+    resumed_plan = rt2.controller.plan.tolist()
+    log2: list = []
+    _recorder(rt2, log2)
+    train(model2, step_of(model2), opt2, range(SAVE_AFTER + 1, STEPS))
+    return {"names": rt.unit_names, "steps": log, "gnmr_keys": gnmr_keys, "sharded": sharded,
+            "resumed": {"names": rt2.unit_names, "step": resumed_step, "plan": resumed_plan, "steps": log2}}
+
+
+def main(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    result: dict = {}
+    try:
+        for name, fn in (("ddp", run_ddp), ("fsdp_root", run_fsdp_root)):
+            torch._dynamo.reset()
+            result[name] = fn(rank, world)
+        torch._dynamo.reset()
+        result["fsdp_blocks"] = run_fsdp_blocks(rank, world, os.path.join(out, "ckpt"))
+        # The runtime refuses to decide per rank when nobody said so.
+        torch._dynamo.reset()
+        model = make_model()
+        cm = gnmr_fx.compile(model, CONFIG, backend="eager")
+        try:
+            F.mse_loss(cm(local_batch(0, rank, world)[0]), local_batch(0, rank, world)[1]).backward()
+            result["unreduced_error"] = None
+        except RuntimeError as e:
+            result["unreduced_error"] = str(e)
+    finally:
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

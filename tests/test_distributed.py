@@ -1,0 +1,163 @@
+"""GNMR under data parallelism on 2 gloo ranks (CPU), plus the single-process API checks.
+
+The module fixture starts two ranks (``tests/_dist_worker.py``) and, while
+they run, the single-process references. Each rank trains DDP, FSDP2
+(root-only ``fully_shard`` + ``gnmr_fx.compile``) and FSDP2 in the torchtitan
+order (``compile_blocks`` + per-block ``fully_shard``) for ``STEPS`` steps,
+with rank 1's inputs blown up at ``FAULT_STEP``.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import _dist_worker as W
+import gnmr_fx
+import gnmr_fx.distributed
+from gnmr_fx.models import GPTConfig, TinyGPT
+
+WORLD = 2
+SCENARIOS = ("ddp", "fsdp_root", "fsdp_blocks")
+REFERENCE_OF = {"ddp": "whole", "fsdp_root": "whole", "fsdp_blocks": "blocks"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [open(out / f"log{r}.txt", "w") for r in range(WORLD)]
+    procs = [
+        subprocess.Popen([sys.executable, W.__file__, str(r), str(WORLD), str(port), str(out)],
+                         stdout=logs[r], stderr=subprocess.STDOUT, env=env)
+        for r in range(WORLD)
+    ]
+    try:
+        refs = {k: W.reference(k, WORLD) for k in ("whole", "blocks")}
+        for p in procs:
+            p.wait(timeout=240)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    for r, p in enumerate(procs):
+        if p.returncode != 0:
+            pytest.fail(f"rank {r} exited with {p.returncode}:\n{(out / f'log{r}.txt').read_text()[-4000:]}")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return ranks, refs
+
+
+def _close(a: list, b: list, rtol: float) -> bool:
+    return all(math.isclose(x, y, rel_tol=rtol, abs_tol=1e-7) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+class TestDataParallel:
+    def test_every_rank_has_the_same_plan_and_norms(self, runs, scenario):
+        ranks, _ = runs
+        r0, r1 = ranks[0][scenario], ranks[1][scenario]
+        assert r0["names"] == r1["names"]
+        assert len(r0["steps"]) == W.STEPS
+        for s, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):
+            # Exact: every rank updates the controller from the same reduced vector.
+            assert a == b, f"step {s}: ranks disagree"
+
+    def test_fault_on_one_rank_moves_units_within_budget(self, runs, scenario):
+        steps = runs[0][0][scenario]["steps"]
+        assert not any(any(st["plan"]) for st in steps[: W.FAULT_STEP])
+        hit = steps[W.FAULT_STEP]
+        assert sum(hit["plan"]) == W.CONFIG.max_o  # budget full ...
+        assert sum(hit["denied"]) >= 1  # ... and a second triggered unit denied
+        assert not any(steps[W.FAULT_STEP + W.CONFIG.lock_steps]["plan"])  # lock expired
+
+    def test_equals_single_process_on_the_same_global_batch(self, runs, scenario):
+        ranks, refs = runs
+        got, ref = ranks[0][scenario], refs[REFERENCE_OF[scenario]]
+        # DDP roots the unit names at the wrapper (module.*).
+        assert [n.removeprefix("module.") for n in got["names"]] == ref["names"]
+        for s, (a, b) in enumerate(zip(got["steps"], ref["steps"], strict=True)):
+            assert a["plan"] == b["plan"], f"step {s}"
+            assert a["denied"] == b["denied"], f"step {s}"
+            assert _close(a["norm"], b["norm"], rtol=1e-4), f"step {s}: {a['norm']} vs {b['norm']}"
+
+
+def test_ddp_reduces_once_over_two_graphs(runs):
+    ddp = runs[0][0]["ddp"]
+    assert ddp["graphs"] == 2  # the graph break in Net.forward
+    assert ddp["dp_scale"] == 1.0 / WORLD**2
+
+
+def test_dcp_round_trip_resumes_the_identical_plan_sequence(runs):
+    got = runs[0][0]["fsdp_blocks"]
+    assert got["sharded"]  # the checkpoint really held DTensor shards
+    assert "_gnmr.names" in got["gnmr_keys"] and "_gnmr.hist" in got["gnmr_keys"]
+    res = got["resumed"]
+    assert res["names"] == got["names"]
+    assert res["step"] == W.SAVE_AFTER + 1
+    assert res["plan"] == got["steps"][W.SAVE_AFTER]["plan"]
+    after = got["steps"][W.SAVE_AFTER + 1:]
+    assert [s["plan"] for s in res["steps"]] == [s["plan"] for s in after]
+    assert any(any(s["plan"]) for s in res["steps"])  # the resumed run saw the fault
+    for a, b in zip(res["steps"], after, strict=True):
+        assert _close(a["norm"], b["norm"], rtol=1e-6)
+
+
+def test_ranks_refuse_to_decide_alone(runs):
+    err = runs[0][0]["unreduced_error"]
+    assert err is not None and "gnmr_fx.distributed.enable(model)" in err
+
+
+# ------------------------------------------------------- single-process API
+def test_compile_blocks_gives_each_block_its_own_graph_and_units():
+    model = TinyGPT(GPTConfig(n_layer=3, n_embd=16, block_size=8))
+    rt = gnmr_fx.distributed.compile_blocks(model, model.blocks, gnmr_fx.GNMRConfig(recipe="int8"), backend="eager")
+    idx = torch.randint(0, 256, (2, 8))
+    model(idx, idx).backward()
+    assert len(rt.records) == 3
+    per_block = ("attn.qkv", "attn.matmul", "attn.matmul_1", "attn.proj", "fc", "out")
+    assert rt.unit_names == [f"blocks.{i}.{u}" for i in range(3) for u in per_block]
+    assert gnmr_fx.runtime(model) is rt
+    keys = model.state_dict().keys()
+    assert "blocks.0.fc.weight" in keys and "_gnmr.names" in keys  # compiled in place: no _orig_mod
+    assert rt.controller.step == 1
+
+
+def test_compile_blocks_rejects_bad_blocks_and_low_recompile_limit():
+    model = TinyGPT(GPTConfig(n_layer=2, n_embd=16, block_size=8))
+    cfg = gnmr_fx.GNMRConfig(recipe="int8")
+    with pytest.raises(ValueError, match=r"blocks\[0\] is not a submodule"):
+        gnmr_fx.distributed.compile_blocks(model, [torch.nn.Linear(2, 2)], cfg)
+    with pytest.raises(ValueError, match="blocks is empty"):
+        gnmr_fx.distributed.compile_blocks(model, [], cfg)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.raises(ValueError, match=r"recompile_limit >= 2"):
+            gnmr_fx.distributed.compile_blocks(model, model.blocks, cfg)
+
+
+def test_enable_needs_an_initialized_process_group():
+    model = gnmr_fx.compile(torch.nn.Linear(4, 4), gnmr_fx.GNMRConfig(recipe="int8"), backend="eager")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        gnmr_fx.distributed.enable(model)
+
+
+def test_docstring_examples():
+    result = doctest.testmod(gnmr_fx.distributed, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0
