@@ -143,6 +143,25 @@ def run_ddp(rank: int, world: int) -> dict:
     return {"names": rt.unit_names, "steps": log, "dp_scale": rt.dp_scale, "graphs": len(rt.records)}
 
 
+def run_ddp_of_compiled(rank: int, world: int) -> dict:
+    """The other DDP order: DDP(gnmr_fx.compile(model)); units keep the model's names."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    ddp = DDP(gnmr_fx.compile(model, CONFIG, backend="eager", optimizer=opt))
+    rt = gnmr_fx.distributed.enable(ddp)
+    log: list = []
+    _recorder(rt, log)
+
+    def step(s: int) -> torch.Tensor:
+        x, y = local_batch(s, rank, world)
+        return F.mse_loss(ddp(x), y)
+
+    train(ddp, step, opt, range(STEPS))
+    return {"names": rt.unit_names, "steps": log, "graphs": len(rt.records)}
+
+
 def run_fsdp_root(rank: int, world: int) -> dict:
     """fully_shard on the root only, then gnmr_fx.compile of the whole model."""
     from torch.distributed.fsdp import fully_shard
@@ -180,6 +199,7 @@ def _fsdp_blocks_model():
 
 def run_fsdp_blocks(rank: int, world: int, ckpt: str) -> dict:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.tensor import DTensor
 
     model, opt, rt = _fsdp_blocks_model()
@@ -193,7 +213,8 @@ def run_fsdp_blocks(rank: int, world: int, ckpt: str) -> dict:
         return step
 
     train(model, step_of(model), opt, range(SAVE_AFTER + 1))
-    sd = model.state_dict()
+    # torchtitan's path: the distributed state-dict API, then DCP.
+    sd = get_model_state_dict(model)
     gnmr_keys = sorted(k for k in sd if k.startswith("_gnmr."))
     sharded = any(isinstance(v, DTensor) for v in sd.values())
     dcp.save(sd, checkpoint_id=ckpt)
@@ -206,9 +227,9 @@ def run_fsdp_blocks(rank: int, world: int, ckpt: str) -> dict:
     model2, opt2, rt2 = _fsdp_blocks_model()
     with torch.no_grad():
         model2(local_batch(0, rank, world)[0])
-    sd2 = model2.state_dict()
+    sd2 = get_model_state_dict(model2)
     dcp.load(sd2, checkpoint_id=ckpt)
-    model2.load_state_dict(sd2)
+    set_model_state_dict(model2, sd2)
     resumed_step = rt2.controller.step
     resumed_plan = rt2.controller.plan.tolist()
     log2: list = []
@@ -225,7 +246,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     result: dict = {}
     try:
-        for name, fn in (("ddp", run_ddp), ("fsdp_root", run_fsdp_root)):
+        for name, fn in (("ddp", run_ddp), ("ddp_of_compiled", run_ddp_of_compiled), ("fsdp_root", run_fsdp_root)):
             torch._dynamo.reset()
             result[name] = fn(rank, world)
         torch._dynamo.reset()

@@ -26,8 +26,8 @@ import gnmr_fx.distributed
 from gnmr_fx.models import GPTConfig, TinyGPT
 
 WORLD = 2
-SCENARIOS = ("ddp", "fsdp_root", "fsdp_blocks")
-REFERENCE_OF = {"ddp": "whole", "fsdp_root": "whole", "fsdp_blocks": "blocks"}
+SCENARIOS = ("ddp", "ddp_of_compiled", "fsdp_root", "fsdp_blocks")
+REFERENCE_OF = {"ddp": "whole", "ddp_of_compiled": "whole", "fsdp_root": "whole", "fsdp_blocks": "blocks"}
 
 
 def _free_port() -> int:
@@ -103,6 +103,7 @@ def test_ddp_reduces_once_over_two_graphs(runs):
     ddp = runs[0][0]["ddp"]
     assert ddp["graphs"] == 2  # the graph break in Net.forward
     assert ddp["dp_scale"] == 1.0 / WORLD**2
+    assert runs[0][0]["ddp_of_compiled"]["graphs"] == 2
 
 
 def test_dcp_round_trip_resumes_the_identical_plan_sequence(runs):
