@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import types
 from dataclasses import asdict, dataclass, field
@@ -63,8 +64,14 @@ def _short_reason(reason: Any) -> str:
     stack = getattr(reason, "user_stack", None) or []
     if stack:
         frame = stack[-1]
-        text += f" (at {frame.filename}:{frame.lineno} in {frame.name})"
+        text += f" (at {_rel(frame.filename)}:{frame.lineno} in {frame.name})"
     return text
+
+
+def _rel(path: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _fresh_caller(tag: int) -> Any:

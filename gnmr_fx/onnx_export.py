@@ -37,7 +37,7 @@ import torch
 import torch.fx
 
 from gnmr_fx.backends.paths import BRANCH_OPS
-from gnmr_fx.backends.recipes import get_recipe
+from gnmr_fx.backends.recipes import FP8_E4M3_MAX, cast_fp8, get_recipe
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.inspection import capture, unwrap
 from gnmr_fx.passes.insert_dual_path import PLAN
@@ -45,7 +45,7 @@ from gnmr_fx.passes.insert_grad_stats import PROBE
 from gnmr_fx.passes.nodes import record_grad_norm
 
 _EPS = 1e-12  # the recipes' scale floor (backends.recipes._EPS)
-ONNX_FORMATS = ("int8",)
+ONNX_FORMATS = ("int8", "fp8_e4m3")
 
 PlanLike = Union[None, str, torch.Tensor, Sequence[bool], Mapping[str, bool]]
 
@@ -97,7 +97,39 @@ def qdq_int8(t: torch.Tensor, kdim: int) -> torch.Tensor:
     return y if y.dtype == t.dtype else y.to(t.dtype)
 
 
-_QDQ = {"int8": qdq_int8}
+class _QDQFp8E4M3(torch.autograd.Function):
+    """Per-tensor fp8 e4m3 round trip (saturating); exports as QDQ with a
+    float8e4m3fn zero point (QuantizeLinear-19)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return cast_fp8(x / scale, torch.float8_e4m3fn) * scale
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: Any) -> Any:
+        zp = g.op("Constant", value_t=torch.zeros((), dtype=torch.float8_e4m3fn))
+        q = g.op("QuantizeLinear", x, scale, zp)  # saturate=1 (default) matches the recipe's clamp
+        return g.op("DequantizeLinear", q, scale, zp)
+
+
+def qdq_fp8_e4m3(t: torch.Tensor, kdim: int) -> torch.Tensor:
+    """fp8 e4m3 fake quantization with one dynamic scale per tensor, as QDQ.
+
+    >>> import torch
+    >>> from gnmr_fx.backends.recipes import fake_quant_fp8
+    >>> x = torch.randn(4, 8)
+    >>> torch.equal(qdq_fp8_e4m3(x, -1), fake_quant_fp8(x, kdim=None))
+    True
+    """
+    x = t if t.dtype == torch.float32 else t.float()
+    scale = (x.detach().abs().amax() / FP8_E4M3_MAX).clamp_min(_EPS)
+    y = _QDQFp8E4M3.apply(x, scale)
+    return y if y.dtype == t.dtype else y.to(t.dtype)
+
+
+# Recipe.onnx -> (QDQ writer, lowest opset that has the format).
+_QDQ = {"int8": qdq_int8, "fp8_e4m3": qdq_fp8_e4m3}
+_MIN_OPSET = {"int8": 13, "fp8_e4m3": 19}
 
 
 def low_path_qdq(
@@ -125,8 +157,9 @@ def low_path_qdq(
 def _unsupported(recipe: str) -> str:
     return (
         f"recipe {recipe!r} cannot be expressed as ONNX QuantizeLinear/DequantizeLinear "
-        f"(export supports recipes with Recipe.onnx in {ONNX_FORMATS}, i.e. 'int8'); "
-        f"export with GNMRConfig(recipe='int8'), or put the low units on the high path with plan='high'"
+        f"(export supports recipes whose Recipe.onnx is one of {ONNX_FORMATS}: int8 per-token/per-channel, "
+        f"fp8 e4m3 per-tensor); export with GNMRConfig(recipe='int8'), or put the low units on the "
+        f"high path with plan='high'"
     )
 
 
@@ -279,7 +312,7 @@ def export_onnx(
     plan: PlanLike = None,
     *,
     config: Optional[GNMRConfig] = None,
-    opset: int = 17,
+    opset: Optional[int] = None,
     input_names: Optional[Sequence[str]] = None,
     output_names: Optional[Sequence[str]] = None,
 ) -> OnnxExport:
@@ -295,7 +328,8 @@ def export_onnx(
             or bools in controller unit order.
         config: GNMR config (default: the compiled model's, else defaults);
             its ``recipe`` is the low path.
-        opset: ONNX opset (>= 13, for per-axis QuantizeLinear).
+        opset: ONNX opset; default 17, or 19 when a low unit needs fp8
+            (float8 QuantizeLinear). int8 needs >= 13 (per-axis QDQ).
 
     The export runs in eval mode (restored afterwards) and needs one graph:
     a model with graph breaks raises ``ValueError`` listing them.
@@ -308,8 +342,6 @@ def export_onnx(
     >>> ex.plan
     {'0': 'low', '2': 'high'}
     """
-    if opset < 13:
-        raise ValueError(f"opset must be >= 13 (per-axis QuantizeLinear), got {opset}")
     root = unwrap(model)
     live = root.__dict__.get("_gnmr_runtime")
     if config is None:
@@ -327,8 +359,16 @@ def export_onnx(
         high = _resolve_plan(plan, names, live)
         if high is None:
             high = dict(zip(names, rt.controller.plan.tolist()))
-        if not all(high.values()) and get_recipe(config.recipe).onnx not in _QDQ:
-            raise ValueError(_unsupported(config.recipe))
+        fmt = get_recipe(config.recipe).onnx
+        need = 13
+        if not all(high.values()):
+            if fmt not in _QDQ:
+                raise ValueError(_unsupported(config.recipe))
+            need = _MIN_OPSET[fmt]
+        if opset is None:
+            opset = max(17, need)
+        if opset < need:
+            raise ValueError(f"opset {opset} cannot express recipe {config.recipe!r} ({fmt}); use opset >= {need}")
         record = rt.records[0]
         gm = torch.fx.GraphModule(record.rewritten, copy.deepcopy(record.rewritten.graph))
         freeze_plan(gm, high)
@@ -351,6 +391,22 @@ def export_onnx(
 # --------------------------------------------------------------------------
 
 
+def ort_session_options(export: OnnxExport) -> Any:
+    """onnxruntime session options that can load ``export``.
+
+    onnxruntime 1.31's extended graph optimizations fuse DequantizeLinear ->
+    MatMul into MatMulIntegerToFloat even for float8 inputs, which that
+    kernel rejects (INVALID_GRAPH at load). fp8 exports therefore load with
+    basic optimizations; int8 ones with the default level.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if export.low_units and get_recipe(export.recipe).onnx == "fp8_e4m3":
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return opts
+
+
 def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_inputs: Sequence,
                             config: GNMRConfig) -> dict:
     """Run the file in onnxruntime and compare with the GNMR model (eager
@@ -364,7 +420,7 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
     from gnmr_fx.backends.recipes import quantization_sqnr
     from gnmr_fx.runtime import runtime_of
 
-    sess = ort.InferenceSession(export.path, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(export.path, ort_session_options(export), providers=["CPUExecutionProvider"])
     feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), example_inputs)}
     got = torch.from_numpy(sess.run(None, feed)[0])
     ref_model = copy.deepcopy(unwrap(model))
@@ -397,7 +453,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--recipe", default="int8")
     p.add_argument("--high", nargs="*", default=[], metavar="UNIT", help="units on the high path (others low)")
     p.add_argument("--all-high", action="store_true")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=None)
     a = p.parse_args(argv)
     try:
         model, inputs = load_spec(a.spec)

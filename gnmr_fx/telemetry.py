@@ -370,12 +370,13 @@ def plot(run: Run, out_dir: str, top: int = 4) -> list[str]:
 
     # 3. budget use
     fig, ax = plt.subplots(figsize=(11, 3.2))
-    ax.step(steps, run.budget_used, where="post", color="tab:blue", label="budget used (high path)")
+    ax.step(steps, run.budget_used, where="mid", color="tab:blue", label="budget used (high path)")
     ax.plot(steps, run.budget, color="crimson", ls="--", label="budget (max_o)")
-    ax.fill_between(steps, 0, run.budget_used, step="post", alpha=0.25)
+    ax.fill_between(steps, 0, run.budget_used, step="mid", alpha=0.25)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("FLOP-weighted" if isinstance(run.header.get("max_o"), float) else "units")
-    ax.set_ylim(0, max(float(np.nanmax(run.budget)), float(np.nanmax(run.budget_used))) * 1.15 + 1e-9)
+    # Headroom above the budget line keeps the legend off it.
+    ax.set_ylim(0, max(float(np.nanmax(run.budget)), float(np.nanmax(run.budget_used))) * 1.45 + 1e-9)
     ax.set_title("budget use over time")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()

@@ -150,3 +150,26 @@ def test_hf_gpt2_int8(tmp_path):
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 18
     ref = _gnmr_reference(model, inputs, ()).logits
     assert quantization_sqnr(ref, _run(ex.path, inputs)) >= 100.0
+
+
+def test_fp8_e4m3_per_tensor(tiny, tmp_path):
+    # The registered fp8_e4m3 recipe has no Recipe.onnx yet; a recipe with the
+    # same quantizers that declares onnx="fp8_e4m3" exports as float8 QDQ.
+    from gnmr_fx.backends.recipes import Recipe, fake_quant_fp8, register_recipe
+    from gnmr_fx.onnx_export import verify_with_onnxruntime
+
+    q = lambda t, kdim: fake_quant_fp8(t, kdim=None)  # noqa: E731
+    register_recipe(Recipe("fp8_e4m3_onnx_test", "fp8 e4m3 per-tensor (export test)", q, q, onnx="fp8_e4m3"),
+                    overwrite=True)
+    cfg = gnmr_fx.GNMRConfig(recipe="fp8_e4m3_onnx_test")
+    model, inputs = tiny
+    ex = gnmr_fx.export_onnx(model, inputs, tmp_path / "f8.onnx", plan={"head": True}, config=cfg)
+    assert ex.opset == 19 and len(ex.low_units) == 12
+    v = verify_with_onnxruntime(ex, model, inputs, cfg)
+    assert v["sqnr_db"] >= 100.0 and v["ops"]["QuantizeLinear"] == v["ops"]["DequantizeLinear"] == 24
+    graph = onnx.load(ex.path).graph
+    consts = {o: n for n in graph.node if n.op_type == "Constant" for o in n.output}
+    zps = [consts[n.input[2]].attribute[0].t.data_type for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert set(zps) == {onnx.TensorProto.FLOAT8E4M3FN}
+    with pytest.raises(ValueError, match="opset 17 cannot express recipe 'fp8_e4m3_onnx_test'"):
+        gnmr_fx.export_onnx(model, inputs, tmp_path / "x.onnx", config=cfg, opset=17)
