@@ -374,7 +374,7 @@ def _display_names(items_a: list[_Item], items_b: list[_Item], graph_a: torch.fx
     # A unit's value is named after the unit on both sides (blocks_0_fc), so
     # the code reads in the names inspect and the controller use.
     raw = {n.name for n in graph_a.nodes} | {n.name for n in graph_b.nodes}
-    names_a: dict[torch.fx.Node, str] = {}
+    names_a: dict[torch.fx.Node, str] = _placeholder_names(graph_a)
     for it in items_a:
         if it.unit:
             names_a[it.node] = _unit_var(it.unit, raw)
@@ -386,7 +386,10 @@ def _display_names(items_a: list[_Item], items_b: list[_Item], graph_a: torch.fx
         names_a.setdefault(n, n.name)
     taken = set(names_a.values())
     names_b: dict[torch.fx.Node, str] = {}
+    ph_b = _placeholder_names(graph_b)
     for it in items_b:
+        if it.node in ph_b and it.index not in to_a:
+            names_b[it.node] = ph_b[it.node]
         if it.index in to_a:
             names_b[it.node] = names_a[items_a[to_a[it.index]].node]
         elif it.unit:
@@ -399,6 +402,25 @@ def _display_names(items_a: list[_Item], items_b: list[_Item], graph_a: torch.fx
                 nm += "_b"
             names_b[n] = nm
     return names_a, names_b
+
+
+def _placeholder_names(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
+    """Dynamo placeholders by the model path they were read from
+    (``blocks.0.fc.weight`` rather than ``l_self_modules_blocks_..._weight_``)."""
+    from gnmr_fx.passes.discover_units import normalize_source_path
+
+    out: dict[torch.fx.Node, str] = {}
+    used: set[str] = set()
+    for ph in graph.find_nodes(op="placeholder"):
+        source = getattr(ph.meta.get("grapharg"), "source", None)
+        name = normalize_source_path(source.name) if source is not None else ""
+        if name.isdigit():  # a positional input (args[0]) reads better as input_0
+            name = f"input_{name}"
+        if not name or name in used:
+            continue
+        used.add(name)
+        out[ph] = name
+    return out
 
 
 def _unit_var(unit: str, raw_names: set[str]) -> str:
@@ -480,9 +502,11 @@ def diff(a: GraphLike, b: GraphLike, *, label_a: str = "a", label_b: str = "b", 
 
 def _describe(it: _Item, names: dict) -> str:
     if it.form and it.form[0] == "dual":
-        d = _unit_detail(it, names)
-        return (f"dual path: high {d['high']} [{it.form[2]}], low {d['low']} [{it.form[1]}], "
-                f"select {d['select']}, stats {d.get('stats', '-')}")
+        # Node names are in the detail and the unified diff; the table says what the unit became.
+        stats = it.members.get("stats")
+        on = "-" if stats is None else ("output" if stats.args[0] is it.node else "weight")
+        return (f"dual path {it.sig[1]}: high [{it.form[2]}] | low [{it.form[1]}] -> select_path; "
+                f"stats on {on}")
     return _render(it.node, names)
 
 
