@@ -13,6 +13,8 @@ import doctest
 import json
 import math
 import os
+import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -162,3 +164,18 @@ def test_enable_needs_an_initialized_process_group():
 def test_docstring_examples():
     result = doctest.testmod(gnmr_fx.distributed, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_docs_example_runs_under_torchrun(tmp_path):
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "multi_gpu.md"
+    block = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)[0]
+    script = tmp_path / "train_fsdp.py"
+    script.write_text(block)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "same plans on every rank: True" in out.stdout, out.stdout
+    assert "GNMR step 8: " in out.stdout
+    assert (tmp_path / "ckpt_gnmr" / ".metadata").exists()
