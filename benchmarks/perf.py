@@ -240,8 +240,12 @@ def _gnmr_config(recipe: str, device: torch.device) -> Any:
     from gnmr_fx.config import GNMRConfig
 
     # max_o caps what the controller may choose; the 5% / 10% arms lock
-    # units directly, so the cap is the larger of the two.
-    kw = dict(recipe=recipe, max_o=0.1)
+    # units directly, so the cap is the larger of the two. The thresholds are
+    # out of reach so that gnmr0 really recovers no unit: the arms share one
+    # model that all of them train, and a trigger would put units on the
+    # high path in the middle of a timed arm. The controller still runs its
+    # full update every step, so its cost is measured.
+    kw = dict(recipe=recipe, max_o=0.1, threshold=1e30, delta_threshold=1e30)
     if device.type != "cuda":
         return GNMRConfig(**kw)
     fields = {f.name for f in dataclasses.fields(GNMRConfig)}
@@ -422,9 +426,11 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
             torch.cuda.synchronize()
         ka = prof.key_averages()
         table = ka.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
-        dev = sum(e.self_device_time_total for e in ka) / 1e3
-        n_kernels = sum(e.count for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
-        out[arm.name] = {"device_ms": dev, "kernels": n_kernels, "table": table}
+        kernels = {e.key: [round(e.self_device_time_total / 1e3, 4), e.count] for e in ka
+                   if e.device_type == torch.autograd.DeviceType.CUDA}
+        dev = sum(v[0] for v in kernels.values())
+        n_kernels = sum(v[1] for v in kernels.values())
+        out[arm.name] = {"device_ms": dev, "kernels": n_kernels, "table": table, "per_kernel_ms": kernels}
         print(f"\n=== profile {arm.name}: device time {dev:.1f} ms, {n_kernels} device events ===\n{table}")
     return out
 
