@@ -179,3 +179,20 @@ def test_docs_example_runs_under_torchrun(tmp_path):
     assert "same plans on every rank: True" in out.stdout, out.stdout
     assert "GNMR step 8: " in out.stdout
     assert (tmp_path / "ckpt_gnmr" / ".metadata").exists()
+
+
+def test_dist_check_harness_tiny(tmp_path):
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "dist_check.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), "--out", str(tmp_path), "--check-compiler", "eager",
+           "--recipe", "int8", "--compiler", "eager", "--layers", "1", "--dim", "32", "--heads", "4",
+           "--seq", "16", "--batch", "2", "--warmup", "1", "--steps", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "dist_check.json").read_text())
+    c = res["consistency"]
+    assert c["identical_on_all_ranks"] and c["equals_single_process"] and c["plan_changed_by_fault"]
+    assert c["plans"][W.FAULT_STEP] != [] and c["plans"][: W.FAULT_STEP] == [[]] * W.FAULT_STEP
+    assert [r["arm"] for r in res["throughput"]] == ["bf16", "fp8_gnmr"]
+    assert all(r["tokens_per_s"] > 0 for r in res["throughput"])
+    assert res["throughput"][1]["units"] == 6  # one block: qkv, 2 attention matmuls, proj, fc, out
