@@ -412,8 +412,10 @@ def _placeholder_names(graph: torch.fx.Graph) -> dict[torch.fx.Node, str]:
     out: dict[torch.fx.Node, str] = {}
     used: set[str] = set()
     for ph in graph.find_nodes(op="placeholder"):
+        name = ph.meta.get("gnmr_source", "")
         source = getattr(ph.meta.get("grapharg"), "source", None)
-        name = normalize_source_path(source.name) if source is not None else ""
+        if not name and source is not None:
+            name = normalize_source_path(source.name)
         if name.isdigit():  # a positional input (args[0]) reads better as input_0
             name = f"input_{name}"
         if not name or name in used:
@@ -568,7 +570,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from gnmr_fx.config import GNMRConfig
     from gnmr_fx.examples import load_spec
-    from gnmr_fx.inspection import capture
+    from gnmr_fx.inspection import capture, print_or_quit
 
     try:
         model, inputs = load_spec(args.spec)
@@ -596,11 +598,14 @@ def run(args: argparse.Namespace) -> int:
     diffs = [diff(a, b, label_a=f"{labels[0]} [graph {i}]", label_b=f"{labels[1]} [graph {i}]", context=args.context)
              for i, (a, b) in enumerate(pairs)]
     if args.format == "json":
-        print(json.dumps({"graphs": list(counts), "diffs": [d.to_dict() for d in diffs]}, indent=2))
+        text = json.dumps({"graphs": list(counts), "diffs": [d.to_dict() for d in diffs]}, indent=2)
     else:
+        parts = []
         if mismatch:
-            print(f"graph count differs: {counts[0]} vs {counts[1]} (only the first {len(pairs)} are compared)")
+            parts.append(f"graph count differs: {counts[0]} vs {counts[1]} (only the first {len(pairs)} are compared)")
         for i, d in enumerate(diffs):
-            print(f"=== graph {i}: {labels[0]} vs {labels[1]}")
-            print(d.format(color=color) if d else "identical")
+            parts.append(f"=== graph {i}: {labels[0]} vs {labels[1]}")
+            parts.append(d.format(color=color) if d else "identical")
+        text = "\n".join(parts)
+    print_or_quit(text)
     return 1 if (mismatch or any(diffs)) else 0

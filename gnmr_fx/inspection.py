@@ -28,6 +28,7 @@ import torch
 
 from gnmr_fx.backends.compile_backend import compile_graph
 from gnmr_fx.config import GNMRConfig
+from gnmr_fx.passes.discover_units import normalize_source_path
 from gnmr_fx.runtime import GNMRRuntime
 
 # Extra Dynamo cache entries inspection may add to a user function that
@@ -50,6 +51,12 @@ class _RecordingBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
         reason = getattr(gm, "compile_subgraph_reason", None)
+        # Dynamo drops its per-placeholder source records after compiling;
+        # keep the model path of each input for readable diffs.
+        for ph in gm.graph.find_nodes(op="placeholder"):
+            source = getattr(ph.meta.get("grapharg"), "source", None)
+            if source is not None:
+                ph.meta["gnmr_source"] = normalize_source_path(source.name)
         fn = compile_graph(self.runtime, gm, example_inputs, "eager")
         rec = self.runtime.records[-1]
         if reason is not None and getattr(reason, "graph_break", False):
@@ -372,5 +379,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gnmr-fx inspect: error: {e}", file=sys.stderr)
         return 2
-    print(result.to_json() if args.format == "json" else result.table())
+    print_or_quit(result.to_json() if args.format == "json" else result.table())
     return 0
+
+
+def print_or_quit(text: str) -> None:
+    """Print; a closed pipe (``| head``) ends output quietly, like coreutils."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at devnull so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
