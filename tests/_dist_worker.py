@@ -220,13 +220,14 @@ def run_fsdp_blocks(rank: int, world: int, ckpt: str) -> dict:
     dcp.save(sd, checkpoint_id=ckpt)
     train(model, step_of(model), opt, range(SAVE_AFTER + 1, STEPS))
 
-    # Resume: a fresh model built the same way; one no-grad forward creates
-    # the units (so the _gnmr.* tensors have their saved shapes), then DCP
-    # loads in place and load_state_dict restores the controller.
+    # Resume: a fresh model built the same way; one forward and backward of
+    # a zero loss creates the units (so the _gnmr.* tensors have their saved
+    # shapes) with the graphs training uses, then DCP loads in place and
+    # set_model_state_dict restores the controller.
     torch._dynamo.reset()
     model2, opt2, rt2 = _fsdp_blocks_model()
-    with torch.no_grad():
-        model2(local_batch(0, rank, world)[0])
+    (model2(local_batch(0, rank, world)[0]).sum() * 0.0).backward()
+    opt2.zero_grad()
     sd2 = get_model_state_dict(model2)
     dcp.load(sd2, checkpoint_id=ckpt)
     set_model_state_dict(model2, sd2)
