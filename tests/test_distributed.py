@@ -1,7 +1,8 @@
 """GNMR under data parallelism on 2 gloo ranks (CPU), plus the single-process API checks.
 
 The module fixture starts two ranks (``tests/_dist_worker.py``) and, while
-they run, the single-process references. Each rank trains DDP, FSDP2
+they run, the single-process references. Each rank trains DDP (both wrapping
+orders), FSDP2
 (root-only ``fully_shard`` + ``gnmr_fx.compile``) and FSDP2 in the torchtitan
 order (``compile_blocks`` + per-block ``fully_shard``) for ``STEPS`` steps,
 with rank 1's inputs blown up at ``FAULT_STEP``.
