@@ -306,7 +306,7 @@ class GNMRRuntime:
             # Units joined (a new graph): a new header line. Rare, so the one
             # sync reading the costs here is not a per-step cost.
             writer.set_header(self._telemetry_header())
-        metrics, self.__dict__["_pending_metrics"] = self.__dict__.get("_pending_metrics", {}), {}
+        metrics, self._pending_metrics = getattr(self, "_pending_metrics", {}), {}
         writer.append(ctl.step, {
             "norm": sumsq.sqrt(),
             "gnmr": ctl.gnmr,
@@ -319,12 +319,15 @@ class GNMRRuntime:
         }, metrics)
 
     def _telemetry_writer(self) -> Any:
-        writer = self.__dict__.get("_telemetry_w")
-        if writer is None and (self.config.log is not None or self.__dict__.get("_tensorboard") is not None):
+        # Created on first use (attributes, not __init__ state: telemetry
+        # is optional and owned by gnmr_fx.telemetry).
+        writer = getattr(self, "_telemetry_w", None)
+        tensorboard = getattr(self, "_tensorboard", None)
+        if writer is None and (self.config.log is not None or tensorboard is not None):
             from gnmr_fx.telemetry import TelemetryWriter
 
-            writer = TelemetryWriter(self.config.log, self.config.log_every, self.__dict__.get("_tensorboard"))
-            self.__dict__["_telemetry_w"] = writer
+            writer = TelemetryWriter(self.config.log, self.config.log_every, tensorboard)
+            self._telemetry_w = writer
             # Lines still buffered are written when the runtime goes away or
             # the interpreter exits; the writer holds no reference back here.
             weakref.finalize(self, writer.close)
@@ -352,9 +355,11 @@ class GNMRRuntime:
         >>> m = gnmr_fx.compile(torch.nn.Linear(4, 4), backend="eager")
         >>> gnmr_fx.runtime(m).log_metrics(loss=torch.tensor(0.5))  # no-op without a log
         """
-        if self.config.log is None and self.__dict__.get("_tensorboard") is None:
+        if self.config.log is None and getattr(self, "_tensorboard", None) is None:
             return
-        pending = self.__dict__.setdefault("_pending_metrics", {})
+        if not hasattr(self, "_pending_metrics"):
+            self._pending_metrics = {}
+        pending = self._pending_metrics
         for k, v in scalars.items():
             if isinstance(v, torch.Tensor):
                 if v.numel() != 1:
@@ -378,14 +383,14 @@ class GNMRRuntime:
             writer = SummaryWriter(writer)
         if not hasattr(writer, "add_scalar"):
             raise ValueError(f"attach_tensorboard expects a SummaryWriter or a log dir, got {type(writer).__name__}")
-        self.__dict__["_tensorboard"] = writer
-        w = self.__dict__.get("_telemetry_w")
+        self._tensorboard = writer
+        w = getattr(self, "_telemetry_w", None)
         if w is not None:
             w.tensorboard = writer
 
     def flush(self) -> None:
         """Write buffered telemetry lines now (one host transfer for the batch)."""
-        writer = self.__dict__.get("_telemetry_w")
+        writer = getattr(self, "_telemetry_w", None)
         if writer is not None:
             writer.flush()
 

@@ -90,7 +90,7 @@ class TestTelemetryFile:
         assert run.n_triggers.sum() == run.n_triggers[i]
 
     def test_transfers_are_batched(self, fault_run):
-        writer = gnmr_fx.runtime(fault_run[1]).__dict__["_telemetry_w"]
+        writer = gnmr_fx.runtime(fault_run[1])._telemetry_w
         # log_every=16: two full batches and the final flush, 40 lines.
         assert (writer.transfers, writer.lines_written) == (3, STEPS)
 
