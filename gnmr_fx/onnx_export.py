@@ -464,7 +464,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"export_onnx: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {ex.path} (opset {ex.opset}, recipe {ex.recipe}): "
-          f"{len(ex.low_units)} units low, {len(ex.high_units)} high {ex.high_units}")
+          f"{len(ex.low_units)} units low, {len(ex.high_units)} high"
+          f"{' ' + str(ex.high_units) if 0 < len(ex.high_units) <= 4 else ''}")
     v = verify_with_onnxruntime(ex, model, inputs, cfg)
     print(f"onnxruntime vs PyTorch (GNMR, same plan): max abs err {v['max_abs_err']:.3g}, "
           f"SQNR {v['sqnr_db']:.1f} dB; ops {v['ops']}")
