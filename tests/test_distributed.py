@@ -2,10 +2,9 @@
 
 The module fixture starts two ranks (``tests/_dist_worker.py``) and, while
 they run, the single-process references. Each rank trains DDP (both wrapping
-orders), FSDP2
-(root-only ``fully_shard`` + ``gnmr_fx.compile``) and FSDP2 in the torchtitan
-order (``compile_blocks`` + per-block ``fully_shard``) for ``STEPS`` steps,
-with rank 1's inputs blown up at ``FAULT_STEP``.
+orders), FSDP2 (root-only ``fully_shard`` + ``gnmr_fx.compile``) and FSDP2 in
+the torchtitan order (``compile_blocks`` + per-block ``fully_shard``) for
+``STEPS`` steps, with rank 1's inputs blown up at ``FAULT_STEP``.
 """
 
 from __future__ import annotations
