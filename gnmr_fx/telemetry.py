@@ -73,17 +73,19 @@ class TelemetryWriter:
         # Everything in the batch goes into one flat float vector: one
         # device-to-host transfer per batch, whatever the number of keys.
         parts, layout = [], []
-        dev = None
+        dev, offset = None, 0
         for step, tens, metrics, header in batch:
             entry = {}
             for k, v in tens.items():
-                entry[k] = (sum(p.numel() for p in parts), v.numel())
+                entry[k] = (offset, v.numel())
+                offset += v.numel()
                 dev = dev or v.device
                 parts.append(v.reshape(-1).float())
             for k, v in metrics.items():
                 if isinstance(v, torch.Tensor):
-                    entry["metric:" + k] = (sum(p.numel() for p in parts), 1)
-                    parts.append(v.reshape(1).float().to(dev or v.device))
+                    entry["metric:" + k] = (offset, 1)
+                    offset += 1
+                    parts.append(v.reshape(1).float())
             layout.append(entry)
         flat = torch.cat([p.to(dev) for p in parts]).cpu().tolist() if parts else []
         self.transfers += 1
@@ -193,6 +195,19 @@ def load_run(path: str) -> Run:
 
     A file appended to by several runs keeps only the last one, unless the
     later run resumes the step count (a restart from a checkpoint).
+
+    >>> import os, tempfile, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
+    >>> w = TelemetryWriter(path, log_every=2)
+    >>> w.set_header({"header": True, "units": ["a", "b"], "budget": 1.0, "max_o": 1})
+    >>> for step in (1, 2):
+    ...     hot = torch.tensor([step == 2, False])
+    ...     w.append(step, {"norm": torch.ones(2), "gnmr": torch.ones(2), "delta_gnmr": torch.zeros(2),
+    ...                     "plan": hot, "triggered": hot, "denied": torch.zeros(2, dtype=torch.bool),
+    ...                     "lock": hot.long() * 10, "budget_used": hot.sum().float()}, {"loss": torch.tensor(0.5)})
+    >>> run = load_run(path)
+    >>> w.transfers, run.plan.tolist(), run.metrics["loss"].tolist()
+    (1, [[False, False], [True, False]], [0.5, 0.5])
     """
     headers: list[dict] = []
     rows: list[tuple[dict, dict]] = []
