@@ -38,6 +38,8 @@ from gnmr_fx.passes.ops import RECOVERABLE_OPS, op_of
 
 # Keyword arguments the pass adds to the low branch; the rest are the op's own.
 _LOW_KWARGS = ("recipe", "a_index", "b_index", "b_kdim", "b_is_weight")
+# ... and the ones it gives a host-dispatch node (backends.host_dispatch).
+_HOST_KWARGS = ("plan", "slot", "recipe", "high")
 
 GraphLike = Union[torch.fx.GraphModule, torch.fx.Graph]
 
@@ -166,6 +168,10 @@ def _graph(g: GraphLike) -> torch.fx.Graph:
     raise TypeError(f"diff expects torch.fx.GraphModule or Graph, got {type(g).__name__}")
 
 
+def _is_select(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is select_path and "gnmr_dual" in node.meta
+
+
 def _is_stats(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and (node.target is record_grad_norm or "gnmr_stats_for" in node.meta)
 
@@ -177,7 +183,7 @@ def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]
     member: dict[torch.fx.Node, tuple[str, torch.fx.Node]] = {}
     # Branch nodes belong to the select that consumes them.
     for sel in graph.nodes:
-        if sel.op == "call_function" and "gnmr_dual" in sel.meta:
+        if _is_select(sel):
             _plan, _slot, hp, lp = sel.args
             member[hp] = ("high", sel)
             member[lp] = ("low", sel)
@@ -203,7 +209,7 @@ def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]
             args, form = (), ()
         elif node.op == "output":
             sig, args, form = ("output",), map_aggregate(node.args, ref), ()
-        elif "gnmr_dual" in node.meta:
+        elif _is_select(node):
             site = node.meta["gnmr_dual"]
             hp, lp = node.args[2], node.args[3]
             op_args = lp.args[1:]
@@ -212,6 +218,14 @@ def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]
             args = map_aggregate((op_args, kwargs), ref)
             high = "native" if hp.target is site.spec.fn else hp.kwargs.get("high", "?")
             form = ("dual", lp.kwargs.get("recipe"), high)
+        elif "gnmr_dual" in node.meta:
+            # Host dispatch (real low-precision kernels): one node that reads a
+            # host-resident plan and runs one branch; its args are the op's.
+            site = node.meta["gnmr_dual"]
+            kwargs = {k: v for k, v in node.kwargs.items() if k not in _HOST_KWARGS}
+            sig = ("unit", site.spec.name)
+            args = map_aggregate((node.args, kwargs), ref)
+            form = ("host", node.kwargs.get("recipe"), node.kwargs.get("high", "native"))
         else:
             target = op_of(node)
             spec = RECOVERABLE_OPS.get(target) if node.op in ("call_function", "call_method") and _hashable(target) else None
@@ -223,7 +237,8 @@ def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]
         it = _Item(len(items), node, sig, args, form)
         if "gnmr_dual" in node.meta:
             it.unit = node.meta["gnmr_dual"].name
-            it.members = {"high": node.args[2], "low": node.args[3]}
+            if _is_select(node):
+                it.members = {"high": node.args[2], "low": node.args[3]}
         items.append(it)
         of[node] = it.index
     # Stats nodes: attach each to the unit it measures (by the name the pass recorded).
@@ -503,6 +518,8 @@ def diff(a: GraphLike, b: GraphLike, *, label_a: str = "a", label_b: str = "b", 
 
 
 def _describe(it: _Item, names: dict) -> str:
+    if it.form and it.form[0] == "host":
+        return f"host-dispatch {it.sig[1]} ({_fn_name(it.node.target)}): high [{it.form[2]}] | low [{it.form[1]}]"
     if it.form and it.form[0] == "dual":
         # Node names are in the detail and the unified diff; the table says what the unit became.
         stats = it.members.get("stats")
@@ -513,6 +530,11 @@ def _describe(it: _Item, names: dict) -> str:
 
 
 def _unit_detail(it: _Item, names: dict) -> dict:
+    if it.form and it.form[0] == "host":
+        d = {"node": names[it.node], "recipe": it.form[1], "high_path": it.form[2], "code": _render(it.node, names)}
+        if "stats" in it.members:
+            d["stats"] = names[it.members["stats"]]
+        return d
     if not it.members:
         return {}
     d = {"select": names[it.node], "recipe": it.form[1], "high_path": it.form[2]}

@@ -37,12 +37,14 @@ import torch
 import torch.fx
 
 from gnmr_fx.backends.paths import BRANCH_OPS
+from gnmr_fx.backends.paths import high_path as high_path_fn
+from gnmr_fx.backends.host_dispatch import PLAN_HOST
 from gnmr_fx.backends.recipes import FP8_E4M3_MAX, cast_fp8, get_recipe
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.inspection import capture, unwrap
 from gnmr_fx.passes.insert_dual_path import PLAN
 from gnmr_fx.passes.insert_grad_stats import PROBE
-from gnmr_fx.passes.nodes import record_grad_norm
+from gnmr_fx.passes.nodes import record_grad_norm, select_path
 
 _EPS = 1e-12  # the recipes' scale floor (backends.recipes._EPS)
 ONNX_FORMATS = ("int8", "fp8_e4m3")
@@ -183,6 +185,9 @@ def freeze_plan(gm: torch.fx.GraphModule, high: Mapping[str, bool]) -> torch.fx.
         site = sel.meta.get("gnmr_dual")
         if site is None:
             continue
+        if sel.target is not select_path:
+            _freeze_host_dispatch(g, sel, site, high[site.name])
+            continue
         _plan, _slot, hp, lp = sel.args
         if high[site.name]:
             keep = hp
@@ -196,11 +201,34 @@ def freeze_plan(gm: torch.fx.GraphModule, high: Mapping[str, bool]) -> torch.fx.
             if branch is not keep and not branch.users:
                 g.erase_node(branch)
     for node in list(g.nodes):
-        if node.op == "get_attr" and node.target in (PLAN, PROBE) and not node.users:
+        if node.op == "get_attr" and node.target in (PLAN, PROBE, PLAN_HOST) and not node.users:
             g.erase_node(node)
     g.lint()
     gm.recompile()
     return gm
+
+
+def _freeze_host_dispatch(g: torch.fx.Graph, node: torch.fx.Node, site: Any, high: bool) -> None:
+    """A host-dispatch unit (``dual_linear`` / ``dual_matmul``: the op's own
+    args plus plan kwargs) becomes the plain op or its QDQ low branch."""
+    kw = dict(node.kwargs)
+    recipe, high_path = kw.pop("recipe"), kw.pop("high", "native")
+    for k in ("plan", "slot"):
+        kw.pop(k, None)
+    spec = site.spec
+    with g.inserting_before(node):
+        if high and high_path == "native":
+            new = g.call_function(spec.fn, tuple(node.args), kw)
+        elif high:
+            new = g.call_function(high_path_fn, (spec.name, *node.args), {**kw, "high": high_path})
+        else:
+            new = g.call_function(low_path_qdq, (spec.name, *node.args), {
+                **kw, "recipe": recipe, "a_index": spec.a_index, "b_index": spec.b_index,
+                "b_kdim": spec.b_kdim, "b_is_weight": site.weight is not None,
+            })
+    new.meta.update({k: v for k, v in node.meta.items() if k != "gnmr_dual"})
+    node.replace_all_uses_with(new)
+    g.erase_node(node)
 
 
 class _FrozenModel(torch.nn.Module):

@@ -121,3 +121,13 @@ class TestDiffCLI:
     def test_bad_config_exits_2(self, capsys):
         assert cli(["diff", "tiny_gpt", "--config-a", "recipe=int3"]) == 2
         assert "unknown recipe 'int3'" in capsys.readouterr().err
+
+
+def test_host_dispatch_unit_is_one_entry():
+    from test_onnx_export import host_dispatch_graph
+
+    _, _, rec, gm = host_dispatch_graph("fp8_e4m3")
+    d = gnmr_fx.diff(rec.original, gm)
+    assert [(e.kind, e.unit) for e in d.replaced] == [("replaced", "weight")]
+    assert d.replaced[0].after.startswith("host-dispatch linear (dual_linear): high [native] | low [fp8_e4m3]")
+    assert sorted(e.name for e in d.added) == ["_gnmr_plan_host", "_gnmr_probe"] and d.removed == []

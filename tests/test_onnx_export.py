@@ -173,3 +173,54 @@ def test_fp8_e4m3_per_tensor(tiny, tmp_path):
     assert set(zps) == {onnx.TensorProto.FLOAT8E4M3FN}
     with pytest.raises(ValueError, match="opset 17 cannot express recipe 'fp8_e4m3_onnx_test'"):
         gnmr_fx.export_onnx(model, inputs, tmp_path / "x.onnx", config=cfg, opset=17)
+
+
+def host_dispatch_graph(recipe):
+    """A captured nn.Linear whose unit is rewritten the way insert_dual_path
+    does on a GPU with a real kernel: one ``dual_linear`` node reading a
+    host-resident plan (built by hand here: this CPU has no such kernel)."""
+    import copy
+
+    from gnmr_fx.backends.host_dispatch import PLAN_HOST, dual_linear
+    from gnmr_fx.inspection import capture
+    from gnmr_fx.passes.nodes import select_path
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(16, 8), torch.randn(4, 16)
+    rt = capture(model, (x,), gnmr_fx.GNMRConfig(recipe="int8"), keep_inputs=True)
+    rec = rt.records[0]
+    gm = torch.fx.GraphModule(rec.rewritten, copy.deepcopy(rec.rewritten.graph))
+    gm.register_buffer(PLAN_HOST, torch.zeros(1, dtype=torch.bool))
+    g = gm.graph
+    sel = next(n for n in g.nodes if n.target is select_path)
+    hp, lp = sel.args[2], sel.args[3]
+    with g.inserting_before(sel):
+        plan = g.get_attr(PLAN_HOST)
+        dual = g.call_function(dual_linear, tuple(hp.args), {"plan": plan, "slot": 0, "recipe": recipe, "high": "native"})
+    dual.meta["gnmr_dual"] = sel.meta["gnmr_dual"]
+    sel.replace_all_uses_with(dual)
+    for n in (sel, hp, lp):
+        g.erase_node(n)
+    for n in list(g.find_nodes(op="get_attr")):
+        if n.target == "_gnmr_plan" and not n.users:  # the pass adds none when every unit is host-dispatched
+            g.erase_node(n)
+    gm.recompile()
+    return model, x, rec, gm
+
+
+@pytest.mark.parametrize("high", [True, False])
+def test_freeze_host_dispatch_unit(high):
+    from gnmr_fx.backends.recipes import fake_quant_int
+    from gnmr_fx.onnx_export import freeze_plan
+
+    model, x, rec, gm = host_dispatch_graph("int8")
+    freeze_plan(gm, {"weight": high})
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert not any(getattr(t, "__name__", "") == "dual_linear" for t in targets)
+    (out,) = gm(*rec.extra["example_inputs"])
+    w, b = model.weight.detach(), model.bias.detach()
+    if high:
+        expected = torch.nn.functional.linear(x, w, b)
+    else:
+        expected = torch.nn.functional.linear(fake_quant_int(x, bits=8, kdim=-1), fake_quant_int(w, bits=8, kdim=-1), b)
+    assert torch.equal(out.detach(), expected)
