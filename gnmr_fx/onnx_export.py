@@ -459,7 +459,7 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
         rt.set_plan(torch.tensor([export.plan[n] == "high" for n in rt.controller.names]))
         with torch.no_grad():
             ref = cm(*example_inputs)
-    ref = ref if isinstance(ref, torch.Tensor) else ref[0]
+    ref = (ref if isinstance(ref, torch.Tensor) else ref[0]).detach().float().cpu()
     ops = collections.Counter(n.op_type for n in onnx.load(export.path).graph.node)
     return {
         "max_abs_err": float((got - ref).abs().max()),
