@@ -100,6 +100,15 @@ def _fresh_caller(tag: int) -> Any:
 _TAG = [0]
 
 
+def as_inputs(example_inputs: Any) -> tuple:
+    """Example inputs as a tuple (a lone tensor is one input, not a sequence)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
+    return tuple(example_inputs)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module behind a ``torch.compile`` wrapper."""
     inner = getattr(model, "_orig_mod", None)
@@ -141,6 +150,7 @@ def capture(
     (['weight'], 1)
     """
     root = unwrap(model)
+    example_inputs = as_inputs(example_inputs)
     rt = GNMRRuntime(config, root)
     _TAG[0] += 1
     fn = torch.compile(_fresh_caller(_TAG[0]), backend=_RecordingBackend(rt, keep_inputs), dynamic=False)

@@ -41,7 +41,7 @@ from gnmr_fx.backends.paths import high_path as high_path_fn
 from gnmr_fx.backends.host_dispatch import PLAN_HOST
 from gnmr_fx.backends.recipes import FP8_E4M3_MAX, cast_fp8, get_recipe
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.inspection import capture, unwrap
+from gnmr_fx.inspection import as_inputs, capture, unwrap
 from gnmr_fx.passes.insert_dual_path import PLAN
 from gnmr_fx.passes.insert_grad_stats import PROBE
 from gnmr_fx.passes.nodes import record_grad_norm, select_path
@@ -374,7 +374,7 @@ def export_onnx(
     live = root.__dict__.get("_gnmr_runtime")
     if config is None:
         config = live.config if live is not None else GNMRConfig()
-    inputs = tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     with _eval_mode(root):
         rt = capture(root, inputs, config, keep_inputs=True)
         if len(rt.records) != 1:
