@@ -200,32 +200,26 @@ def _e8m0_scale(amax: Tensor, elem_max_pow2: int) -> Tensor:
 
 
 _FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-# Midpoints between neighbouring E2M1 magnitudes. A value exactly on a
-# midpoint rounds to the neighbour with the even code (IEEE round-to-nearest-
-# even): codes are e<<1|m, so "even code" = even index into the grid. That is
-# the lower neighbour for 0.25, 1.25, 2.5, 5 and the upper one for 0.75,
-# 1.75, 3.5.
-_FP4_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-_FP4_TIES_UP = torch.tensor([0.75, 1.75, 3.5])
 
 
 def cast_fp4_e2m1(t: Tensor) -> Tensor:
     """Round onto the FP4 E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} with saturation.
 
     Ties go to the grid point with the even mantissa, as in IEEE rounding.
+    E2M1 has one mantissa bit, so the grid spacing in the binade
+    [2^E, 2^(E+1)) is 2^(E-1), and 0.5 below 1 (subnormals). Dividing by the
+    spacing makes the grid the integers, where ``torch.round`` is exactly
+    round-half-to-even, and an even integer is an even mantissa. This is
+    elementwise (no table lookup), which matters on the CPU benchmark.
 
     >>> cast_fp4_e2m1(torch.tensor([0.25, 0.75, 2.5, 3.5, -5.0, 7.0, 100.0])).tolist()
     [0.0, 1.0, 2.0, 4.0, -4.0, 6.0, 6.0]
     """
-    dev = t.device
     a = t.float().abs().clamp(max=6.0)
-    # bucketize(right=False) counts midpoints strictly below a: ties go down;
-    # the three midpoints whose even neighbour is above are bumped up.
-    idx = torch.bucketize(a, _FP4_MIDPOINTS.to(dev), right=False)
-    idx = idx + torch.isin(a, _FP4_TIES_UP.to(dev)).long()
-    q = _FP4_E2M1_GRID.to(dev)[idx]
-    # NaN stays NaN so a broken input is not hidden behind a grid value.
-    q = torch.where(torch.isnan(a), a, q)
+    _, e = torch.frexp(a)  # a = m * 2^e, m in [0.5, 1): binade exponent e - 1
+    spacing = torch.exp2((e - 1).clamp_min(0).float() - 1.0)
+    # NaN stays NaN (round(NaN) is NaN) so a broken input is not hidden.
+    q = torch.round(a / spacing) * spacing
     return torch.copysign(q, t.float())
 
 

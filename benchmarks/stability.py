@@ -75,6 +75,8 @@ class Scenario:
     faults: bool = False
     finetune: bool = False
     pretrain_lr: float = 1e-3
+    threshold: float = 3.0  # GNMRConfig.threshold of every arm's controller (the library default)
+    delta_threshold: float = 1.5  # GNMRConfig.delta_threshold (the library default)
 
 
 SCENARIOS = {
@@ -140,8 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=["eager", "aot_eager", "inductor"])
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="S.FIELD=VALUE",
                         help="override a scenario field, e.g. a.lr=3e-3 a.recipe=nvfp4")
-    parser.add_argument("--eval-split", default="val", choices=["val", "tune"],
-                        help="split the reported losses use; tune thresholds only with --eval-split tune")
+    parser.add_argument("--tuning", action="store_true",
+                        help="train and evaluate on the tune split (for choosing thresholds; never report these)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/out/stability-<preset>)")
     parser.add_argument("--no-plots", action="store_true")
 
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = max(1, args.jobs if args.jobs is not None else preset.jobs)
     tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, preset=preset_name,
                   preset_obj=_preset_dict(preset), arms=[a.name for a in arms], device=device, backend=backend,
-                  threads=args.threads, out=str(out), eval_split=args.eval_split)
+                  threads=args.threads, out=str(out), split="tune" if args.tuning else "val")
              for s in scenarios.values() for seed in args.seeds]
     # Longest first (d also pretrains) so two workers finish together.
     tasks.sort(key=lambda t: -int(t["scenario"]["finetune"]))
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
             "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
             "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
             "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
-            "threads_per_job": args.threads, "eval_split": args.eval_split,
+            "threads_per_job": args.threads, "split": "tune (tuning run)" if args.tuning else "train / val",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
             "definitions": DEFINITIONS,
@@ -252,8 +254,10 @@ def run_task(task: dict) -> dict:
     seed, device = task["seed"], torch.device(task["device"])
     label = f"{s.key} s{seed}"
     corpus = _corpus(tuple(sorted(p.corpus_bytes.items())))
-    train = corpus.train
-    vx, vy = fixed_windows(corpus.split(task["eval_split"]), p.eval_seqs, p.model.block_size)
+    # A tuning run trains and evaluates on the tune split only, so nothing
+    # chosen from it has seen the train stream or the validation split.
+    train = corpus.tune if task["split"] == "tune" else corpus.train
+    vx, vy = fixed_windows(corpus.split(task["split"]), p.eval_seqs, p.model.block_size)
     vx, vy = vx.to(device), vy.to(device)
 
     torch.manual_seed(seed)
@@ -261,7 +265,8 @@ def run_task(task: dict) -> dict:
     injector = None
     if s.faults:
         injector = FaultInjector(model, fault_schedule(model, p, seed))
-    base = gnmr_fx.GNMRConfig(recipe=s.recipe, unit_filter=s.unit_filter)
+    base = gnmr_fx.GNMRConfig(recipe=s.recipe, unit_filter=s.unit_filter, threshold=s.threshold,
+                              delta_threshold=s.delta_threshold)
     ex = random_batch(train, p.batch, p.model.block_size, torch.Generator().manual_seed(0))
     cm = gnmr_fx.compile(model, base, backend=task["backend"],
                          example_inputs=tuple(t.to(device) for t in ex))
@@ -558,7 +563,8 @@ def format_tables(doc: dict) -> dict:
     for key, sc in doc["scenarios"].items():
         cfg = sc["config"]
         title = (f"Scenario ({key}) {cfg['name']}: recipe {cfg['recipe']}, lr {cfg['lr']:g}, "
-                 f"{len(sc['units'])} units, seeds {doc['meta']['seeds']}")
+                 f"{len(sc['units'])} units, GNMR thresholds {cfg['threshold']:g} / {cfg['delta_threshold']:g}, "
+                 f"seeds {doc['meta']['seeds']}")
         faults = cfg["faults"]
         head = ["arm", "final val", "best val", "gap %", "spikes", "diverged", "% unit-steps high",
                 "% FLOPs high", "wall s"]
@@ -699,8 +705,9 @@ def _apply_overrides(scenarios: dict, overrides: Sequence[str]) -> dict:
             raise ValueError(f"--set expects S.FIELD=VALUE, e.g. a.lr=3e-3 (got {item!r})") from None
         if key not in scenarios:
             raise ValueError(f"--set {item!r}: scenario {key!r} is not selected ({sorted(scenarios)})")
-        if name not in ("recipe", "lr", "pretrain_lr"):
-            raise ValueError(f"--set {item!r}: only recipe, lr and pretrain_lr can be overridden")
+        if name not in ("recipe", "lr", "pretrain_lr", "threshold", "delta_threshold"):
+            raise ValueError(f"--set {item!r}: only recipe, lr, pretrain_lr, threshold and "
+                             "delta_threshold can be overridden")
         v: Any = float(value) if name != "recipe" else value
         scenarios[key] = dataclasses.replace(scenarios[key], **{name: v})
     return scenarios

@@ -54,6 +54,15 @@ class TestFP4Cast:
         want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.5, 6.0, 6.0, 6.0, -1.0, -3.0]
         assert cast_fp4_e2m1(x).tolist() == want
 
+    def test_matches_nearest_even_table_lookup(self):
+        # Reference: nearest grid point by brute force, ties to the even code.
+        x = torch.cat([torch.linspace(-8, 8, 20001), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])])
+        a = x.abs().clamp(max=6.0)
+        d = (a[:, None] - E2M1).abs()
+        idx = torch.arange(8)
+        rank = torch.where(d <= d.min(1, keepdim=True).values, (idx % 2) * 8 + idx, torch.full_like(idx, 99))
+        assert torch.equal(cast_fp4_e2m1(x), torch.copysign(E2M1[rank.argmin(1)], x))
+
     def test_grid_points_are_fixed_points(self):
         g = torch.cat([E2M1, -E2M1])
         assert torch.equal(cast_fp4_e2m1(g), g)
