@@ -169,3 +169,30 @@ class TestReport:
     def test_missing_file(self, capsys, tmp_path):
         assert cli(["report", str(tmp_path / "nope.jsonl")]) == 2
         assert "No such file" in capsys.readouterr().err
+
+
+def test_units_joining_mid_run_get_a_new_header(tmp_path):
+    from gnmr_fx.telemetry import TelemetryWriter
+
+    path = tmp_path / "grow.jsonl"
+    w = TelemetryWriter(str(path), log_every=10)
+
+    def step(n_units, s):
+        hot = torch.zeros(n_units, dtype=torch.bool)
+        hot[-1] = True
+        w.append(s, {"norm": torch.full((n_units,), float(s)), "gnmr": torch.ones(n_units),
+                     "delta_gnmr": torch.zeros(n_units), "plan": hot, "triggered": hot,
+                     "denied": torch.zeros(n_units, dtype=torch.bool), "lock": hot.long(),
+                     "budget_used": hot.sum().float()}, {})
+
+    w.set_header({"header": True, "units": ["a", "b"], "budget": 1.0, "max_o": 1})
+    step(2, 1)
+    w.set_header({"header": True, "units": ["a", "b", "c"], "budget": 1.0, "max_o": 1})
+    step(3, 2)
+    w.close()
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert [("header" in l) for l in lines] == [True, False, True, False]
+    run = load_run(str(path))
+    assert run.units == ["a", "b", "c"]
+    assert np.isnan(run.norm[0, 2]) and run.norm[1].tolist() == [2.0, 2.0, 2.0]
+    assert run.plan.tolist() == [[False, True, False], [False, False, True]]
