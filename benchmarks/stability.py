@@ -88,7 +88,9 @@ SCENARIOS = {
                   unit_filter=("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.fc", "blocks.*.out")),
     "c": Scenario("c", "faults", "fp8_e4m3", 3e-3,
                   "fp8 e4m3 per-tensor with injected outlier bursts and corrupted backward passes",
-                  faults=True),
+                  # delta_threshold 3 (library default 1.5) was chosen by `--tuning` runs on the tune
+                  # split, seeds 100-101 (benchmarks/RESULTS.md): same recall, fewer false positives.
+                  faults=True, delta_threshold=3.0),
     "d": Scenario("d", "finetune_nvfp4", "nvfp4", 1e-3,
                   "fine-tune an always_high checkpoint in NVFP4", finetune=True, pretrain_lr=3e-3),
 }
