@@ -21,8 +21,15 @@ does, and fed to QuantizeLinear as an input. The zero point is 0 (int8). The
 recipe clamps codes to [-127, 127] and ONNX saturates to [-128, 127]; with
 scale = amax / 127 no code ever exceeds 127 in magnitude, so the two agree.
 
-Recipes whose ``Recipe.onnx`` is None (fp8, MX, NVFP4, int4 here) raise a
-``ValueError`` naming the recipe when a unit on the low path would need them.
+A recipe with ``Recipe.onnx == "fp8_e4m3"`` (per-tensor e4m3 scaling) is
+written as QDQ with a float8e4m3fn zero point, which needs opset 19.
+Recipes whose ``Recipe.onnx`` is None (as registered today: fp8_e4m3,
+fp8_rowwise, blockwise fp8, MX, NVFP4, int4) raise a ``ValueError`` naming
+the recipe when a unit on the low path would need them.
+
+The TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) is used
+on purpose: an ``autograd.Function`` with a ``symbolic`` writes exactly the
+QDQ nodes above, and it needs no ``onnxscript``.
 """
 
 from __future__ import annotations
