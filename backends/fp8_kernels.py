@@ -220,7 +220,9 @@ def pad_operands(ops: GemmOperands) -> tuple[GemmOperands, tuple[int, int]]:
     else:
         a, b = row_major(a), col_major(b)
     if sa.dim() == 2:
-        sa, sb = sa.contiguous(), sb.contiguous()
+        # [M, 1] / [1, N] scales with unit strides: a transposed [1, M] is
+        # "contiguous" yet has stride(1) = M, which _scaled_mm rejects.
+        sa, sb = sa.flatten().view(sa.shape), sb.flatten().view(sb.shape)
     return GemmOperands(a, b, sa, sb, ops.fast_accum), (m, n)
 
 

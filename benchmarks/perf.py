@@ -469,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--sizes: unknown size(s) {bad}; choose from {list(SIZES)}")
     device = torch.device(args.device)
     env = _environment(device)
-    env["command"] = "gnmr-fx bench perf " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "perf"] else sys.argv[1:])
+    env["command"] = _command(args, sizes)
     all_rows, extras = [], {}
     for name in sizes:
         s = SIZES[name]
@@ -491,6 +491,18 @@ def run(args: argparse.Namespace) -> int:
         with open(args.md, "w", encoding="utf-8") as f:
             f.write(_markdown(env, all_rows, extras))
     return 0
+
+
+def _command(args: argparse.Namespace, sizes: list[str]) -> str:
+    """The command line that reproduces this run (from the parsed arguments)."""
+    parts = ["gnmr-fx bench perf", f"--sizes {','.join(sizes)}", f"--arms {','.join(args.arms)}",
+             f"--recipe {args.recipe}", f"--steps {args.steps}", f"--rounds {args.rounds}",
+             f"--warmup {args.warmup}", f"--device {args.device}", f"--backend {args.backend}"]
+    if args.batch is not None:
+        parts.append(f"--batch {args.batch}")
+    if args.profile:
+        parts.append("--profile")
+    return " ".join(parts)
 
 
 _HEAD = ["size", "arm", "step_ms", "tokens_per_s", "tflops", "vs_bf16", "vs_fp8", "vs_torchao", "peak_gib",

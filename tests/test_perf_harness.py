@@ -1,0 +1,64 @@
+"""CPU smoke tests of the benchmark harnesses (tiny configurations only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+
+from gnmr_fx.benchmarks import overhead, perf
+
+
+def _args(module, argv):
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_perf_harness_writes_its_table(tmp_path):
+    out, md = tmp_path / "perf.json", tmp_path / "perf.md"
+    args = _args(perf, ["--sizes", "tiny", "--arms", "bf16,fp8,gnmr0,gnmr5", "--device", "cpu", "--backend", "eager",
+                        "--steps", "2", "--rounds", "1", "--warmup", "0", "--out", str(out), "--md", str(md)])
+    assert perf.run(args) == 0
+    res = json.loads(out.read_text())
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert list(rows) == ["bf16", "fp8", "gnmr0", "gnmr5"]
+    assert rows["bf16"]["vs_bf16"] == 1.0 and rows["fp8"]["vs_fp8"] == 1.0
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["n_steps"] == 2 and r["recompiles"] == 0
+    # gnmr5 locks the largest units that fit in 5% of the FLOPs: the budget used, not exceeded.
+    assert 0.0 < rows["gnmr5"]["high_flops"] <= 0.05
+    assert rows["gnmr0"]["high_flops"] == 0.0
+    # On the CPU, automatic selection emulates (real fp8 kernels are a GPU feature).
+    assert res["extras"]["tiny"]["gnmr_kernels"] == {"emulated": 15}
+    text = md.read_text()
+    assert re.search(r"^\| tiny +\| gnmr5 +\|", text, re.M), text
+    assert "command: `gnmr-fx bench perf --sizes tiny --arms bf16,fp8,gnmr0,gnmr5" in text
+
+
+def test_perf_rejects_unknown_arms():
+    with pytest.raises(ValueError, match="unknown arm"):
+        perf.run(_args(perf, ["--arms", "bf16,fp16"]))
+
+
+def test_llama_flops_and_loss():
+    s = perf.SIZES["tiny"]
+    model = perf.Llama(s)
+    idx = torch.randint(0, s.vocab, (1, s.seq))
+    loss = model(idx, idx)
+    assert abs(loss.item() - torch.log(torch.tensor(float(s.vocab))).item()) < 1.0  # ~ uniform at init
+    per_layer = 4 * 64 * 64 + 3 * 64 * 176
+    assert perf.llama_flops_per_token(s) == 6.0 * (2 * per_layer + 64 * 256) + 2 * 6 * 64 * 64
+
+
+def test_overhead_bench_constant_ops(tmp_path):
+    out = tmp_path / "overhead.json"
+    args = _args(overhead, ["--units", "10,100", "--reps", "5", "--no-reference", "--out", str(out)])
+    assert overhead.run(args) == 0
+    res = json.loads(out.read_text())
+    ops = [r["ops_per_update"] for r in res["rows"]]
+    assert ops[0] == ops[1] > 0, ops  # the update's op count does not grow with units
+    assert res["constant_ops"] is True
