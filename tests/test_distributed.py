@@ -196,3 +196,25 @@ def test_dist_check_harness_tiny(tmp_path):
     assert [r["arm"] for r in res["throughput"]] == ["bf16", "fp8_gnmr"]
     assert all(r["tokens_per_s"] > 0 for r in res["throughput"])
     assert res["throughput"][1]["units"] == 6  # one block: qkv, 2 attention matmuls, proj, fc, out
+
+
+def test_enable_scales_the_reduced_statistics_by_the_divide_factor():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        cfg = gnmr_fx.GNMRConfig(recipe="int8")
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        norms = {}
+        for factor in (None, 4.0):
+            torch.manual_seed(0)
+            model = gnmr_fx.compile(torch.nn.Linear(4, 4), cfg, backend="eager")
+            rt = gnmr_fx.distributed.enable(model, grad_divide_factor=factor)
+            assert rt.dp_scale == (1.0 if factor is None else 1.0 / 16)
+            model(x).square().sum().backward()  # one step: the all_reduce over a world of 1
+            norms[factor] = rt.controller.norm.item()
+        assert norms[4.0] == norms[None] / 4  # 1 / factor^2 on the squared norm, exact for powers of 2
+        with pytest.raises(ValueError, match="grad_divide_factor must be > 0"):
+            gnmr_fx.distributed.enable(model, grad_divide_factor=0)
+    finally:
+        dist.destroy_process_group()
