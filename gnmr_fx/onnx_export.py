@@ -452,6 +452,7 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
     import onnxruntime as ort
 
     from gnmr_fx.api import compile as gnmr_compile
+    from gnmr_fx.backends.host_dispatch import publish_plan
     from gnmr_fx.backends.recipes import quantization_sqnr
     from gnmr_fx.runtime import runtime_of
 
@@ -461,10 +462,15 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
     ref_model = copy.deepcopy(unwrap(model))
     ref_model.__dict__.pop("_gnmr_runtime", None)
     with _eval_mode(ref_model):
-        cm = gnmr_compile(ref_model, config, backend="eager", example_inputs=example_inputs)
+        cm = gnmr_compile(ref_model, config, backend="eager")
         rt = runtime_of(cm)
-        rt.set_plan(torch.tensor([export.plan[n] == "high" for n in rt.controller.names]))
         with torch.no_grad():
+            # Compile the no-grad graph first: the plan is set on existing
+            # graphs, and a graph compiled later starts from the initial
+            # host-side plan until the next step publishes one.
+            cm(*example_inputs)
+            rt.set_plan(torch.tensor([export.plan[n] == "high" for n in rt.controller.names]))
+            publish_plan(rt)  # units with a real kernel (GPU fp8) read a host copy of the plan
             ref = cm(*example_inputs)
     ref = (ref if isinstance(ref, torch.Tensor) else ref[0]).detach().float().cpu()
     ops = collections.Counter(n.op_type for n in onnx.load(export.path).graph.node)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gnmr_fx
+from gnmr_fx.backends.host_dispatch import publish_plan
 from gnmr_fx.backends.recipes import quantization_sqnr
 from gnmr_fx.examples import load_spec
 
@@ -49,10 +50,12 @@ def _ops(path):
 
 def _gnmr_reference(model, inputs, high):
     """The GNMR-compiled model (eager backend) under the same frozen plan."""
-    cm = gnmr_fx.compile(model, CFG, backend="eager", example_inputs=inputs)
+    cm = gnmr_fx.compile(model, CFG, backend="eager")
     rt = gnmr_fx.runtime(cm)
-    rt.set_plan(torch.tensor([n in high for n in rt.controller.names]))
     with torch.no_grad():
+        cm(*inputs)  # compile the no-grad graph before setting the plan
+        rt.set_plan(torch.tensor([n in high for n in rt.controller.names]))
+        publish_plan(rt)  # host-dispatch units (GPU fp8 kernels) read a host copy; a no-op here
         return cm(*inputs)
 
 
