@@ -587,6 +587,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("-U", "--context", type=int, default=3, help="lines of context in the unified diff")
+    parser.add_argument("--device", default=None, help="move the model and inputs here first (e.g. cuda)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -595,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
     from gnmr_fx.inspection import capture, print_or_quit
 
     try:
-        model, inputs = load_spec(args.spec)
+        model, inputs = load_spec(args.spec, args.device)
         two = args.config_a is not None or args.config_b is not None
         if two:
             cfg_a = GNMRConfig(**parse_config_items(args.config_a or []))

@@ -87,8 +87,9 @@ EXAMPLES: dict[str, ExampleFactory] = {
 }
 
 
-def load_spec(spec: str) -> tuple[torch.nn.Module, tuple]:
-    """Build ``(model, example_inputs)`` from a built-in name or ``module:factory``."""
+def load_spec(spec: str, device: Optional[str] = None) -> tuple[torch.nn.Module, tuple]:
+    """Build ``(model, example_inputs)`` from a built-in name or ``module:factory``,
+    moved to ``device`` when one is given."""
     if spec in EXAMPLES:
         model, inputs = EXAMPLES[spec]()
     elif ":" in spec:
@@ -110,6 +111,9 @@ def load_spec(spec: str) -> tuple[torch.nn.Module, tuple]:
         raise ValueError(f"SPEC {spec!r}: factory must return (nn.Module, inputs), got {type(model).__name__}")
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    if device is not None:
+        model = model.to(device)
+        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
     return model, tuple(inputs)
 
 

@@ -364,6 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filter", dest="filters", action="extend", nargs="+", default=None, metavar="PATTERN",
                         help="unit filter: fnmatch patterns on unit names (each must match a unit)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--device", default=None, help="move the model and inputs here first (e.g. cuda)")
 
 
 def config_from_args(args: argparse.Namespace) -> GNMRConfig:
@@ -384,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         from gnmr_fx.examples import load_spec
 
         config = config_from_args(args)
-        model, inputs = load_spec(args.spec)
+        model, inputs = load_spec(args.spec, args.device)
         result = inspect(model, inputs, config)
     except ValueError as e:
         print(f"gnmr-fx inspect: error: {e}", file=sys.stderr)

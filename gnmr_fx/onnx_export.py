@@ -495,16 +495,17 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--high", nargs="*", default=[], metavar="UNIT", help="units on the high path (others low)")
     p.add_argument("--all-high", action="store_true")
     p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the model and the PyTorch reference run (e.g. cuda)")
     a = p.parse_args(argv)
     try:
-        model, inputs = load_spec(a.spec)
+        model, inputs = load_spec(a.spec, a.device)
         cfg = GNMRConfig(recipe=a.recipe)
         plan: PlanLike = "high" if a.all_high else {u: True for u in a.high}
         ex = export_onnx(model, inputs, a.out, plan, config=cfg, opset=a.opset)
     except ValueError as e:
         print(f"export_onnx: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {ex.path} (opset {ex.opset}, recipe {ex.recipe}): "
+    print(f"wrote {ex.path} (opset {ex.opset}, recipe {ex.recipe}, model on {a.device}): "
           f"{len(ex.low_units)} units low, {len(ex.high_units)} high"
           f"{' ' + str(ex.high_units) if 0 < len(ex.high_units) <= 4 else ''}")
     v = verify_with_onnxruntime(ex, model, inputs, cfg)
