@@ -200,3 +200,14 @@ def test_select_mm_op_picks_the_branch():
     args = (x, w.t(), ops.a_lp, ops.b_lp, ops.scale_a, ops.scale_b, True)
     assert torch.equal(torch.ops.gnmr.select_mm(plan, 0, *args), fp8_kernels.scaled_mm(ops, x.dtype))
     assert torch.equal(torch.ops.gnmr.select_mm(plan, 1, *args), x @ w.t())
+
+
+def test_high_path_in_a_named_dtype():
+    # high="bf16": the high path runs the GEMMs in bf16 and returns the unit's dtype.
+    x, w, g = _xwg()
+    plan = torch.tensor([True])
+    y, gx, gw = _grads(lambda a, b: host_dispatch.dual_linear(a, b, plan=plan, slot=0, recipe="fp8_e4m3",
+                                                              high="bf16"), x, w, g)
+    assert y.dtype == gx.dtype == gw.dtype == torch.float32
+    assert torch.equal(y, (x.bfloat16() @ w.bfloat16().t()).float())
+    assert torch.equal(gw, (g.bfloat16().t() @ x.bfloat16()).float())
