@@ -18,11 +18,13 @@ from functorch.compile import make_boxed_func
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes import discover_units, insert_dual_path, insert_grad_stats, sites_of
 from gnmr_fx.passes.discover_units import normalize_source_path
+from gnmr_fx.backends.host_dispatch import PLAN_HOST
 from gnmr_fx.passes.insert_dual_path import PLAN
 from gnmr_fx.passes.insert_grad_stats import PROBE
 from gnmr_fx.runtime import GNMRRuntime, GraphRecord
 
 COMPILERS = ("inductor", "aot_eager", "eager")
+GNMR_STATE = (PROBE, PLAN, PLAN_HOST)  # tensors the passes add to a graph
 
 
 class GNMRBackend:
@@ -42,7 +44,7 @@ class GNMRBackend:
 
 
 def rewrite_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs: list) -> GraphRecord:
-    """Run the GNMR passes on a Dynamo graph and register it with the runtime."""
+    """Run the GNMR passes on a Dynamo graph and register its units with the runtime."""
     original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     gm.meta["gnmr_param_fqns"] = _param_fqns(runtime, gm, example_inputs)
     gm.meta["gnmr_frame_prefix"] = _frame_prefix(runtime, gm, example_inputs)
@@ -52,27 +54,110 @@ def rewrite_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     runtime.register_sites(sites)
     insert_grad_stats(gm, cfg)
     insert_dual_path(gm, cfg)
-    _register_new_inputs(gm)
+    state = {name: getattr(gm, name) for name in GNMR_STATE if hasattr(gm, name)}
     return GraphRecord(
         index=len(runtime.records), original=original, rewritten=gm, sites=sites,
-        unit_ids=None, skipped=dict(gm.meta.get("gnmr_skipped", {})), compiler="",
+        unit_ids=None, skipped=dict(gm.meta.get("gnmr_skipped", {})), compiler="", state=state,
     )
 
 
 def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs: list, compiler: str) -> Callable:
+    """Rewrite ``gm``, compile it with ``compiler`` and return the callable Dynamo runs.
+
+    The compiled graph takes the GNMR tensors (probe, plan) as trailing
+    inputs; :class:`InstanceDispatch` supplies those of the module instance
+    whose parameters it is called with.
+    """
     record = rewrite_graph(runtime, gm, example_inputs)
     record.compiler = compiler
     runtime.add_record(record)
+    exec_gm, names = _lift_state(record.rewritten)
+    inputs = list(example_inputs) + [record.state[n] for n in names]
     if compiler == "eager":
-        return gm.forward
-    if compiler == "aot_eager":
+        compiled: Callable = exec_gm.forward
+    elif compiler == "aot_eager":
         from torch._dynamo.backends.common import aot_autograd
 
         nop = lambda g, _inputs: make_boxed_func(g)  # noqa: E731
-        return aot_autograd(fw_compiler=nop, bw_compiler=nop)(gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
+        compiled = aot_autograd(fw_compiler=nop, bw_compiler=nop)(exec_gm, inputs)
+    else:
+        from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+        compiled = compile_fx(exec_gm, inputs)
+    if not names:
+        return compiled
+    return InstanceDispatch(runtime, record, compiled, names, example_inputs)
+
+
+class InstanceDispatch:
+    """Calls a compiled graph with the GNMR tensors of the right module instance.
+
+    Dynamo compiles a frame's code once and reuses the graph for every
+    module instance that runs the same code (after a graph break inside a
+    repeated block, say), passing each instance's parameters as inputs. The
+    parameters passed in identify the instance; the first time a new one
+    appears, its units are discovered and named from its own parameters and
+    get their own probe and plan. Graphs with no parameter inputs cannot tell
+    instances apart and keep the units of the first one.
+    """
+
+    def __init__(self, runtime: GNMRRuntime, record: GraphRecord, compiled: Callable,
+                 names: list[str], example_inputs: list) -> None:
+        self.runtime = runtime
+        self.template = record
+        self.compiled = compiled
+        self.names = names
+        self.param_pos = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+        self.instances = {self._key(example_inputs): record}
+
+    def _key(self, args: Any) -> tuple:
+        return tuple(id(args[i]) for i in self.param_pos)
+
+    def __call__(self, *args: Any) -> Any:
+        # Mirror the caller's convention: a single list is a boxed call
+        # (graph inputs are tensors and ints, never lists).
+        boxed = len(args) == 1 and isinstance(args[0], list)
+        if boxed:
+            args = args[0]
+        record = self.instances.get(self._key(args))
+        if record is None:
+            record = self._new_instance(args)
+        extra = [record.state[n] for n in self.names]
+        if boxed:
+            inputs = list(args) + extra
+            args.clear()  # boxed convention: the callee owns (and frees) the inputs
+            return self.compiled(inputs)
+        return self.compiled(*args, *extra)
+
+    def _new_instance(self, args: Any) -> GraphRecord:
+        rt, tpl = self.runtime, self.template
+        gm = torch.fx.GraphModule(tpl.original, copy.deepcopy(tpl.original.graph))
+        gm.meta["gnmr_param_fqns"] = _param_fqns(rt, gm, list(args))
+        gm.meta["gnmr_frame_prefix"] = _frame_prefix(rt, gm, list(args))
+        discover_units(gm, rt.config)
+        sites = sites_of(gm)
+        if [s.spec for s in sites] != [s.spec for s in tpl.sites]:
+            raise RuntimeError("internal error: a shared graph's units differ between module instances")
+        included = [rt.config.includes(s.base, s.op) for s in sites]
+        if any(inc != (t.slot is not None) for inc, t in zip(included, tpl.sites)):
+            raise ValueError(
+                "GNMRConfig.unit_filter includes a unit in one instance of a repeated module and not in "
+                f"another ({[s.base for s in sites]} vs {[t.name for t in tpl.sites]}); Dynamo compiled their "
+                "code once, so the filter must treat every instance alike"
+            )
+        rt.register_sites(sites)
+        state = {}
+        for name, t in tpl.state.items():
+            fresh = torch.zeros_like(t)
+            state[name] = torch.nn.Parameter(fresh) if isinstance(t, torch.nn.Parameter) else fresh
+        record = GraphRecord(
+            index=len(rt.records), original=tpl.original, rewritten=tpl.rewritten, sites=sites,
+            unit_ids=None, skipped=dict(tpl.skipped), compiler=tpl.compiler, state=state,
+            instance_of=tpl.index,
+        )
+        rt.add_record(record)
+        self.instances[self._key(args)] = record
+        return record
 
 
 def gnmr_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Callable:
@@ -171,18 +256,28 @@ def _frame_prefix(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     return ""
 
 
-def _register_new_inputs(gm: torch.fx.GraphModule) -> None:
-    """Tell AOTAutograd where the probe and plan come from.
+def _lift_state(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:
+    """A copy of ``gm`` that takes the GNMR tensors as trailing inputs.
 
-    AOTAutograd lifts a Dynamo graph's own parameters and buffers as inputs
-    and expects a source for each; the two the passes added get constant
-    sources (they are never guarded on: a new plan changes no guard).
+    ``gm`` itself keeps them as attributes (what inspect, diff and export
+    read). The copy carries no Dynamo metadata, so AOTAutograd treats its
+    inputs as plain inputs.
     """
-    names = getattr(gm, "_param_name_to_source", None)
-    if names is None:
-        return
-    from torch._dynamo.source import ConstantSource
-
-    for attr in (PROBE, PLAN):
-        if hasattr(gm, attr):
-            names[attr] = ConstantSource(f"gnmr{attr}")
+    exec_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    last = list(exec_gm.graph.find_nodes(op="placeholder"))[-1]
+    names = []
+    for node in list(exec_gm.graph.find_nodes(op="get_attr")):
+        if node.target not in GNMR_STATE:
+            continue
+        with exec_gm.graph.inserting_after(last):
+            ph = exec_gm.graph.placeholder(node.target)
+        ph.meta.update(node.meta)
+        node.replace_all_uses_with(ph)
+        exec_gm.graph.erase_node(node)
+        last = ph
+        names.append(node.target)
+    for name in names:
+        delattr(exec_gm, name)
+    exec_gm.graph.lint()
+    exec_gm.recompile()
+    return exec_gm, names

@@ -206,7 +206,7 @@ def publish_plan(runtime: Any) -> None:
     One device-to-host transfer for all graphs (the controller plan, one
     byte per unit), then host-side indexing per graph.
     """
-    recs = [r for r in runtime.records if r.plan is not None and hasattr(r.rewritten, PLAN_HOST)]
+    recs = [r for r in runtime.records if r.plan is not None and r.plan_host is not None]
     if not recs:
         return
     plan_cpu = runtime.controller.plan.to("cpu")  # the step's one small D2H transfer
@@ -214,7 +214,7 @@ def publish_plan(runtime: Any) -> None:
         ids = r.extra.get("unit_ids_cpu")
         if ids is None:
             ids = r.extra["unit_ids_cpu"] = r.unit_ids.to("cpu")
-        getattr(r.rewritten, PLAN_HOST).copy_(plan_cpu[ids])
+        r.plan_host.copy_(plan_cpu[ids])
 
 
 def install(runtime: Any) -> Any:

@@ -56,14 +56,23 @@ class GraphRecord:
     compiler: str
     graph_break_reason: Optional[str] = None
     extra: dict = field(default_factory=dict)
+    # GNMR tensors this record's units use, by attribute name (_gnmr_probe,
+    # _gnmr_plan, _gnmr_plan_host). The compiled graph takes them as inputs,
+    # so a graph Dynamo reuses for another module instance gets its own.
+    state: dict = field(default_factory=dict)
+    instance_of: Optional[int] = None  # index of the record whose graph this one shares
 
     @property
     def plan(self) -> Optional[torch.Tensor]:
-        return getattr(self.rewritten, "_gnmr_plan", None)
+        return self.state.get("_gnmr_plan", getattr(self.rewritten, "_gnmr_plan", None))
 
     @property
     def probe(self) -> Optional[torch.nn.Parameter]:
-        return getattr(self.rewritten, "_gnmr_probe", None)
+        return self.state.get("_gnmr_probe", getattr(self.rewritten, "_gnmr_probe", None))
+
+    @property
+    def plan_host(self) -> Optional[torch.Tensor]:
+        return self.state.get("_gnmr_plan_host", getattr(self.rewritten, "_gnmr_plan_host", None))
 
 
 class GNMRRuntime:
@@ -193,6 +202,8 @@ class GNMRRuntime:
             self.controller.to(record.plan.device)
             with torch.no_grad():
                 record.plan.copy_(self.controller.plan[record.unit_ids])
+                if record.plan_host is not None:  # compile time only: not a per-step transfer
+                    record.plan_host.copy_(self.controller.plan[record.unit_ids].cpu())
             if self._optimizer_hook is None:
                 self._backward_hooks.append(
                     record.probe.register_post_accumulate_grad_hook(self._on_probe_grad)

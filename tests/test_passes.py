@@ -463,3 +463,47 @@ def test_bf16_autocast_training():
     ctl = gnmr_fx.controller(m)
     assert ctl.step == 2 and ctl.names == TINY_GPT_UNITS
     assert torch.isfinite(ctl.norm).all() and (ctl.norm > 0).all()
+
+
+class RepeatedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()  # Dynamo captures this frame once, for every block
+        return self.b(h) @ h.t() @ h
+
+
+class RepeatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([RepeatedBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_graph_shared_by_module_instances_gets_units_per_instance(backend):
+    torch.manual_seed(0)
+    model = RepeatedNet()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    m = gnmr_fx.compile(model, GNMRConfig(policy="always_high"), backend=backend, optimizer=opt)
+    x = torch.randn(2, 8)
+    m(x).sum().backward()
+    opt.step()
+    rt = gnmr_fx.runtime(m)
+    expected = [f"blocks.{i}.{u}" for i in range(3) for u in ("a", "b", "matmul", "matmul_1")]
+    assert rt.unit_names == expected
+    assert any(r.instance_of is not None for r in rt.records)  # Dynamo really reused a graph
+    ref(x).sum().backward()
+    norms = dict(zip(rt.unit_names, gnmr_fx.controller(m).norm.tolist()))
+    for i in range(3):  # each instance measured its own weight gradient
+        assert norms[f"blocks.{i}.a"] == pytest.approx(ref.blocks[i].a.weight.grad.norm().item(), rel=1e-5)
+        assert norms[f"blocks.{i}.b"] == pytest.approx(ref.blocks[i].b.weight.grad.norm().item(), rel=1e-5)
