@@ -71,6 +71,12 @@ class GNMRConfig:
     """Optimizer steps a triggered unit stays on the high path. A re-trigger
     while locked refreshes the lock."""
 
+    emulate: Optional[bool] = None
+    """Low-path kernels. None: real fp8 kernels (``torch._scaled_mm``) where
+    the GPU has them (sm_89+ tensorwise, sm_90+ rowwise) and emulation
+    elsewhere; True: always emulate; False: demand real kernels, and raise
+    naming the alternative where the recipe or device has none."""
+
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch
     patterns on unit names, or a callable ``(name, op) -> bool``. Every
@@ -105,6 +111,7 @@ class GNMRConfig:
         _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         _check(_is_int(self.lock_steps) and self.lock_steps >= 1, "lock_steps", ">= 1", self.lock_steps)
         _check(_is_int(self.log_every) and self.log_every >= 1, "log_every", ">= 1", self.log_every)
+        _check(self.emulate in (None, True, False), "emulate", "None, True or False", self.emulate)
         f = self.unit_filter
         if isinstance(f, str):
             raise ValueError(

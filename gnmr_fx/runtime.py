@@ -204,6 +204,12 @@ class GNMRRuntime:
                 record.plan.copy_(self.controller.plan[record.unit_ids])
                 if record.plan_host is not None:  # compile time only: not a per-step transfer
                     record.plan_host.copy_(self.controller.plan[record.unit_ids].cpu())
+            if record.plan_host is not None:
+                # Real-kernel units read a host copy of the plan: publish it
+                # once per step (the one small device-to-host transfer).
+                from gnmr_fx.backends.host_dispatch import install
+
+                install(self)
             if self._optimizer_hook is None:
                 self._backward_hooks.append(
                     record.probe.register_post_accumulate_grad_hook(self._on_probe_grad)
@@ -300,6 +306,13 @@ class GNMRRuntime:
         for rec in self.records:
             if rec.plan is not None:
                 rec.plan.copy_(plan[rec.unit_ids.to(plan.device)])
+        self._publish_host_plans()
+
+    def _publish_host_plans(self) -> None:
+        if any(r.plan_host is not None for r in self.records):
+            from gnmr_fx.backends.host_dispatch import publish_plan
+
+            publish_plan(self)
 
     # ------------------------------------------------------------ telemetry
     def _record_telemetry(self, sumsq: torch.Tensor) -> None:
@@ -440,6 +453,7 @@ class GNMRRuntime:
         for rec in self.records:
             if rec.plan is not None:
                 rec.plan.copy_(self.controller.plan[rec.unit_ids])
+        self._publish_host_plans()
 
 
 def _json_float(v: float) -> Any:

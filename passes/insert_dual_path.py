@@ -93,7 +93,7 @@ def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: l
     """Rewrite the units that have a real kernel; return the other nodes."""
     from gnmr_fx.backends.host_dispatch import PLAN_HOST, dual_linear, dual_matmul, kernel_for
 
-    emulate = getattr(config, "emulate", None)
+    emulate = config.emulate
     chosen, rest = [], []
     for node in nodes:
         site = node.meta["gnmr_unit"]
@@ -106,11 +106,6 @@ def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: l
         # On the CPU whatever the units' device: the dual ops read it on the
         # host. Initial value = the controller's initial plan for the policy.
         gm.register_buffer(PLAN_HOST, torch.full((n_slots,), config.policy == "always_high", dtype=torch.bool))
-        names = getattr(gm, "_param_name_to_source", None)
-        if names is not None:
-            from torch._dynamo.source import ConstantSource
-
-            names[PLAN_HOST] = ConstantSource(f"gnmr{PLAN_HOST}")
     first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
     with gm.graph.inserting_after(first):
         plan_host = gm.graph.get_attr(PLAN_HOST)

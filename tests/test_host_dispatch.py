@@ -111,15 +111,14 @@ def _compiled(backend="aot_eager", **cfg):
     model = TinyGPT(GPTConfig(n_layer=1, n_embd=64, block_size=32))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cm = gnmr_fx.compile(model, Cfg(emulate=False, **cfg), backend=backend, optimizer=opt)
-    rt = host_dispatch.install(gnmr_fx.runtime(cm))
+    rt = gnmr_fx.runtime(cm)  # no install(): the runtime publishes the host plan itself
     idx = torch.randint(0, 256, (2, 32))
     return model, cm, rt, opt, idx
 
 
 def _force(rt, plan):
-    rt.set_plan(plan)
     rt.controller.lock = plan.long() * 10**9  # keeps the plan through controller updates
-    host_dispatch.publish_plan(rt)
+    rt.set_plan(plan)  # also publishes the host copy
 
 
 def test_compiled_host_dispatch_units_plans_and_statistics():
@@ -130,6 +129,7 @@ def test_compiled_host_dispatch_units_plans_and_statistics():
     cm(idx, idx).backward()
     opt.step()
     opt.zero_grad()
+    assert rt.callbacks.count(host_dispatch.publish_plan) == 1  # registered when the graph compiled
     kernels = {s.name: s.extra["kernel"] for r in rt.records for s in r.sites}
     assert kernels == {"blocks.0.attn.qkv": "fp8_e4m3:tensorwise", "blocks.0.attn.matmul": "emulated",
                        "blocks.0.attn.matmul_1": "emulated", "blocks.0.attn.proj": "fp8_e4m3:tensorwise",
