@@ -146,6 +146,14 @@ class InstanceDispatch:
                 "code once, so the filter must treat every instance alike"
             )
         rt.register_sites(sites)
+        shared = {s.unit_id for s in sites} & {t.unit_id for t in tpl.sites}
+        if shared:
+            names = sorted(rt.units[i].name for i in shared)
+            raise RuntimeError(
+                f"Dynamo reuses the graph of units {names[:4]} for another module instance whose parameters "
+                "have no name in this model, so its units cannot be told apart. Compile the repeated blocks "
+                "one by one (gnmr_fx.distributed.compile_blocks) or remove the graph break inside them"
+            )
         state = {}
         for name, t in tpl.state.items():
             fresh = torch.zeros_like(t)

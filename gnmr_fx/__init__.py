@@ -7,6 +7,7 @@ Quick start::
 See the README for what GNMR measures and how it decides.
 """
 
+from gnmr_fx import distributed
 from gnmr_fx.api import compile, controller, runtime
 from gnmr_fx.backends.recipes import Recipe, get_recipe, recipe_names as recipes, register_recipe
 from gnmr_fx.config import GNMRConfig
@@ -38,6 +39,7 @@ __all__ = [
     "compile",
     "controller",
     "diff",
+    "distributed",
     "export_onnx",
     "inspect",
     "get_recipe",

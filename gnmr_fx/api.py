@@ -56,7 +56,11 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
         raise TypeError(f"config must be a GNMRConfig, got {type(config).__name__}")
     if log is not None:
         config = config.replace(log=str(log))
-    rt = GNMRRuntime.attach(model, config)
+    _check_wrapping(model)
+    # A DDP wrapper's state dict is its module's with a "module." prefix: the
+    # runtime belongs to the wrapped model, so unit names are the model's own.
+    root = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    rt = GNMRRuntime.attach(root, config)
     if optimizer is not None:
         rt.attach_optimizer(optimizer)
     compiled = torch.compile(model, backend=GNMRBackend(rt, backend))
@@ -76,6 +80,22 @@ def controller(model: torch.nn.Module) -> GNMRController:
     """The controller of a compiled model: ``names``, ``plan``, ``gnmr``,
     ``delta_gnmr``, ``report()``."""
     return runtime_of(model).controller
+
+
+def _check_wrapping(model: torch.nn.Module) -> None:
+    """Refuse orders of wrapping whose units could not be told apart."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return
+    sharded = [n for n, m in model.named_modules() if n and isinstance(m, FSDPModule)]
+    if sharded:
+        raise ValueError(
+            f"gnmr_fx.compile got a model whose submodules are sharded with fully_shard ({sharded[0]}, ...): "
+            "the unsharded parameters FSDP2 swaps in are not the model's, so units of different blocks "
+            "could not be told apart. Compile per block before sharding: "
+            "gnmr_fx.distributed.compile_blocks(model, model.blocks, config)"
+        )
 
 
 def _cuda_devices(inputs: Sequence) -> list:

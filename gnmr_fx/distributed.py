@@ -54,7 +54,7 @@ import torch.nn as nn
 
 from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.runtime import _STATE_PREFIX, GNMRRuntime, runtime_of
+from gnmr_fx.runtime import StateView, _STATE_PREFIX, GNMRRuntime, runtime_of
 
 
 def enable(
@@ -199,31 +199,10 @@ def compile_blocks(
     return rt
 
 
-class _StateView:
-    """``root._gnmr.<key>``: the controller state under its state-dict key.
-
-    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` (and
-    ``set_model_state_dict``, which torchtitan's checkpointer uses) resolve
-    every state-dict key by ``getattr`` along its dotted path; without this
-    attribute the ``_gnmr.*`` keys raise ``AttributeError: ... no attribute
-    '_gnmr'``. A plain attribute, not a submodule: the module tree, the
-    parameters and ``state_dict()`` itself are unchanged.
-    """
-
-    def __init__(self, runtime: GNMRRuntime) -> None:
-        self._runtime = runtime
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        state = self._runtime.state_dict()
-        if name not in state:
-            raise AttributeError(f"the GNMR controller state has no entry {name!r}")
-        return state[name]
-
-
 def _expose_state(rt: GNMRRuntime) -> None:
     root = rt.root
     if root is not None:
-        root.__dict__[_STATE_PREFIX.rstrip(".")] = _StateView(rt)
+        root.__dict__[_STATE_PREFIX.rstrip(".")] = StateView(rt)
 
 
 class _BlockBackend(GNMRBackend):

@@ -115,6 +115,9 @@ class GNMRRuntime:
         # A plain attribute, not a submodule: the model's parameters, buffers
         # and module tree stay exactly the user's.
         root.__dict__["_gnmr_runtime"] = rt
+        # ``root._gnmr.<key>`` resolves the state-dict keys by attribute, as
+        # torch.distributed.checkpoint's get/set_model_state_dict require.
+        root.__dict__[_STATE_PREFIX.rstrip(".")] = StateView(rt)
         root.register_state_dict_post_hook(_state_dict_hook)
         root.register_load_state_dict_pre_hook(_load_state_dict_hook)
         return rt
@@ -454,6 +457,27 @@ class GNMRRuntime:
             if rec.plan is not None:
                 rec.plan.copy_(self.controller.plan[rec.unit_ids])
         self._publish_host_plans()
+
+
+class StateView:
+    """``root._gnmr.<key>``: the controller state under its state-dict key.
+
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` (and
+    ``set_model_state_dict``, which torchtitan's checkpointer uses) resolve
+    every state-dict key by ``getattr`` along its dotted path; without this
+    attribute the ``_gnmr.*`` keys raise ``AttributeError: ... no attribute
+    '_gnmr'``. A plain attribute, not a submodule: the module tree, the
+    parameters and ``state_dict()`` itself are unchanged.
+    """
+
+    def __init__(self, runtime: GNMRRuntime) -> None:
+        self._runtime = runtime
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        state = self._runtime.state_dict()
+        if name not in state:
+            raise AttributeError(f"the GNMR controller state has no entry {name!r}")
+        return state[name]
 
 
 def _json_float(v: float) -> Any:
