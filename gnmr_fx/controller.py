@@ -192,7 +192,9 @@ class GNMRController:
         ratio = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
         delta = ratio - self.hist.min(dim=0).values
         delta = torch.where(healthy, delta, torch.full_like(g, float("inf")))
-        delta = delta.nan_to_num(nan=float("-inf"))  # inf - inf when no history yet
+        # inf - inf (no history yet) is NaN: no history means no jump. (Not
+        # nan_to_num: it would also clamp the +/-inf entries to finite values.)
+        delta = torch.where(torch.isnan(delta), torch.full_like(delta, float("-inf")), delta)
 
         warm = self.n_obs < cfg.warmup_steps
         trig = healthy & ~warm & ((ratio >= cfg.threshold) | (delta >= cfg.delta_threshold))

@@ -262,3 +262,11 @@ class TestConfig:
     def test_unknown_option(self):
         with pytest.raises(ValueError, match="unknown GNMR option"):
             GNMRConfig.from_options({"treshold": 2.0})
+
+
+def test_infinities_stay_infinite():
+    ctl = GNMRController(2, GNMRConfig(warmup_steps=1, max_o=2))
+    ctl.update(torch.tensor([1.0, 1.0]))
+    assert float(ctl.delta_gnmr[0]) == float("-inf")  # first step: no history, no jump
+    ctl.update(torch.tensor([float("inf"), 1.0]))
+    assert float(ctl.gnmr[0]) == float("inf") and float(ctl.delta_gnmr[0]) == float("inf")
