@@ -278,6 +278,7 @@ def run_task(task: dict) -> dict:
     if injector is not None:
         injector.check_units(names)
     init = _weights(model)
+    user_callbacks = list(rt.callbacks)  # kept for every arm; the arm's own are appended
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -298,7 +299,7 @@ def run_task(task: dict) -> dict:
         elif arm.kind == "random":
             driver = RandomRecovery(len(names), k, cfg.lock_steps, seed)
         trig: list = []
-        rt.callbacks = [lambda r: trig.append(r.controller.triggered.detach().cpu().clone())]
+        rt.callbacks = user_callbacks + [lambda r: trig.append(r.controller.triggered.detach().cpu().clone())]
         if driver is not None:
             rt.callbacks.append(driver)
         rt.set_plan(driver.plan if driver is not None else ctl.plan)
