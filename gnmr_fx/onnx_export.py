@@ -426,6 +426,24 @@ def export_onnx(
 # --------------------------------------------------------------------------
 
 
+def _copy_without_gnmr(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of the user's modules without their GNMR attachments.
+
+    The runtime (graphs, controller) and its views are left out of the copy
+    through deepcopy's memo, so the copy can be compiled with a fresh one.
+    """
+    memo: dict = {}
+    for m in model.modules():
+        for k, v in m.__dict__.items():
+            if k.startswith("_gnmr"):
+                memo[id(v)] = None
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        for k in [k for k in m.__dict__ if k.startswith("_gnmr")]:
+            del m.__dict__[k]
+    return clone
+
+
 def ort_session_options(export: OnnxExport) -> Any:
     """onnxruntime session options that can load ``export``.
 
@@ -459,8 +477,7 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
     sess = ort.InferenceSession(export.path, ort_session_options(export), providers=["CPUExecutionProvider"])
     feed = {i.name: x.detach().cpu().numpy() for i, x in zip(sess.get_inputs(), example_inputs)}
     got = torch.from_numpy(sess.run(None, feed)[0])
-    ref_model = copy.deepcopy(unwrap(model))
-    ref_model.__dict__.pop("_gnmr_runtime", None)
+    ref_model = _copy_without_gnmr(unwrap(model))
     with _eval_mode(ref_model):
         cm = gnmr_compile(ref_model, config, backend="eager")
         rt = runtime_of(cm)

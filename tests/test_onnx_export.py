@@ -10,6 +10,7 @@ import gnmr_fx
 from gnmr_fx.backends.host_dispatch import publish_plan
 from gnmr_fx.backends.recipes import quantization_sqnr
 from gnmr_fx.examples import load_spec
+from gnmr_fx.onnx_export import _copy_without_gnmr
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx.numpy_helper")
@@ -50,7 +51,7 @@ def _ops(path):
 
 def _gnmr_reference(model, inputs, high):
     """The GNMR-compiled model (eager backend) under the same frozen plan."""
-    cm = gnmr_fx.compile(model, CFG, backend="eager")
+    cm = gnmr_fx.compile(_copy_without_gnmr(model), CFG, backend="eager")  # leave the fixture's model uncompiled
     rt = gnmr_fx.runtime(cm)
     with torch.no_grad():
         cm(*inputs)  # compile the no-grad graph before setting the plan
