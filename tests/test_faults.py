@@ -146,3 +146,11 @@ def test_bad_fault_and_compiled_wrapper_raise():
         FaultInjector(torch.compile(_model(), backend="eager"), [])
     with pytest.raises(ValueError, match="not GNMR units"):
         FaultInjector(_model(), [Fault("head", "outlier", steps=(1,))]).check_units(["blocks.0.fc"])
+
+
+def test_module_doctest():
+    import doctest
+
+    import gnmr_fx.faults
+
+    assert doctest.testmod(gnmr_fx.faults).failed == 0
