@@ -246,7 +246,6 @@ def _corpus(bytes_items: tuple):
 def run_task(task: dict) -> dict:
     """Train every arm of one (scenario, seed) on one compiled model."""
     import gnmr_fx
-    from gnmr_fx.controller import GNMRController
     from gnmr_fx.faults import FaultInjector
     from gnmr_fx.models import TinyGPT
 
@@ -290,8 +289,7 @@ def run_task(task: dict) -> dict:
     def train_arm(arm_label: str, arm, steps: int, lr: float, data_seed: int, init_sd: dict) -> dict:
         model.load_state_dict(init_sd)
         cfg = base.replace(policy=arm.policy, max_o=arm.budget if arm.kind == "gnmr" else 0)
-        ctl = GNMRController(names, cfg, costs=costs, device=device)
-        rt.controller = ctl  # a fresh controller per arm on the shared compiled graphs
+        ctl = rt.reset_controller(cfg)  # a fresh controller per arm on the shared compiled graphs
         driver = None
         k = budget_units(arm.budget, costs) if arm.kind in ("static", "random") else 0
         if arm.kind == "static":

@@ -25,6 +25,8 @@ from gnmr_fx.controller import GNMRController
 from gnmr_fx.passes.discover_units import UnitSite
 
 _STATE_PREFIX = "_gnmr."
+# GNMRConfig fields the passes bake into the graphs (the rest only steer the controller).
+_COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate")
 
 
 @dataclass
@@ -299,6 +301,23 @@ class GNMRRuntime:
         buf = torch.cat([sumsq, seen.to(sumsq.dtype)])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.dp_group)
         return buf[:n] * self.dp_scale, buf[n:] > 0
+
+    def reset_controller(self, config: GNMRConfig) -> GNMRController:
+        """A fresh controller with new decision settings, on the same compiled graphs.
+
+        For comparing policies or budgets without recompiling (the stability
+        benchmark's arms). Fields compiled into the graphs cannot change.
+        """
+        fixed = [f for f in _COMPILED_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        if fixed:
+            raise ValueError(
+                f"reset_controller cannot change {fixed}: they are compiled into the graphs; compile a fresh model"
+            )
+        ctl = self.controller
+        self.controller = GNMRController(ctl.names, config, costs=ctl.costs.cpu(), device=ctl.device)
+        self.config = config
+        self.set_plan(self.controller.plan)
+        return self.controller
 
     def set_plan(self, plan: torch.Tensor) -> None:
         """Force a plan (tests, export, what-if runs); the controller keeps it."""

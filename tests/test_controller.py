@@ -270,3 +270,18 @@ def test_infinities_stay_infinite():
     assert float(ctl.delta_gnmr[0]) == float("-inf")  # first step: no history, no jump
     ctl.update(torch.tensor([float("inf"), 1.0]))
     assert float(ctl.gnmr[0]) == float("inf") and float(ctl.delta_gnmr[0]) == float("inf")
+
+
+def test_runtime_reset_controller_keeps_graphs():
+    import gnmr_fx
+    from gnmr_fx.models import GPTConfig, TinyGPT
+
+    model = TinyGPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 256, (2, 8))
+    m = gnmr_fx.compile(model, GNMRConfig(recipe="int8"), backend="eager", example_inputs=(idx,))
+    rt = gnmr_fx.runtime(m)
+    ctl = rt.reset_controller(GNMRConfig(recipe="int8", policy="always_high"))
+    assert ctl is gnmr_fx.controller(m) and ctl.names == rt.unit_names
+    assert all(bool(r.plan.all()) for r in rt.records)  # the new policy's plan reached the graphs
+    with pytest.raises(ValueError, match=r"cannot change \['recipe'\]"):
+        rt.reset_controller(GNMRConfig(recipe="int4"))
