@@ -308,7 +308,7 @@ def _int4_tensorwise(t: Tensor, kdim: int) -> Tensor:
 register_recipe(Recipe(
     "fp8_e4m3",
     "fp8 e4m3 per-tensor dynamic scaling; gradients e5m2 per-tensor",
-    _fp8_tensorwise, _fp8_tensorwise, _e5m2_tensorwise,
+    _fp8_tensorwise, _fp8_tensorwise, _e5m2_tensorwise, onnx="fp8_e4m3",
 ))
 register_recipe(Recipe(
     "fp8_rowwise",

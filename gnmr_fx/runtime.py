@@ -13,7 +13,6 @@ Per optimizer step the runtime does, with no host sync:
 from __future__ import annotations
 
 import json
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -92,8 +91,6 @@ class GNMRRuntime:
         self._backward_hooks: list = []
         self._step_queued = False
         self._filter_checked = False
-        self._telemetry: list[dict] = []
-        self._log_file = None
         self.callbacks: list[Callable[["GNMRRuntime"], None]] = []
         self._root_ref = weakref.ref(root) if root is not None else None
         self.param_fqns: dict[int, str] = {}
@@ -493,19 +490,14 @@ class StateView:
         self._runtime = runtime
 
     def __getattr__(self, name: str) -> torch.Tensor:
+        # copy.deepcopy / pickle build the object without __init__ and probe
+        # dunders: never recurse through a missing _runtime.
+        if name == "_runtime" or name.startswith("__"):
+            raise AttributeError(name)
         state = self._runtime.state_dict()
         if name not in state:
             raise AttributeError(f"the GNMR controller state has no entry {name!r}")
         return state[name]
-
-
-def _json_float(v: float) -> Any:
-    """JSON has no NaN/inf: NaN (unit not run this step) -> null, inf -> "inf"."""
-    if math.isnan(v):
-        return None
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return v
 
 
 def _state_dict_hook(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -18,7 +18,6 @@ import torch.fx
 
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes.counters import counters
-from gnmr_fx.passes.discover_units import sites_of
 from gnmr_fx.passes.nodes import record_grad_norm
 
 PROBE = "_gnmr_probe"

@@ -6,7 +6,6 @@ none); run on the lent GPU with ``benchmarks/gpu_suite.sh``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 

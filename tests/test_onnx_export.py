@@ -123,13 +123,19 @@ class TestTinyGPT:
         ex = gnmr_fx.export_onnx(cm, inputs, tmp_path / "c.onnx")
         assert ex.high_units == ["blocks.0.out"] and ex.recipe == "int8"
 
+    def test_registered_fp8_recipe_exports_bitwise(self, tiny, tmp_path):
+        model, inputs = tiny
+        ex = gnmr_fx.export_onnx(model, inputs, tmp_path / "e.onnx", plan="low",
+                                 config=gnmr_fx.GNMRConfig(recipe="fp8_e4m3"))
+        assert ex.opset >= 19 and len(ex.low_units) == 13
+
     def test_unexpressible_recipe_names_it(self, tiny, tmp_path):
         model, inputs = tiny
-        with pytest.raises(ValueError, match=r"recipe 'fp8_e4m3' cannot be expressed as ONNX QuantizeLinear"):
-            gnmr_fx.export_onnx(model, inputs, tmp_path / "f.onnx", config=gnmr_fx.GNMRConfig(recipe="fp8_e4m3"))
+        with pytest.raises(ValueError, match=r"recipe 'int4' cannot be expressed as ONNX QuantizeLinear"):
+            gnmr_fx.export_onnx(model, inputs, tmp_path / "f.onnx", config=gnmr_fx.GNMRConfig(recipe="int4"))
         # All units high: the recipe is never used, so the export works.
         ex = gnmr_fx.export_onnx(model, inputs, tmp_path / "f.onnx", plan="high",
-                                 config=gnmr_fx.GNMRConfig(recipe="fp8_e4m3"))
+                                 config=gnmr_fx.GNMRConfig(recipe="int4"))
         assert ex.low_units == []
 
     def test_bad_plans(self, tiny, tmp_path):
