@@ -23,7 +23,7 @@ from tabulate import tabulate
 
 import gnmr_fx
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.data import Batches, load_corpus
+from gnmr_fx.benchmarks.data import fixed_windows, load_corpus, random_batch
 from gnmr_fx.models import GPTConfig, TinyGPT
 
 ARMS = ("always_high", "always_low", "gnmr")
@@ -66,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
 def run_demo(cfg: DemoConfig, log: Optional[str] = None, stream=sys.stderr) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train = load_corpus("train", max_bytes=2_000_000)
-    val = load_corpus("val", max_bytes=300_000)
-    val_batches = Batches(val, cfg.model.block_size, cfg.batch_size, seed=cfg.seed).fixed(cfg.eval_batches)
+    corpus = load_corpus({"train": 2_000_000, "tune": 10_000, "val": 300_000})
+    vx, vy = fixed_windows(corpus.val, cfg.eval_batches * cfg.batch_size, cfg.model.block_size)
+    val_batches = list(zip(vx.split(cfg.batch_size), vy.split(cfg.batch_size)))
+    train = corpus.train
     out = {"config": {"steps": cfg.steps, "lr": cfg.lr, "recipe": cfg.recipe, "max_o": cfg.max_o,
                       "seed": cfg.seed, "batch_size": cfg.batch_size, "model": vars(cfg.model)},
            "arms": {}}
@@ -83,12 +84,12 @@ def _train_arm(arm, cfg, train, val_batches, log, stream) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gcfg = GNMRConfig(recipe=cfg.recipe, policy=arm, max_o=cfg.max_o, log=log)
     m = gnmr_fx.compile(model, gcfg, backend="eager", optimizer=opt)
-    batches = Batches(train, cfg.model.block_size, cfg.batch_size, seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # same batch order in every arm
     curve, val_curve = [], []
     high_unit_steps = 0
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
-        idx, tgt = next(batches)
+        idx, tgt = random_batch(train, cfg.batch_size, cfg.model.block_size, gen)
         loss = m(idx, tgt)
         loss.backward()
         opt.step()
