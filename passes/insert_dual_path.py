@@ -23,7 +23,7 @@ import torch.fx
 from gnmr_fx.backends.paths import high_path, low_path
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes.counters import counters
-from gnmr_fx.passes.insert_grad_stats import _device_of
+from gnmr_fx.passes.graph_utils import device_of, get_attr_at_top, slotted_units
 from gnmr_fx.passes.nodes import select_path
 
 PLAN = "_gnmr_plan"
@@ -31,20 +31,17 @@ PLAN = "_gnmr_plan"
 
 def insert_dual_path(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.GraphModule:
     """Replace every slotted unit of ``gm`` by its two branches and a select."""
-    nodes = [n for n in gm.graph.nodes if n.meta.get("gnmr_unit") is not None and n.meta["gnmr_unit"].slot is not None]
+    nodes, n_slots, device = slotted_units(gm)
     if not nodes:
         return gm
-    n_slots = 1 + max(n.meta["gnmr_unit"].slot for n in nodes)
     if not hasattr(gm, PLAN):
-        gm.register_buffer(PLAN, torch.zeros(n_slots, dtype=torch.bool, device=_device_of(nodes[0])))
+        gm.register_buffer(PLAN, torch.zeros(n_slots, dtype=torch.bool, device=device))
     nodes = _insert_host_dispatch(gm, config, nodes, n_slots)
     if not nodes:
         gm.graph.lint()
         gm.recompile()
         return gm
-    first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
-    with gm.graph.inserting_after(first):
-        plan = gm.graph.get_attr(PLAN)
+    plan = get_attr_at_top(gm, PLAN)
     for node in nodes:
         site = node.meta["gnmr_unit"]
         spec = site.spec
@@ -97,7 +94,7 @@ def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: l
     chosen, rest = [], []
     for node in nodes:
         site = node.meta["gnmr_unit"]
-        kernel = kernel_for(site.spec.name, site.a_shape, site.b_shape, config.recipe, _device_of(node), emulate)
+        kernel = kernel_for(site.spec.name, site.a_shape, site.b_shape, config.recipe, device_of(node), emulate)
         site.extra["kernel"] = kernel or "emulated"
         (chosen if kernel else rest).append(node)
     if not chosen:
@@ -106,9 +103,7 @@ def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: l
         # On the CPU whatever the units' device: the dual ops read it on the
         # host. Initial value = the controller's initial plan for the policy.
         gm.register_buffer(PLAN_HOST, torch.full((n_slots,), config.policy == "always_high", dtype=torch.bool))
-    first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
-    with gm.graph.inserting_after(first):
-        plan_host = gm.graph.get_attr(PLAN_HOST)
+    plan_host = get_attr_at_top(gm, PLAN_HOST)
     for node in chosen:
         site = node.meta["gnmr_unit"]
         a, b = node.args[site.spec.a_index], node.args[site.spec.b_index]

@@ -18,6 +18,7 @@ import torch.fx
 
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes.counters import counters
+from gnmr_fx.passes.graph_utils import get_attr_at_top, slotted_units
 from gnmr_fx.passes.nodes import record_grad_norm
 
 PROBE = "_gnmr_probe"
@@ -25,16 +26,12 @@ PROBE = "_gnmr_probe"
 
 def insert_grad_stats(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.GraphModule:
     """Insert a ``record_grad_norm`` node for every slotted unit of ``gm``."""
-    nodes = [n for n in gm.graph.nodes if n.meta.get("gnmr_unit") is not None and n.meta["gnmr_unit"].slot is not None]
+    nodes, n_slots, device = slotted_units(gm)
     if not nodes:
         return gm
-    n_slots = 1 + max(n.meta["gnmr_unit"].slot for n in nodes)
-    device = _device_of(nodes[0])
     if not hasattr(gm, PROBE):
         gm.register_parameter(PROBE, torch.nn.Parameter(torch.zeros(n_slots, device=device)))
-    first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
-    with gm.graph.inserting_after(first):
-        probe = gm.graph.get_attr(PROBE)
+    probe = get_attr_at_top(gm, PROBE)
     for node in nodes:
         site = node.meta["gnmr_unit"]
         if site.weight is not None:
@@ -53,8 +50,3 @@ def insert_grad_stats(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-def _device_of(node: torch.fx.Node) -> torch.device:
-    val = node.meta.get("example_value", node.meta.get("val"))
-    return val.device if val is not None and hasattr(val, "device") else torch.device("cpu")
