@@ -200,16 +200,37 @@ def _has_real_gemm(op_name: str, b_shape: tuple) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def publish_plan(runtime: Any) -> None:
+def publish_plan(runtime: Any, *, immediate: bool = False) -> None:
     """Copy the controller's plan into every graph's host plan buffer.
 
     One device-to-host transfer for all graphs (the controller plan, one
     byte per unit), then host-side indexing per graph.
+
+    With ``runtime.plan_lag == 1`` (``GNMRConfig.plan_lag``) on a GPU, the
+    copy goes asynchronously into pinned memory and the host buffers receive
+    the *previous* step's plan, whose copy finished long ago: the host never
+    waits for the step's work to drain, and real-kernel units follow the
+    plan one optimizer step late. ``immediate=True`` (``set_plan``, resume)
+    always publishes the current plan and drops any copy in flight.
     """
     recs = [r for r in runtime.records if r.plan is not None and r.plan_host is not None]
     if not recs:
         return
-    plan_cpu = runtime.controller.plan.to("cpu")  # the step's one small D2H transfer
+    plan = runtime.controller.plan
+    pipe = runtime.__dict__.setdefault("_plan_pipe", [])
+    if immediate or getattr(runtime, "plan_lag", 0) == 0 or plan.device.type != "cuda":
+        pipe.clear()
+        plan_cpu = plan.to("cpu")  # the step's one small D2H transfer (it waits for the step)
+    else:
+        staged = torch.empty(plan.shape, dtype=plan.dtype, pin_memory=True)
+        staged.copy_(plan, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        pipe.append((staged, done))
+        if len(pipe) < 2:
+            return  # first lagged step: the host keeps the plan it has
+        plan_cpu, done = pipe.pop(0)
+        done.synchronize()  # recorded a whole step ago: already complete in practice
     for r in recs:
         ids = r.extra.get("unit_ids_cpu")
         if ids is None:

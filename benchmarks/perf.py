@@ -44,8 +44,9 @@ import torch.nn.functional as F
 ARMS = ("bf16", "fp8", "gnmr0", "gnmr5", "gnmr10", "torchao")
 # Diagnostics (not run by default): gnmr0 without the per-step plan copy to
 # the host (``nosync``), or without the runtime step at all (``nostep``).
-DIAGNOSTIC_ARMS = ("gnmr0_nosync", "gnmr0_nostep")
-GNMR_HIGH_FRACTION = {"gnmr0": 0.0, "gnmr5": 0.05, "gnmr10": 0.10, "gnmr0_nosync": 0.0, "gnmr0_nostep": 0.0}
+DIAGNOSTIC_ARMS = ("gnmr0_nosync", "gnmr0_nostep", "gnmr0_lag")
+GNMR_HIGH_FRACTION = {"gnmr0": 0.0, "gnmr5": 0.05, "gnmr10": 0.10, "gnmr0_nosync": 0.0, "gnmr0_nostep": 0.0,
+                      "gnmr0_lag": 0.0}
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,9 @@ def _plan_setter(rt: Any, fraction: float, arm: str) -> Callable[[], None]:
             rt.step = lambda: None
         else:
             rt.__dict__.pop("step", None)
+        # gnmr0_lag: GNMRConfig.plan_lag=1, the asynchronous host copy of the plan.
+        rt.plan_lag = 1 if arm == "gnmr0_lag" else 0
+        rt.__dict__.get("_plan_pipe", []).clear()
         ctl = rt.controller
         if ctl.num_units == 0:  # not compiled yet: the first step discovers the units
             return

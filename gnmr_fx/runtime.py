@@ -92,6 +92,7 @@ class GNMRRuntime:
         self._step_queued = False
         self._filter_checked = False
         self.callbacks: list[Callable[["GNMRRuntime"], None]] = []
+        self.plan_lag = config.plan_lag  # host-plan lag of real-kernel units (see GNMRConfig)
         self._root_ref = weakref.ref(root) if root is not None else None
         self.param_fqns: dict[int, str] = {}
         self.module_fqns: dict[int, str] = {}
@@ -313,6 +314,7 @@ class GNMRRuntime:
         ctl = self.controller
         self.controller = GNMRController(ctl.names, config, costs=ctl.costs.cpu(), device=ctl.device)
         self.config = config
+        self.plan_lag = config.plan_lag
         self.set_plan(self.controller.plan)
         return self.controller
 
@@ -331,7 +333,7 @@ class GNMRRuntime:
         if any(r.plan_host is not None for r in self.records):
             from gnmr_fx.backends.host_dispatch import publish_plan
 
-            publish_plan(self)
+            publish_plan(self, immediate=True)
 
     # ------------------------------------------------------------ telemetry
     def _record_telemetry(self, sumsq: torch.Tensor) -> None:

@@ -165,3 +165,32 @@ def test_plan_changes_the_kernels_without_recompiling():
     s_low, s_high = sqnr(ref, out["low"]), sqnr(ref, out["high"])
     print("logits SQNR vs fp32: low", s_low, "high", s_high)
     assert s_high > s_low + 3.0, (s_low, s_high)
+
+
+def test_plan_lag_publishes_the_previous_steps_plan_without_syncs():
+    model, idx, tgt = _model_and_data(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5, plan_lag=1), backend="aot_eager", optimizer=opt)
+    rt = gnmr_fx.runtime(cm)
+    cm(idx, tgt).backward()  # compile; the runtime registers publish_plan
+    opt.step()
+    opt.zero_grad()
+    n = rt.controller.num_units
+    gen = torch.Generator().manual_seed(0)
+    plans = [torch.rand(n, generator=gen) < 0.5 for _ in range(5)]
+    # Decide the plan of each step ourselves, before publish_plan runs.
+    rt.callbacks.insert(0, lambda r: setattr(r.controller, "plan", plans[r.controller.step % 5].to(r.controller.device)))
+    rec = rt.records[0]
+    seen = []
+    for _ in range(5):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cm(idx, tgt).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        opt.step()
+        opt.zero_grad()
+        seen.append((rt.controller.step, rec.plan_host.clone()))
+    for (step, host), (prev_step, _) in zip(seen[1:], seen):
+        # After step t the host holds the plan decided at step t-1.
+        assert torch.equal(host, plans[prev_step % 5][rec.unit_ids.cpu()]), step
