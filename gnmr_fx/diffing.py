@@ -31,6 +31,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
+from gnmr_fx.passes.discover_units import _hashable
 from gnmr_fx.passes.insert_dual_path import PLAN
 from gnmr_fx.passes.insert_grad_stats import PROBE
 from gnmr_fx.passes.nodes import record_grad_norm, select_path
@@ -248,14 +249,6 @@ def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]
         if owner is not None:
             owner.members.setdefault("stats", s)
     return items, of
-
-
-def _hashable(x: Any) -> bool:
-    try:
-        hash(x)
-    except TypeError:
-        return False
-    return True
 
 
 def _target_key(node: torch.fx.Node) -> Any:
