@@ -6,9 +6,6 @@ test_gpu.py; here the same code paths run on the CPU.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,16 +17,6 @@ from gnmr_fx.backends.paths import low_path
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.models import GPTConfig, TinyGPT
 from gnmr_fx.passes import counters
-
-if "emulate" in {f.name for f in dataclasses.fields(GNMRConfig)}:
-    Cfg = GNMRConfig
-else:
-    # The proposed GNMRConfig.emulate field (None = auto, True = always
-    # emulate, False = demand real kernels), until the config has it.
-    @dataclasses.dataclass(frozen=True)
-    class Cfg(GNMRConfig):
-        emulate: Optional[bool] = None
-
 
 def _grads(fn, x, w, g):
     x = x.detach().requires_grad_()
@@ -110,7 +97,7 @@ def _compiled(backend="aot_eager", **cfg):
     torch.manual_seed(0)
     model = TinyGPT(GPTConfig(n_layer=1, n_embd=64, block_size=32))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    cm = gnmr_fx.compile(model, Cfg(emulate=False, **cfg), backend=backend, optimizer=opt)
+    cm = gnmr_fx.compile(model, GNMRConfig(emulate=False, **cfg), backend=backend, optimizer=opt)
     rt = gnmr_fx.runtime(cm)  # no install(): the runtime publishes the host plan itself
     idx = torch.randint(0, 256, (2, 32))
     return model, cm, rt, opt, idx
@@ -168,7 +155,7 @@ def test_emulate_true_keeps_the_where_path():
     before = counters["insert_dual_path"]["host_dispatch_nodes"]
     torch.manual_seed(0)
     model = TinyGPT(GPTConfig(n_layer=1, n_embd=64, block_size=32))
-    cm = gnmr_fx.compile(model, Cfg(emulate=True), backend="eager")
+    cm = gnmr_fx.compile(model, GNMRConfig(emulate=True), backend="eager")
     cm(torch.randint(0, 256, (2, 32)))
     rec = gnmr_fx.runtime(cm).records[0]
     assert not hasattr(rec.rewritten, host_dispatch.PLAN_HOST)
