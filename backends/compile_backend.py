@@ -17,7 +17,7 @@ from functorch.compile import make_boxed_func
 
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes import discover_units, insert_dual_path, insert_grad_stats, sites_of
-from gnmr_fx.passes.discover_units import normalize_source_path
+from gnmr_fx.passes.discover_units import frame_roots, normalize_source_path
 from gnmr_fx.backends.host_dispatch import PLAN_HOST
 from gnmr_fx.passes.insert_dual_path import PLAN
 from gnmr_fx.passes.insert_grad_stats import PROBE
@@ -47,7 +47,7 @@ def rewrite_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     """Run the GNMR passes on a Dynamo graph and register its units with the runtime."""
     original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     gm.meta["gnmr_param_fqns"] = _param_fqns(runtime, gm, example_inputs)
-    gm.meta["gnmr_frame_prefix"] = _frame_prefix(runtime, gm, example_inputs)
+    gm.meta["gnmr_frame_roots"] = _frame_roots(runtime, gm, example_inputs)
     cfg = runtime.config
     discover_units(gm, cfg)
     sites = sites_of(gm)
@@ -133,7 +133,7 @@ class InstanceDispatch:
         rt, tpl = self.runtime, self.template
         gm = torch.fx.GraphModule(tpl.original, copy.deepcopy(tpl.original.graph))
         gm.meta["gnmr_param_fqns"] = _param_fqns(rt, gm, list(args))
-        gm.meta["gnmr_frame_prefix"] = _frame_prefix(rt, gm, list(args))
+        gm.meta["gnmr_frame_roots"] = _frame_roots(rt, gm, list(args))
         discover_units(gm, rt.config)
         sites = sites_of(gm)
         if [s.spec for s in sites] != [s.spec for s in tpl.sites]:
@@ -245,23 +245,22 @@ def _param_fqns(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs: 
     return out
 
 
-def _frame_prefix(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs: list) -> str:
-    """FQN of the captured frame's module within the root (``""`` for the root).
+def _frame_roots(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs: list) -> dict[str, str]:
+    """Frame variable -> its FQN in the root model (see ``frame_roots``).
 
-    After a graph break inside a submodule, Dynamo captures that submodule's
-    frame and its module paths are relative to it. A parameter seen both by
-    its frame-relative source and its root FQN gives the prefix.
+    Module paths in a Dynamo graph start at a variable of the captured frame:
+    ``L['self']`` normally, ``L['args'][0]`` when a decorator wraps
+    ``forward``, a submodule's ``self`` after a graph break inside it. The
+    parameters, known by identity, say which object each variable is.
     """
+    pairs = []
     for ph, x in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
-        if isinstance(x, torch.nn.Parameter) and id(x) in runtime.param_fqns:
-            rel = _source_path(ph)
-            fqn = runtime.param_fqns[id(x)]
-            if rel and fqn.endswith(rel):
-                return fqn[: -len(rel)].rstrip(".")
+        source = getattr(ph.meta.get("grapharg"), "source", None)
+        if isinstance(x, torch.nn.Parameter) and id(x) in runtime.param_fqns and source is not None:
+            pairs.append((source.name, runtime.param_fqns[id(x)]))
     mod = _frame_module()
-    if mod is not None:
-        return runtime.module_fqns.get(id(mod), "")
-    return ""
+    default = runtime.module_fqns.get(id(mod), "") if mod is not None else ""
+    return frame_roots(pairs, default)
 
 
 def _lift_state(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:

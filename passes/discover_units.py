@@ -15,7 +15,9 @@ What the pass guarantees:
 
 The backend supplies two facts only it knows, through ``gm.meta``:
 ``gnmr_param_fqns`` (placeholder name -> parameter FQN in the root model)
-and ``gnmr_frame_prefix`` (FQN of the module whose frame was captured).
+and ``gnmr_frame_roots`` (the frame variable a module path starts from,
+e.g. ``L['self']`` or ``L['args'][0]`` when a decorator wraps ``forward``
+-> that object's FQN in the root model; see :func:`frame_roots`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ from gnmr_fx.passes.ops import (
     op_of,
 )
 
-_FRAME_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+# A frame variable (a local or a global) and the subscripts applied to it
+# directly: ``L['self']``, ``L['args'][0]``, ``G['model']``. What follows is
+# an attribute path below that object.
+_FRAME_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[(?:\d+|'[^']*')\])*")
 _STACK_FILE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
@@ -80,7 +85,7 @@ def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.Gra
     ['linear', 'matmul']
     """
     param_fqns: dict[str, str] = gm.meta.get("gnmr_param_fqns", {})
-    prefix: str = gm.meta.get("gnmr_frame_prefix", "")
+    roots: dict[str, str] = gm.meta.get("gnmr_frame_roots", {})
     skipped: collections.Counter = collections.Counter()
     seen_keys: collections.Counter = collections.Counter()
     for node in gm.graph.nodes:
@@ -100,7 +105,7 @@ def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.Gra
             continue
         a, b = node.args[spec.a_index], node.args[spec.b_index]
         weight = _weight_fqn(b, param_fqns)
-        module = _module_path(node, prefix)
+        module = _module_path(node, roots)
         file, line, _fn = _user_frame(node)
         if weight is not None:
             owner, _, pname = weight.rpartition(".")
@@ -197,21 +202,90 @@ def _weight_fqn(node: Any, param_fqns: dict[str, str]) -> Optional[str]:
     return None
 
 
+def split_source_path(path: str) -> tuple[str, list[str]]:
+    """A Dynamo source name as (frame root, attribute path below it).
+
+    >>> split_source_path("L['args'][0]._modules['model']._modules['layers']._modules['0']._parameters['weight']")
+    ("L['args'][0]", ['model', 'layers', '0', 'weight'])
+    >>> split_source_path("L['self'].blocks[1].attn")
+    ("L['self']", ['blocks', '1', 'attn'])
+    """
+    m = _FRAME_ROOT.match(path)
+    root = m.group(0) if m else ""
+    rest = path[len(root):]
+    rest = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", rest)
+    rest = re.sub(r"\['([^']*)'\]", r".\1", rest)
+    rest = re.sub(r"\[(\d+)\]", r".\1", rest)
+    return root, [p for p in rest.split(".") if p]
+
+
 def normalize_source_path(path: str) -> str:
-    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``."""
-    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
-    path = _FRAME_ROOT.sub("", path)
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".")
+    """A source name as a dotted path below its frame variable.
+
+    A bare input (``L['args'][0]``, ``L['kwargs']['input_ids']``) keeps its
+    subscripts, so it still has a name.
+
+    >>> normalize_source_path("L['self']._modules['layers']._modules['0']._parameters['weight']")
+    'layers.0.weight'
+    >>> normalize_source_path("L['args'][0]._modules['lm_head']._parameters['weight']")
+    'lm_head.weight'
+    >>> normalize_source_path("L['kwargs']['input_ids']"), normalize_source_path("L['args'][0]")
+    ('input_ids', '0')
+    """
+    root, rel = split_source_path(path)
+    if rel:
+        return ".".join(rel)
+    subs = re.findall(r"\[(?:(\d+)|'([^']*)')\]", root)
+    return ".".join(a or b for a, b in subs[1:]) or ".".join(a or b for a, b in subs)
 
 
-def _module_path(node: torch.fx.Node, prefix: str) -> str:
+def frame_roots(param_sources: list[tuple[str, str]], default: str = "") -> dict[str, str]:
+    """Which object of the root model each frame variable is, from its parameters.
+
+    ``param_sources`` pairs a parameter's Dynamo source name with its FQN in
+    the root model (known by identity). The FQN's tail that the source path
+    ends with is the parameter's path below the frame variable; the rest is
+    the variable's own FQN. Per variable, the parameter explained by the
+    longest tail wins (a tied weight read through another module explains
+    only ``weight``). ``default`` (key ``""``) is for variables no parameter
+    reaches, such as a frame with no parameters.
+
+    >>> frame_roots([("L['args'][0]._modules['lm_head']._parameters['weight']", "lm_head.weight")])
+    {"L['args'][0]": '', '': ''}
+    >>> frame_roots([("L['self']._modules['fc']._parameters['weight']", "blocks.1.fc.weight")])
+    {"L['self']": 'blocks.1', '': ''}
+    """
+    best: dict[str, tuple[int, str]] = {}
+    for source, fqn in param_sources:
+        root, rel = split_source_path(source)
+        parts = fqn.split(".")
+        k = 0
+        while k < min(len(rel), len(parts)) and rel[-1 - k] == parts[-1 - k]:
+            k += 1
+        if k == 0:
+            continue
+        # The variable is the object at rel[:-k] below the root; its FQN is parts[:-k].
+        key = ".".join([root] + rel[: len(rel) - k])
+        prefix = ".".join(parts[: len(parts) - k])
+        if key not in best or k > best[key][0]:
+            best[key] = (k, prefix)
+    out = {key: prefix for key, (_k, prefix) in best.items()}
+    out.setdefault("", default)
+    return out
+
+
+def _module_path(node: torch.fx.Node, roots: dict[str, str]) -> str:
+    """FQN in the root model of the module that called ``node``."""
     stack = node.meta.get("nn_module_stack") or {}
-    rel = ""
-    if stack:
-        rel = normalize_source_path(list(stack.values())[-1][0])
-    return ".".join(p for p in (prefix, rel) if p)
+    if not stack:
+        return roots.get("", "")
+    root, rel = split_source_path(list(stack.values())[-1][0])
+    # The longest known variable path that this module path starts with.
+    for i in range(len(rel), -1, -1):
+        key = ".".join([root] + rel[:i])
+        if key in roots:
+            return ".".join(p for p in [roots[key]] + rel[i:] if p)
+    return ".".join(p for p in [roots.get("", "")] + rel if p)
 
 
 def _user_frame(node: torch.fx.Node) -> tuple[str, int, str]:
