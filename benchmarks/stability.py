@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import queue
 import statistics
 import sys
 import time
@@ -93,6 +94,16 @@ SCENARIOS = {
                   faults=True, delta_threshold=3.0),
     "d": Scenario("d", "finetune_nvfp4", "nvfp4", 1e-3,
                   "fine-tune an always_high checkpoint in NVFP4", finetune=True, pretrain_lr=3e-3),
+    # The GPU regime search (issue: evidence). Override the recipe with --set, e.g.
+    # --set e.recipe=mxfp4 or e.recipe=mxfp8, and sweep the LR with --lrs.
+    "e": Scenario("e", "block_linears_lowp", "nvfp4", 3e-3,
+                  "every linear of the blocks on the recipe (forward operands, and gradients where the "
+                  "recipe rounds them); embeddings, norms, attention matmuls and head high",
+                  unit_filter=("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.fc", "blocks.*.out")),
+    "f": Scenario("f", "attention_logits", "fp8_e4m3", 1e-2,
+                  "attention-logit growth: no QK-norm, the two attention matmuls of every block "
+                  "(weightless units: q@k^T and att@v) on the recipe, everything else high",
+                  unit_filter=("blocks.*.attn.matmul", "blocks.*.attn.matmul_1")),
 }
 
 
@@ -110,6 +121,7 @@ class Preset:
     warmup_lr: int = 10
     fault_every: int = 15
     fault_start: int = 30  # after the controller's 20-step warm-up
+    precision: str = "fp32"  # "bf16": forward under bf16 autocast (fp32 master weights), as users train
 
 
 PRESETS = {
@@ -121,6 +133,12 @@ PRESETS = {
                    pretrain_steps=2000, eval_every=100, eval_seqs=256,
                    corpus_bytes={"train": 40_000_000, "tune": 2_000_000, "val": 2_000_000},
                    backend="inductor", jobs=1, warmup_lr=100, fault_every=50, fault_start=100),
+    # The lent H200: bf16 autocast, inductor, several worker processes sharing the GPU.
+    "gpu": Preset(GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384), batch=32, steps=2000,
+                  pretrain_steps=2000, eval_every=250, eval_seqs=256,
+                  corpus_bytes={"train": 40_000_000, "tune": 2_000_000, "val": 2_000_000},
+                  backend="inductor", jobs=4, warmup_lr=100, fault_every=50, fault_start=100,
+                  precision="bf16"),
     "smoke": Preset(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16), batch=4, steps=6,
                     pretrain_steps=4, eval_every=3, eval_seqs=8,
                     corpus_bytes={"train": 50_000, "tune": 5_000, "val": 5_000},
@@ -133,10 +151,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the CPU preset (same as --preset quick)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="model/steps preset (default: full, or quick with --quick)")
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="+", default=list("abcd"), type=_scenario_arg, metavar="S[-RECIPE]",
+                        help=f"scenarios ({', '.join(SCENARIOS)}); S-RECIPE runs scenario S with another recipe, "
+                             "e.g. e-mxfp4 (several variants of one scenario can run in one call)")
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
                         help="arm names (always_high, always_low, low+clip, low+zclip, static@K, random@K, gnmr@K / gnmr@P%%)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help="learning-rate sweep: one task per (scenario, seed, LR) instead of the scenario's LR")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds: start no task that cannot finish by then (estimated from finished "
+                             "ones), stop running ones at the deadline, and report what finished")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="fp32, or bf16 autocast for the forward (default: the preset's)")
     parser.add_argument("--steps", type=int, default=None, help="override the preset's steps per run")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: the preset's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -155,61 +182,140 @@ def run(args: argparse.Namespace) -> int:
     preset = PRESETS[preset_name]
     if args.steps is not None:
         preset = dataclasses.replace(preset, steps=args.steps, pretrain_steps=min(preset.pretrain_steps, args.steps))
-    device = args.device or ("cuda" if preset_name == "full" and torch.cuda.is_available() else "cpu")
+    if args.precision is not None:
+        preset = dataclasses.replace(preset, precision=args.precision)
+    gpu_preset = preset_name in ("full", "gpu")
+    device = args.device or ("cuda" if gpu_preset and torch.cuda.is_available() else "cpu")
     backend = args.backend or (preset.backend if device != "cpu" or preset.backend != "inductor" else "eager")
-    scenarios = _apply_overrides({k: SCENARIOS[k] for k in args.scenarios}, args.overrides)
+    scenarios = _apply_overrides(_select_scenarios(args.scenarios), args.overrides)
     arms = [parse_arm(a) for a in args.arms]
     if "always_high" not in [a.name for a in arms]:
         raise ValueError("--arms must include always_high: every gap is measured against it")
     out = Path(args.out or f"benchmarks/out/stability-{preset_name}")
     out.mkdir(parents=True, exist_ok=True)
     jobs = max(1, args.jobs if args.jobs is not None else preset.jobs)
-    tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, preset=preset_name,
-                  preset_obj=_preset_dict(preset), arms=[a.name for a in arms], device=device, backend=backend,
-                  threads=args.threads, out=str(out), split="tune" if args.tuning else "val")
-             for s in scenarios.values() for seed in args.seeds]
-    # Longest first (d also pretrains) so two workers finish together.
-    tasks.sort(key=lambda t: -int(t["scenario"]["finetune"]))
+    tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, lr=lr if lr is not None else s.lr,
+                  preset=preset_name, preset_obj=_preset_dict(preset), arms=[a.name for a in arms],
+                  device=device, backend=backend, threads=args.threads, out=str(out),
+                  split="tune" if args.tuning else "val")
+             for seed in args.seeds for s in scenarios.values() for lr in (args.lrs or [None])]
+    # Seed-major, so a deadline cuts whole later seeds rather than whole
+    # scenarios; within a seed the longest first (d also pretrains).
+    tasks.sort(key=lambda t: (args.seeds.index(t["seed"]), -int(t["scenario"]["finetune"])))
     t0 = time.time()
-    if jobs == 1 or len(tasks) == 1:
-        results = [run_task(t) for t in tasks]
-    else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-            results = list(ex.map(run_task, tasks))
+    results, unfinished = run_tasks(tasks, jobs, args.deadline)
     wall = time.time() - t0
     corpus = _corpus(tuple(sorted(preset.corpus_bytes.items())))
     doc = {
         "meta": {
             "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
             "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
-            "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
+            "lrs": args.lrs, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
             "threads_per_job": args.threads, "split": "tune (tuning run)" if args.tuning else "train / val",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
             "definitions": DEFINITIONS,
+            "unfinished_tasks": [_task_label(t) for t in unfinished],
         },
         "scenarios": {},
     }
     for key, s in scenarios.items():
-        runs = [r for res in results if res["scenario"] == key for r in res["runs"]]
-        first = next(res for res in results if res["scenario"] == key)
-        doc["scenarios"][key] = {
-            "config": dataclasses.asdict(s), "units": first["units"], "costs": first["costs"],
-            "pretrain": [res["pretrain"] for res in results if res["scenario"] == key and res["pretrain"]],
-            "runs": runs, "summary": summarize(runs, [a.name for a in arms], s.faults),
-        }
+        done = [res for res in results if res["scenario"] == key]
+        if not done:
+            continue
+        for lr in sorted({res["lr"] for res in done}):
+            group = [res for res in done if res["lr"] == lr]
+            runs = [r for res in group for r in res["runs"]]
+            cfg = dict(dataclasses.asdict(s), lr=lr)
+            doc["scenarios"][_group_key(key, lr, args.lrs)] = {
+                "config": cfg, "units": group[0]["units"], "costs": group[0]["costs"],
+                "pretrain": [res["pretrain"] for res in group if res["pretrain"]],
+                "runs": runs, "summary": summarize(runs, [a.name for a in arms], s.faults),
+            }
     (out / "results.json").write_text(json.dumps(_finite_json(doc), indent=1, default=_json_default))
     tables = format_tables(doc)
     print(tables["terminal"])
     (out / "tables.md").write_text(tables["markdown"])
-    if not args.no_plots:
+    if not args.no_plots and doc["scenarios"]:
         plot(doc, out)
+    if unfinished:
+        print(f"deadline: {len(unfinished)} task(s) not run or not finished: "
+              f"{', '.join(_task_label(t) for t in unfinished)}", file=sys.stderr)
     print(f"\nwrote {out}/results.json, tables.md{'' if args.no_plots else ', loss_*.png, frontier.png'} "
           f"in {wall:.0f} s ({jobs} job(s))", file=sys.stderr)
     return 0
+
+
+def _task_label(t: dict) -> str:
+    return f"{t['scenario']['key']} seed {t['seed']} lr {t['lr']:g}"
+
+
+def _group_key(key: str, lr: float, lrs: Optional[Sequence[float]]) -> str:
+    """Scenario key of a result group: ``e`` alone, ``e_lr0.003`` in a sweep
+    (it names files, so letters, digits, ``.``, ``_`` and ``-`` only)."""
+    return f"{key}_lr{lr:g}" if lrs else key
+
+
+def run_tasks(tasks: list, jobs: int, deadline: Optional[float]) -> tuple[list, list]:
+    """Run tasks in ``jobs`` worker processes; returns (results, unfinished tasks).
+
+    With a deadline (seconds from now), a task is started only while the
+    time left exceeds the longest task seen so far (or, before any finished,
+    always), and workers still running at the deadline are terminated: what
+    finished is reported, what did not is listed, nothing is half-counted.
+    """
+    if jobs == 1 and deadline is None:
+        return [run_task(t) for t in tasks], []
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results_q = ctx.Queue()
+    t0 = time.time()
+    pending = list(enumerate(tasks))
+    running: dict = {}  # index -> (process, start time)
+    results: dict = {}
+    longest = 0.0
+    while pending or running:
+        left = (deadline - (time.time() - t0)) if deadline is not None else math.inf
+        while pending and len(running) < jobs and (left > longest * 1.1 or not results and not longest):
+            i, task = pending.pop(0)
+            proc = ctx.Process(target=_worker, args=(i, task, results_q), daemon=True)
+            proc.start()
+            running[i] = (proc, time.time())
+        try:
+            i, res, err = results_q.get(timeout=1.0)
+        except queue.Empty:
+            i = None
+        if i is not None:
+            proc, start = running.pop(i)
+            proc.join()
+            if err is not None:
+                for p, _ in running.values():
+                    p.terminate()
+                raise RuntimeError(f"task {_task_label(tasks[i])} failed:\n{err}")
+            results[i] = res
+            longest = max(longest, time.time() - start)
+        for j, (proc, _start) in list(running.items()):
+            if not proc.is_alive() and proc.exitcode not in (0, None):
+                raise RuntimeError(f"task {_task_label(tasks[j])}: worker died with exit code {proc.exitcode}")
+        if deadline is not None and time.time() - t0 > deadline:
+            for proc, _ in running.values():
+                proc.terminate()
+            break
+        if deadline is not None and not running and pending and (deadline - (time.time() - t0)) <= longest * 1.1:
+            break
+    done = [results[i] for i in sorted(results)]
+    unfinished = [t for i, t in enumerate(tasks) if i not in results]
+    return done, unfinished
+
+
+def _worker(i: int, task: dict, q: Any) -> None:
+    import traceback
+
+    try:
+        q.put((i, run_task(task), None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        q.put((i, None, traceback.format_exc()))
 
 
 DEFINITIONS = {
@@ -269,8 +375,13 @@ def run_task(task: dict) -> dict:
     base = gnmr_fx.GNMRConfig(recipe=s.recipe, unit_filter=s.unit_filter, threshold=s.threshold,
                               delta_threshold=s.delta_threshold)
     ex = random_batch(train, p.batch, p.model.block_size, torch.Generator().manual_seed(0))
-    cm = gnmr_fx.compile(model, base, backend=task["backend"],
-                         example_inputs=tuple(t.to(device) for t in ex))
+    # bf16: the forward runs under autocast with fp32 master weights (how users
+    # train); the high path is then the bf16 matmul, the low path the recipe.
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                                 enabled=p.precision == "bf16")
+    with autocast():
+        cm = gnmr_fx.compile(model, base, backend=task["backend"],
+                             example_inputs=tuple(t.to(device) for t in ex))
     rt = gnmr_fx.runtime(cm)
     names = list(rt.controller.names)
     costs = rt.controller.costs.detach().cpu().clone()
@@ -280,11 +391,11 @@ def run_task(task: dict) -> dict:
     user_callbacks = list(rt.callbacks)  # kept for every arm; the arm's own are appended
 
     def evaluate() -> float:
-        with torch.no_grad():
-            tot = 0.0
+        with torch.no_grad(), autocast():
+            tot = torch.zeros((), device=device)
             for i in range(0, vx.shape[0], 32):
-                tot += float(model(vx[i:i + 32], vy[i:i + 32])) * vx[i:i + 32].shape[0]
-        return tot / vx.shape[0]
+                tot += model(vx[i:i + 32], vy[i:i + 32]).float() * vx[i:i + 32].shape[0]
+        return float(tot) / vx.shape[0]
 
     def train_arm(arm_label: str, arm, steps: int, lr: float, data_seed: int, init_sd: dict) -> dict:
         model.load_state_dict(init_sd)
@@ -296,46 +407,60 @@ def run_task(task: dict) -> dict:
             driver = StaticPlan(len(names), k)
         elif arm.kind == "random":
             driver = RandomRecovery(len(names), k, cfg.lock_steps, seed)
-        trig: list = []
-        rt.callbacks = user_callbacks + [lambda r: trig.append(r.controller.triggered.detach().cpu().clone())]
+        # Per-step records stay on the device; the host reads them at eval
+        # points only, so the loop adds no device-to-host sync per step.
+        rec_loss = torch.full((steps,), float("nan"), device=device)
+        rec_plan = torch.zeros(steps, len(names), dtype=torch.bool, device=device)
+        rec_trig = torch.zeros(steps, len(names), dtype=torch.bool, device=device)
+        cursor = [0]
+        rt.callbacks = user_callbacks + [lambda r: rec_trig[cursor[0]].copy_(r.controller.triggered)]
         if driver is not None:
             rt.callbacks.append(driver)
         rt.set_plan(driver.plan if driver is not None else ctl.plan)
         clip = GlobalClip(1.0) if arm.kind == "clip" else ZClip() if arm.kind == "zclip" else None
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         gen = torch.Generator().manual_seed(data_seed)
-        losses, vals, plans = [], [], []
+        vals = []
         diverged = False
         bar = ProgressBar(f"{label} {arm_label}", steps)
         t0 = time.perf_counter()
+        done = 0
         for step in range(steps):
+            cursor[0] = step
             for g in opt.param_groups:
                 g["lr"] = lr * _lr_factor(step, steps, p.warmup_lr)
             if injector is not None:
                 injector.set_step(step)
-            plans.append(_actual_plan(rt, len(names)))
+            _record_plan(rt, rec_plan[step])
             x, y = random_batch(train, p.batch, p.model.block_size, gen)
-            loss = cm(x.to(device), y.to(device))
+            with autocast():
+                loss = cm(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             loss.backward()  # runtime.step() runs at the end of backward: next plan
             if clip is not None:
                 clip(model.parameters())
             opt.step()
             opt.zero_grad(set_to_none=True)
-            lv = float(loss.detach())
-            losses.append(lv)
+            rec_loss[step] = loss.detach().float()
+            done = step + 1
             if injector is not None:
                 injector.clear()
-            if not math.isfinite(lv):
-                diverged = True
-                vals.append((step + 1, float("nan")))
-                break
-            if (step + 1) % p.eval_every == 0 or step == steps - 1:
-                vals.append((step + 1, evaluate()))
-            bar.update(step + 1, lv)
+            if done % p.eval_every == 0 or done == steps:
+                if not bool(torch.isfinite(rec_loss[:done]).all()):
+                    diverged = True
+                    vals.append((done, float("nan")))
+                    break
+                vals.append((done, evaluate()))
+                bar.update(done, float(rec_loss[step]))
+        losses = rec_loss[:done].tolist()
+        if diverged:
+            # Cut the record at the first non-finite loss, as a per-step check would.
+            bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+            losses, done = losses[:bad + 1], bad + 1
+            vals[-1] = (done, float("nan"))
         wall = time.perf_counter() - t0
         bar.close(wall)
-        plan_t = torch.stack(plans)
-        trig_t = torch.stack(trig) if trig else torch.zeros(0, len(names), dtype=torch.bool)
+        plan_t = rec_plan[:done].cpu()
+        trig_t = rec_trig[:done].cpu()
         rec = {
             "scenario": s.key, "arm": arm_label, "seed": seed, "steps": len(losses), "lr": lr,
             "train_loss": losses, "val": vals, "wall_s": wall,
@@ -350,7 +475,7 @@ def run_task(task: dict) -> dict:
         return rec
 
     pretrain = None
-    lr = s.lr
+    lr = task.get("lr", s.lr)
     data_seed = 1000 * seed + 1
     if s.finetune:
         # The earlier high-precision run; its checkpoint (weights only) is
@@ -363,7 +488,7 @@ def run_task(task: dict) -> dict:
         pretrain["checkpoint"] = str(ckpt)
         data_seed += 1  # fine-tune on fresh batches
     runs = [train_arm(a, parse_arm(a), p.steps, lr, data_seed, init) for a in task["arms"]]
-    return {"scenario": s.key, "seed": seed, "units": names, "costs": costs.tolist(),
+    return {"scenario": s.key, "seed": seed, "lr": lr, "units": names, "costs": costs.tolist(),
             "runs": runs, "pretrain": pretrain}
 
 
@@ -386,13 +511,12 @@ def fault_schedule(model: torch.nn.Module, p: Preset, seed: int) -> list:
 
 
 # ------------------------------------------------------------------ metrics
-def _actual_plan(rt, n: int) -> torch.Tensor:
-    """The plan the next forward will run, read out of the compiled graphs."""
-    plan = torch.zeros(n, dtype=torch.bool)
+def _record_plan(rt, row: torch.Tensor) -> None:
+    """Write the plan the next forward will run, read out of the compiled
+    graphs' plan buffers, into ``row`` (on the device: no host sync)."""
     for rec in rt.records:
         if rec.plan is not None:
-            plan[rec.unit_ids.cpu()] = rec.plan.detach().cpu()
-    return plan
+            row.index_copy_(0, rec.unit_ids.to(row.device), rec.plan.detach().to(row.device))
 
 
 def run_metrics(losses: Sequence[float], vals: Sequence, plans: torch.Tensor, costs: torch.Tensor,
@@ -645,6 +769,47 @@ def plot(doc: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=110)
     plt.close(fig)
+    if doc["meta"].get("lrs"):
+        plot_lr_sweep(doc, out)
+
+
+def lr_sweep_table(doc: dict) -> dict:
+    """{base scenario: {arm: [(lr, mean final val, diverged runs, runs)]}} of an LR sweep."""
+    table: dict = {}
+    for sc in doc["scenarios"].values():
+        base, lr = sc["config"]["key"], sc["config"]["lr"]
+        for r in sc["summary"]:
+            vals = [x["final_val"] for x in sc["runs"] if x["arm"] == r["arm"]]
+            finite = [v for v in vals if v is not None and math.isfinite(v) and v < math.log(256)]
+            mean = statistics.fmean(finite) if finite else float("nan")
+            table.setdefault(base, {}).setdefault(r["arm"], []).append((lr, mean, r["diverged"], r["seeds"]))
+    for arms in table.values():
+        for rows in arms.values():
+            rows.sort()
+    return table
+
+
+def plot_lr_sweep(doc: dict, out: Path) -> None:
+    """Final val loss against LR per arm (Wortsman et al. 2023's LR sensitivity);
+    an x marks an LR where some seed diverged."""
+    import matplotlib.pyplot as plt
+
+    table = lr_sweep_table(doc)
+    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), squeeze=False)
+    for ax, (base, arms) in zip(axes[0], table.items()):
+        for arm, rows in arms.items():
+            lrs = [r[0] for r in rows]
+            ax.plot(lrs, [r[1] for r in rows], marker="o", ms=3, label=arm)
+            bad = [(r[0], r[1]) for r in rows if r[2]]
+            if bad:
+                ax.scatter([b[0] for b in bad], [b[1] if math.isfinite(b[1]) else math.log(256) for b in bad],
+                           marker="x", color="red", zorder=5)
+        ax.set_xscale("log")
+        ax.set(title=f"({base}) LR sweep: final val loss", xlabel="peak LR", ylabel="val loss (nats/byte)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "lr_sweep.png", dpi=110)
+    plt.close(fig)
 
 
 def _ema(xs: Sequence[float], beta: float) -> list:
@@ -695,6 +860,31 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 def _weights(model: torch.nn.Module) -> dict:
     """The model's own tensors (no ``_gnmr.*`` controller keys), cloned."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("_gnmr.")}
+
+
+def _scenario_arg(text: str) -> str:
+    """``e`` or ``e-mxfp4`` (scenario e with recipe mxfp4), checked for argparse."""
+    from gnmr_fx.backends.recipes import get_recipe
+
+    key, _, recipe = text.partition("-")
+    if key not in SCENARIOS:
+        raise argparse.ArgumentTypeError(f"unknown scenario {key!r} (choose from {', '.join(SCENARIOS)})")
+    if recipe:
+        try:
+            get_recipe(recipe)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _select_scenarios(names: Sequence[str]) -> dict:
+    """Scenario key -> Scenario; ``e-mxfp4`` is scenario e under its own key with recipe mxfp4."""
+    out = {}
+    for name in names:
+        key, _, recipe = name.partition("-")
+        s = SCENARIOS[key]
+        out[name] = dataclasses.replace(s, key=name, recipe=recipe) if recipe else s
+    return out
 
 
 def _apply_overrides(scenarios: dict, overrides: Sequence[str]) -> dict:
