@@ -12,14 +12,13 @@ NAME=$1; shift
 mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v "Running pip as"
 python3 -c "import gnmr_fx" || exit 1
-if [ -n "$GNMR_MPS" ]; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+# MPS uses its default pipe directory, so every CUDA process of the call
+# (two benchmark commands run side by side, say) shares the one server.
+if [ -n "$GNMR_MPS" ] && ! pgrep -x nvidia-cuda-mps-control >/dev/null; then
   if nvidia-cuda-mps-control -d && timeout 60 python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
     echo "MPS: on"
   else
     echo "MPS: failed to start, running without it"; echo quit | nvidia-cuda-mps-control 2>/dev/null
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   fi
 fi 2>&1 | tee "$OUT/$NAME.env"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
