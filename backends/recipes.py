@@ -192,11 +192,16 @@ def _e8m0_scale(amax: Tensor, elem_max_pow2: int) -> Tensor:
     ``frexp`` gives floor(log2(amax)) exactly (amax = m * 2^e, m in [0.5, 1)
     means floor(log2) = e - 1); ``floor(log2(x))`` in float can land one off
     just below a power of two. An all-zero block gets the smallest E8M0
-    scale, 2^-127, and stays zero.
+    scale (2^-126 here, see below), and stays zero.
     """
     _, e = torch.frexp(amax.float())
-    exp = torch.where(amax > 0, e - 1 - elem_max_pow2, torch.full_like(e, -127))
-    return torch.exp2(exp.clamp(-127, 127).float())
+    exp = torch.where(amax > 0, e - 1 - elem_max_pow2, torch.full_like(e, -126))
+    # E8M0 reaches 2^-127, but 2^-127 is an fp32 subnormal: GPU kernels that
+    # flush subnormals to zero (Triton's fp32 division does) turn it into 0
+    # and an all-zero block into 0/0 = NaN. That NaN then reaches the
+    # gradients even from the branch the plan did not select (0 * NaN), so
+    # the smallest scale used here is 2^-126, the smallest normal.
+    return torch.exp2(exp.clamp(-126, 127).float())
 
 
 _FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])

@@ -14,7 +14,7 @@ python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v "Ru
 python3 -c "import gnmr_fx" || exit 1
 # MPS uses its default pipe directory, so every CUDA process of the call
 # (two benchmark commands run side by side, say) shares the one server.
-if [ -n "$GNMR_MPS" ] && ! pgrep -x nvidia-cuda-mps-control >/dev/null; then
+if [ -n "$GNMR_MPS" ] && ! pgrep -f nvidia-cuda-mps-control >/dev/null; then
   if nvidia-cuda-mps-control -d && timeout 60 python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
     echo "MPS: on"
   else
