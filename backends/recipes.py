@@ -400,3 +400,71 @@ register_recipe(Recipe(
     "NVFP4: e2m1 elements, 16-element blocks with e4m3 scales and an fp32 tensor scale (forward only)",
     _nvfp4, _nvfp4, None,
 ))
+
+
+# ---------------------------------------------------------------------------
+# FP4 forward *and* backward (the NVFP4 / MXFP4 pretraining recipes)
+# ---------------------------------------------------------------------------
+# The forward operands round to nearest as above; the gradient of each unit's
+# output is rounded to FP4 with *stochastic* rounding, as the NVFP4
+# pretraining recipe (arXiv 2509.25149) and MXFP4 training (arXiv 2502.20586)
+# do for gradients: round-to-nearest FP4 gradients are biased, stochastic
+# rounding is unbiased in expectation. Because the saved forward operands are
+# the rounded ones, both backward GEMMs (dgrad, wgrad) then run on FP4 data.
+# Not emulated: the random Hadamard transform those recipes apply to the
+# wgrad operands, and NVFP4's 2-D 16x16 weight blocks.
+
+
+def cast_fp4_e2m1_stochastic(t: Tensor) -> Tensor:
+    """Round onto the E2M1 grid stochastically: down or up to the neighbouring
+    grid points with probabilities that make the result unbiased (saturating
+    at +-6). Non-finite values stay non-finite.
+
+    >>> _ = torch.manual_seed(0); q = cast_fp4_e2m1_stochastic(torch.full((20000,), 2.5))
+    >>> sorted(set(q.tolist())), round(float(q.mean()), 1)
+    ([2.0, 3.0], 2.5)
+    """
+    x = t.float()
+    a = x.abs().clamp(max=6.0)
+    _, e = torch.frexp(a)
+    spacing = torch.exp2((e - 1).clamp_min(0).float() - 1.0)
+    q = torch.floor(a / spacing + torch.rand_like(a)) * spacing
+    q = torch.where(torch.isnan(x) | torch.isinf(x), x.abs(), q.clamp(max=6.0))
+    return torch.copysign(q, x)
+
+
+def _fp4_grad_stochastic(t: Tensor, *, scale_kind: str, block: int) -> Tensor:
+    """Blocks of ``block`` along the last dim, the format's scale, stochastic E2M1."""
+    x, k, _ = _blocked(t.float(), -1, block)
+    xb = x.reshape(*x.shape[:-1], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    if scale_kind == "mx":
+        scale = _e8m0_scale(amax, 2)
+    else:  # nvfp4: e4m3 block scale under an fp32 tensor scale
+        finite = torch.where(torch.isfinite(xb), xb.abs(), torch.zeros_like(xb))
+        tensor_scale = (finite.amax() / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
+        scale = cast_fp8(amax / 6.0 / tensor_scale, torch.float8_e4m3fn) * tensor_scale
+    live = scale > 0
+    q = cast_fp4_e2m1_stochastic(xb / torch.where(live, scale, torch.ones_like(scale))) * scale
+    q = torch.where(live | ~torch.isfinite(xb), q, torch.zeros_like(q))
+    return _unblocked(q.reshape(x.shape), k, -1).to(t.dtype)
+
+
+def _nvfp4_grad_sr(t: Tensor, kdim: int) -> Tensor:
+    return _fp4_grad_stochastic(t, scale_kind="nv", block=16)
+
+
+def _mxfp4_grad_sr(t: Tensor, kdim: int) -> Tensor:
+    return _fp4_grad_stochastic(t, scale_kind="mx", block=32)
+
+
+register_recipe(Recipe(
+    "nvfp4_sr",
+    "NVFP4 forward operands (round to nearest) and output gradients (stochastic rounding): FP4 in all three GEMMs",
+    _nvfp4, _nvfp4, _nvfp4_grad_sr,
+))
+register_recipe(Recipe(
+    "mxfp4_sr",
+    "MXFP4 forward operands (round to nearest) and output gradients (stochastic rounding): FP4 in all three GEMMs",
+    _mxfp4, _mxfp4, _mxfp4_grad_sr,
+))

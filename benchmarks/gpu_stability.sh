@@ -23,7 +23,7 @@ if [ -n "$GNMR_MPS" ] && ! pgrep -f nvidia-cuda-mps-control >/dev/null; then
 fi 2>&1 | tee "$OUT/$NAME.env"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  git log -1 --format='commit %h %s' 2>/dev/null; date -u; } 2>&1 | tee -a "$OUT/$NAME.env"
+  echo "commit ${GNMR_COMMIT:-unknown (pass GNMR_COMMIT: the device copy's .git is not the checkout's)}"; date -u; } 2>&1 | tee -a "$OUT/$NAME.env"
 res=/tmp/gnmr_res/$NAME
 python3 -m gnmr_fx.cli bench stability "$@" --out "$res" 2>&1 | tee "$OUT/$NAME.log"
 rc=$?
