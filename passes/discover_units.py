@@ -278,7 +278,10 @@ def _module_path(node: torch.fx.Node, roots: dict[str, str]) -> str:
     """FQN in the root model of the module that called ``node``."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return roots.get("", "")
+        # An op written in the captured frame itself (a frame Dynamo resumed
+        # after a graph break inside a module's forward): that module is the
+        # frame's ``self``.
+        return roots.get("L['self']", roots.get("", ""))
     root, rel = split_source_path(list(stack.values())[-1][0])
     # The longest known variable path that this module path starts with.
     for i in range(len(rel), -1, -1):
