@@ -18,10 +18,19 @@ The formulas are this project's interpretation of the GNMR abstract
 * a triggered unit is locked on the high path for ``lock_steps`` steps; a
   re-trigger refreshes its lock. Locked units keep their budget slots, new
   triggers take free slots by descending risk, the rest are *denied*.
+* a zero norm (a frozen, unused or gated unit) is no history: it never enters
+  mu or the Delta-GNMR history, and a unit with no history yet has GNMR 1 and
+  cannot trigger on ratios (it is in warm-up).
+* a unit's *streak* counts consecutive steps it triggered or held a lock;
+  past ``max_lock_steps`` the unit is *released*: lock ended, history reset
+  (warm-up again), so a lasting level shift stops holding the high path.
+  A lock longer than ``lock_steps`` is never set here; written from outside
+  (a pin, as the perf benchmark does) it is not capped.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,8 +42,11 @@ _TINY = 1e-30
 
 # Per-unit state, all of length n (hist is [delta_window, n]).
 _FLOAT_STATE = ("ema", "norm", "gnmr", "delta_gnmr", "risk", "costs")
-_LONG_STATE = ("n_obs", "lock", "n_triggers", "n_denied", "n_high_steps")
-_BOOL_STATE = ("plan", "triggered", "denied")
+_LONG_STATE = ("n_obs", "lock", "n_triggers", "n_denied", "n_high_steps", "streak", "n_released")
+_BOOL_STATE = ("plan", "triggered", "denied", "released")
+STATE_KEYS = (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist")
+"""Tensor entries of :meth:`GNMRController.state_dict` (besides ``names`` and ``step``)."""
+_COUNTERS = ("n_obs", "n_triggers", "n_denied", "n_high_steps", "n_released")
 
 
 class GNMRController:
@@ -131,7 +143,7 @@ class GNMRController:
     def to(self, device: Union[str, torch.device]) -> "GNMRController":
         device = torch.device(device)
         if device != self._device:
-            for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist"):
+            for key in STATE_KEYS:
                 setattr(self, key, getattr(self, key).to(device))
             self._device = device
         return self
@@ -187,7 +199,11 @@ class GNMRController:
         finite = torch.isfinite(g)
         bad = obs & ~finite
         healthy = obs & finite
-        has_hist = self.n_obs > 0
+        # A zero norm (frozen, unused or gated unit) carries no scale: it is
+        # no history, like a step the unit did not run. Counted, it would give
+        # mu=0 and, at the first non-zero norm, GNMR ~1e30 for good.
+        usable = healthy & (g > 0)
+        has_hist = (self.n_obs > 0) & (self.ema > 0)
         ratio = torch.where(has_hist, g / self.mu.nan_to_num(0.0).clamp_min(_TINY), torch.ones_like(g))
         ratio = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
         delta = ratio - self.hist.min(dim=0).values
@@ -196,25 +212,39 @@ class GNMRController:
         # nan_to_num: it would also clamp the +/-inf entries to finite values.)
         delta = torch.where(torch.isnan(delta), torch.full_like(delta, float("-inf")), delta)
 
-        warm = self.n_obs < cfg.warmup_steps
+        warm = (self.n_obs < cfg.warmup_steps) | ~has_hist
         trig = healthy & ~warm & ((ratio >= cfg.threshold) | (delta >= cfg.delta_threshold))
         trig = trig | bad
         risk = torch.maximum(ratio / cfg.threshold, delta / cfg.delta_threshold)
         risk = torch.where(trig, risk, torch.zeros_like(risk))
 
-        # History mean: healthy, non-triggering steps only, so a spike never
+        # Streak of steps triggered or locked; past max_lock_steps the unit
+        # is released. A lock beyond lock_steps was pinned from outside.
+        in_run = (trig | (self.lock > 0)) & (self.lock <= cfg.lock_steps)
+        streak = torch.where(in_run, self.streak + 1, torch.zeros_like(self.streak))
+        release = streak > cfg.max_lock_steps
+        streak = torch.where(release, torch.zeros_like(streak), streak)
+
+        # History mean: usable, non-triggering steps only, so a spike never
         # inflates its own baseline and a NaN never enters it.
-        upd = healthy & ~trig
+        upd = usable & ~trig
         self.ema = torch.where(upd, cfg.beta * self.ema + (1.0 - cfg.beta) * g.nan_to_num(0.0), self.ema)
         self.n_obs = self.n_obs + upd.long()
         # Delta-GNMR history; +inf marks "no usable ratio" and never wins a min.
-        self.hist[self.step % cfg.delta_window] = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
+        self.hist[self.step % cfg.delta_window] = torch.where(
+            usable & has_hist, ratio, torch.full_like(g, float("inf")))
+        # A released unit forgets its baseline and re-learns in warm-up: the
+        # level it held the high path for is its new normal.
+        self.ema = torch.where(release, torch.zeros_like(self.ema), self.ema)
+        self.n_obs = torch.where(release, torch.zeros_like(self.n_obs), self.n_obs)
+        self.hist = torch.where(release.unsqueeze(0), torch.full_like(self.hist, float("inf")), self.hist)
 
         # Locks: the step just taken consumed one step of every lock.
         lock = (self.lock - 1).clamp_min(0)
+        lock = torch.where(release, torch.zeros_like(lock), lock)
         held = lock > 0
         lock = torch.where(trig & held, torch.full_like(lock, cfg.lock_steps), lock)
-        cand = trig & ~held
+        cand = trig & ~held & ~release
         if cfg.policy == "gnmr":
             admit = self._admit(cand, held, risk)
         else:
@@ -238,6 +268,9 @@ class GNMRController:
         self.n_triggers = self.n_triggers + trig.long()
         self.n_denied = self.n_denied + self.denied.long()
         self.n_high_steps = self.n_high_steps + plan.long()
+        self.streak = streak
+        self.released = release
+        self.n_released = self.n_released + release.long()
         self.step += 1
         return plan
 
