@@ -223,7 +223,7 @@ class GNMRController:
         in_run = (trig | (self.lock > 0)) & (self.lock <= cfg.lock_steps)
         streak = torch.where(in_run, self.streak + 1, torch.zeros_like(self.streak))
         release = streak > cfg.max_lock_steps
-        streak = torch.where(release, torch.zeros_like(streak), streak)
+        streak = streak.masked_fill(release, 0)
 
         # History mean: usable, non-triggering steps only, so a spike never
         # inflates its own baseline and a NaN never enters it.
@@ -235,13 +235,13 @@ class GNMRController:
             usable & has_hist, ratio, torch.full_like(g, float("inf")))
         # A released unit forgets its baseline and re-learns in warm-up: the
         # level it held the high path for is its new normal.
-        self.ema = torch.where(release, torch.zeros_like(self.ema), self.ema)
-        self.n_obs = torch.where(release, torch.zeros_like(self.n_obs), self.n_obs)
-        self.hist = torch.where(release.unsqueeze(0), torch.full_like(self.hist, float("inf")), self.hist)
+        self.ema = self.ema.masked_fill(release, 0.0)
+        self.n_obs = self.n_obs.masked_fill(release, 0)
+        self.hist = self.hist.masked_fill(release.unsqueeze(0), float("inf"))
 
         # Locks: the step just taken consumed one step of every lock.
         lock = (self.lock - 1).clamp_min(0)
-        lock = torch.where(release, torch.zeros_like(lock), lock)
+        lock = lock.masked_fill(release, 0)
         held = lock > 0
         lock = torch.where(trig & held, torch.full_like(lock, cfg.lock_steps), lock)
         cand = trig & ~held & ~release
@@ -296,34 +296,160 @@ class GNMRController:
     def state_dict(self) -> dict:
         """Everything needed to resume with identical decisions."""
         sd = {"names": list(self.names), "step": int(self.step)}
-        for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist"):
+        for key in STATE_KEYS:
             sd[key] = getattr(self, key).detach().clone()
         return sd
 
-    def load_state_dict(self, sd: dict) -> list[str]:
-        """Restore state by unit name; returns saved names not present here.
+    def load_state_dict(self, sd: dict, *, strict: bool = False, key_prefix: str = "") -> list[str]:
+        """Restore state by unit name, checked against this config; returns
+        saved names not present here.
 
-        Units present here but not in ``sd`` keep their current state. The
-        caller (``GNMRRuntime``) keeps the leftovers for units discovered later.
+        Nothing is applied unless the whole of ``sd`` passes
+        :meth:`check_state_dict`. Units present here but not in ``sd`` keep
+        their current state (with ``strict``, any difference in the unit
+        sets raises, listing both sides). Per-unit costs stay this
+        controller's (they come from the live units' shapes). Then the live
+        config is re-applied: under ``policy="gnmr"`` locks beyond the budget
+        ``max_o`` are released, lowest risk first (a warning names them), and
+        the plan is ``lock > 0``; the baselines get their fixed plan and no
+        locks.
+
+        >>> a = GNMRController(["x", "y"], GNMRConfig(warmup_steps=0, max_o=2))
+        >>> _ = [a.update(torch.tensor([1.0, 1.0])) for _ in range(3)]
+        >>> a.update(torch.tensor([9.0, 5.0])).tolist()
+        [True, True]
+        >>> b = GNMRController(["x", "y"], GNMRConfig(warmup_steps=0, max_o=1))
+        >>> import warnings; warnings.simplefilter("ignore")
+        >>> b.load_state_dict(a.state_dict())
+        []
+        >>> b.plan.tolist()
+        [True, False]
         """
+        self.check_state_dict(sd, key_prefix=key_prefix)
         names = list(sd["names"])
-        self.step = int(sd["step"])
+        if strict:
+            problem = self.unit_mismatch(names)
+            if problem is not None:
+                raise ValueError(problem)
         index = {n: i for i, n in enumerate(self.names)}
         src = [i for i, n in enumerate(names) if n in index]
         dst = [index[names[i]] for i in src]
         missing = [n for n in names if n not in index]
+        self.step = int(sd["step"])
         if src:
             s = torch.tensor(src, dtype=torch.long)
             d = torch.tensor(dst, dtype=torch.long, device=self._device)
-            for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE):
-                getattr(self, key)[d] = sd[key][s].to(self._device)
-            hist = sd["hist"]
-            if hist.shape[0] != self.config.delta_window:
-                raise ValueError(
-                    f"checkpoint has delta_window={hist.shape[0]}, config has {self.config.delta_window}"
-                )
-            self.hist[:, d] = hist[:, s].to(self._device)
+            for key in STATE_KEYS:
+                if key == "hist":
+                    self.hist[:, d] = sd[key][:, s].to(self._device)
+                elif key != "costs":
+                    getattr(self, key)[d] = sd[key][s].to(self._device)
+        released = self._reapply_config()
+        if released:
+            warnings.warn(
+                f"GNMR resume: the checkpoint's locks exceed the budget max_o={self.config.max_o}; "
+                f"released {released} (the highest-risk locks that fit are kept)",
+                UserWarning, stacklevel=2,
+            )
         return missing
+
+    def unit_mismatch(self, names: Sequence[str]) -> Optional[str]:
+        """Why saved unit ``names`` differ from this controller's, or None."""
+        saved = set(names)
+        unknown = [n for n in names if n not in set(self.names)]
+        absent = [n for n in self.names if n not in saved]
+        if not unknown and not absent:
+            return None
+        return (
+            f"GNMR checkpoint units differ from the model's: in the checkpoint but not in this model: {unknown}; "
+            f"in this model but not in the checkpoint: {absent}. To restore the units both have, load with "
+            "strict=False (gnmr_fx.runtime(model).set_strict_load(False) for model.load_state_dict)"
+        )
+
+    def check_state_dict(self, sd: dict, *, key_prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the key unless ``sd`` is a state this
+        config could have produced: every key of :meth:`state_dict`, the right
+        dtypes and shapes, finite non-negative history, counters within
+        ``step``, locks within ``lock_steps`` and streaks within
+        ``max_lock_steps``. Runs on the host; meant for load time only.
+        """
+        cfg = self.config
+        if not isinstance(sd, dict):
+            raise ValueError(f"GNMR state must be a dict (got {type(sd).__name__})")
+        absent = [k for k in ("names", "step", *STATE_KEYS) if k not in sd]
+        if absent:
+            raise ValueError(
+                f"GNMR checkpoint: missing {', '.join(key_prefix + k for k in absent)} "
+                "(not a GNMR state dict, or saved by an older gnmr_fx)"
+            )
+        names = sd["names"]
+        if (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)
+                or len(set(names)) != len(names)):
+            raise ValueError(f"{key_prefix}names must be a list of distinct str unit names (got {names!r:.200})")
+        step = sd["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{key_prefix}step must be an int >= 0 (got {step!r})")
+        n, dw = len(names), cfg.delta_window
+        t = {}
+        for key in STATE_KEYS:
+            v = sd[key]
+            dtype = torch.long if key in _LONG_STATE else torch.bool if key in _BOOL_STATE else torch.float32
+            shape = (dw, n) if key == "hist" else (n,)
+            if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                msg = f"{key_prefix}{key} must be a {dtype} tensor of shape {shape} (got {got})"
+                if key == "hist" and isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == n:
+                    msg += f": the checkpoint has delta_window={v.shape[0]}, the config has {dw}"
+                raise ValueError(msg)
+            t[key] = v.detach().cpu()
+
+        def reject(key: str, bad: Tensor, rule: str) -> None:
+            if bool(bad.any()):
+                rows = bad.any(dim=0) if bad.dim() == 2 else bad
+                which = [names[i] for i in rows.nonzero().flatten().tolist()]
+                shown = f"{which[:8]}{' ...' if len(which) > 8 else ''}"
+                raise ValueError(f"{key_prefix}{key} must be {rule} (bad for {len(which)} unit(s): {shown})")
+
+        ema, hist = t["ema"], t["hist"]
+        reject("ema", ~torch.isfinite(ema) | (ema < 0), "finite and >= 0")
+        reject("ema", (t["n_obs"] == 0) & (ema != 0), "0 for units with no observations (n_obs == 0)")
+        reject("hist", torch.isnan(hist) | (hist < 0), ">= 0 or +inf (a GNMR ratio, or none)")
+        reject("risk", torch.isnan(t["risk"]) | (t["risk"] < 0), ">= 0")
+        reject("norm", t["norm"] < 0, ">= 0, +inf or NaN")
+        reject("gnmr", t["gnmr"] < 0, ">= 0, +inf or NaN")
+        reject("costs", ~torch.isfinite(t["costs"]) | (t["costs"] <= 0), "finite and > 0")
+        for key in _COUNTERS:
+            reject(key, (t[key] < 0) | (t[key] > step), f"in [0, step={step}]")
+        reject("lock", (t["lock"] < 0) | (t["lock"] > cfg.lock_steps),
+               f"in [0, {cfg.lock_steps}] (GNMRConfig.lock_steps: a lock counts down from it)")
+        cap = min(cfg.max_lock_steps, step)
+        reject("streak", (t["streak"] < 0) | (t["streak"] > cap),
+               f"in [0, {cap}] (GNMRConfig.max_lock_steps={cfg.max_lock_steps}, step={step})")
+
+    def _reapply_config(self) -> list[str]:
+        """Make loaded state obey this config's policy and budget; returns
+        the names of units whose locks were released to fit ``max_o``."""
+        cfg = self.config
+        if cfg.policy != "gnmr":
+            self.lock = torch.zeros_like(self.lock)
+            self.plan = torch.full_like(self.plan, cfg.policy == "always_high")
+            return []
+        held = self.lock > 0
+        costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
+        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else float(cfg.max_o)
+        # Keep locks by descending risk (then the most steps left), as long as
+        # they fit: the same prefix rule as admission.
+        by_lock = torch.argsort(self.lock, descending=True, stable=True)
+        key = torch.where(held, self.risk, torch.full_like(self.risk, float("-inf")))[by_lock]
+        order = by_lock[torch.argsort(key, descending=True, stable=True)]
+        fits = torch.cumsum(torch.where(held, costs, torch.zeros_like(costs))[order], 0) <= cap * (1.0 + 1e-6)
+        keep = torch.zeros_like(held).scatter(0, order, held[order] & fits)
+        drop = held & ~keep
+        self.lock = torch.where(drop, torch.zeros_like(self.lock), self.lock)
+        self.streak = torch.where(drop, torch.zeros_like(self.streak), self.streak)
+        self.plan = self.lock > 0
+        dropped = drop.cpu()
+        return [self.names[i] for i in order.tolist() if dropped[i]]
 
     # ---------------------------------------------------------------- report
     def report(self, top: Optional[int] = None) -> str:

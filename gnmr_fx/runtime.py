@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.controller import GNMRController
+from gnmr_fx.controller import STATE_KEYS, GNMRController
 from gnmr_fx.passes.discover_units import UnitSite
 
 _STATE_PREFIX = "_gnmr."
@@ -249,6 +249,8 @@ class GNMRRuntime:
         live = [r for r in self.records if r.plan is not None]
         if not live or ctl.num_units == 0:
             return None
+        if self._resume_check is not None:
+            self._check_resumed_units()
         dev = live[0].plan.device
         sumsq = torch.zeros(ctl.num_units, device=dev)
         seen = torch.zeros(ctl.num_units, dtype=torch.bool, device=dev)
@@ -440,6 +442,21 @@ class GNMRRuntime:
             writer.flush()
 
     # ----------------------------------------------------------- checkpoint
+    # (strict, key prefix) of the last load, until the first step after it.
+    _resume_check: Optional[tuple[bool, str]] = None
+    _strict_load: bool = True
+
+    def set_strict_load(self, strict: bool) -> None:
+        """Whether a checkpoint's GNMR units (and ``_gnmr.*`` keys) must match
+        the model's exactly (default True).
+
+        ``model.load_state_dict`` gives its hooks no ``strict`` flag, so this
+        is GNMR's own. With False, the units both sides have are restored,
+        units only the model has start fresh (in warm-up), and units only the
+        checkpoint has wait until the model discovers them.
+        """
+        self._strict_load = bool(strict)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Controller state as flat tensors (safe for ``weights_only=True``)."""
         sd = self.controller.state_dict()
@@ -449,32 +466,115 @@ class GNMRRuntime:
         out["step"] = torch.tensor(sd["step"], dtype=torch.long)
         return out
 
-    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
-        sd = dict(flat)
-        sd["names"] = json.loads(bytes(sd["names"].tolist()).decode("utf-8"))
-        sd["step"] = int(sd["step"])
+    def load_state_dict(self, flat: dict[str, torch.Tensor], *, strict: Optional[bool] = None,
+                        prefix: str = _STATE_PREFIX) -> None:
+        """Restore the controller from :meth:`state_dict`'s tensors.
+
+        Everything is checked now, before anything is applied: missing (and,
+        with ``strict``, unexpected) keys, dtypes, shapes, the names' encoding
+        and every value against the live config (``ValueError`` naming the
+        key, e.g. ``_gnmr.ema``). Units the model has already discovered are
+        matched at once; if it has none yet (loaded before the first forward)
+        they are restored as their graphs compile, and the unit sets are
+        compared at the first step. With ``strict`` (default: the setting of
+        :meth:`set_strict_load`) a difference raises, listing both sides. The
+        budget and the policy of the live config are re-applied (see
+        :meth:`GNMRController.load_state_dict`), and the plan reaches every
+        graph and host copy before the next forward.
+        """
+        strict = self._strict_load if strict is None else bool(strict)
+        sd = _decode_state(flat, prefix, strict)
+        ctl = self.controller
+        ctl.check_state_dict(sd, key_prefix=prefix)
+        if strict and ctl.num_units:
+            problem = ctl.unit_mismatch(sd["names"])
+            if problem is not None:
+                raise ValueError(problem)
         self._pending_state = sd
-        self.controller.step = sd["step"]
+        self._resume_check = (strict, prefix)
+        ctl.step = sd["step"]
         self._apply_pending_state()
 
     def _apply_pending_state(self) -> None:
         if self._pending_state is None or self.controller.num_units == 0:
             return
-        missing = self.controller.load_state_dict(self._pending_state)
-        if missing:
-            keep = [i for i, n in enumerate(self._pending_state["names"]) if n in set(missing)]
-            idx = torch.tensor(keep, dtype=torch.long)
-            sd = {"names": missing, "step": self._pending_state["step"]}
-            for k, v in self._pending_state.items():
-                if isinstance(v, torch.Tensor):
-                    sd[k] = v[:, idx] if k == "hist" else v[idx]
-            self._pending_state = sd
+        ctl = self.controller
+        # Until the first step after the load, every registration reloads the
+        # whole checkpoint, so the budget is re-applied over all units at
+        # once whatever order their graphs compile in. Afterwards only the
+        # leftovers wait, for units discovered later, and joining must not
+        # rewind the step count.
+        if self._resume_check is not None:
+            ctl.load_state_dict(self._pending_state, key_prefix=self._resume_check[1])
         else:
-            self._pending_state = None
+            missing = ctl.load_state_dict(dict(self._pending_state, step=ctl.step), key_prefix=_STATE_PREFIX)
+            self._pending_state = _subset_state(self._pending_state, missing)
         for rec in self.records:
             if rec.plan is not None:
-                rec.plan.copy_(self.controller.plan[rec.unit_ids])
+                rec.plan.copy_(ctl.plan[rec.unit_ids.to(ctl.plan.device)])
         self._publish_host_plans()
+
+    def _check_resumed_units(self) -> None:
+        """First step after a load: the units are known now; compare the sets."""
+        strict, _ = self._resume_check
+        self._resume_check = None
+        sd = self._pending_state
+        if sd is None:
+            return
+        live = set(self.controller.names)
+        self._pending_state = _subset_state(sd, [n for n in sd["names"] if n not in live])
+        if strict:
+            problem = self.controller.unit_mismatch(sd["names"])
+            if problem is not None:
+                raise ValueError(f"{problem} (checked at the first step: the model had no units at load time)")
+
+
+def _decode_state(flat: dict, prefix: str, strict: bool) -> dict:
+    """The controller state dict from its flat tensors, or ``ValueError`` naming the key."""
+    known = {"names", "step", *STATE_KEYS}
+    absent = [k for k in ("names", "step", *STATE_KEYS) if k not in flat]
+    if absent:
+        raise ValueError(f"GNMR checkpoint: missing {', '.join(prefix + k for k in absent)} "
+                         "(not a GNMR state dict, or saved by an older gnmr_fx)")
+    unexpected = sorted(k for k in flat if k not in known)
+    if unexpected and strict:
+        raise ValueError(f"GNMR checkpoint: unexpected {', '.join(prefix + k for k in unexpected)} "
+                         "(gnmr_fx.runtime(model).set_strict_load(False) ignores them)")
+    t = flat["names"]
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{prefix}names must be a 1-D torch.uint8 tensor of UTF-8 JSON (got {got})")
+    try:
+        text = bytes(t.tolist()).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{prefix}names is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{prefix}names is not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{prefix}names must be a JSON list of distinct unit names (got {text[:120]!r})")
+    t = flat["step"]
+    if (not isinstance(t, torch.Tensor) or t.dim() != 0 or t.dtype.is_floating_point or t.dtype.is_complex
+            or t.dtype == torch.bool):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{prefix}step must be a 0-d integer tensor (got {got})")
+    sd = {k: v for k, v in flat.items() if k in known}
+    sd["names"], sd["step"] = names, int(t)
+    return sd
+
+
+def _subset_state(sd: dict, names: list[str]) -> Optional[dict]:
+    """The part of a decoded state dict for ``names`` (None if empty)."""
+    if not names:
+        return None
+    keep = set(names)
+    idx = torch.tensor([i for i, n in enumerate(sd["names"]) if n in keep], dtype=torch.long)
+    out = {"names": [n for n in sd["names"] if n in keep], "step": sd["step"]}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v[:, idx] if k == "hist" else v[idx]
+    return out
 
 
 class StateView:
@@ -512,12 +612,15 @@ def _state_dict_hook(module: torch.nn.Module, state_dict: dict, prefix: str, loc
 
 def _load_state_dict_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     rt = module.__dict__.get("_gnmr_runtime")
-    keys = [k for k in state_dict if k.startswith(prefix + _STATE_PREFIX)]
+    head = prefix + _STATE_PREFIX
+    keys = [k for k in state_dict if k.startswith(head)]
     if not keys:
-        return
-    flat = {k[len(prefix + _STATE_PREFIX):]: state_dict.pop(k) for k in keys}
+        return  # a weights-only checkpoint: the controller starts fresh
+    # Raised here, before any parameter is loaded, rather than appended to
+    # error_msgs: a bad GNMR state is a ValueError naming its key.
+    flat = {k[len(head):]: state_dict.pop(k) for k in keys}
     if rt is not None:
-        rt.load_state_dict(flat)
+        rt.load_state_dict(flat, prefix=head)  # `strict` here is always True: see set_strict_load
 
 
 def runtime_of(model: torch.nn.Module) -> GNMRRuntime:
