@@ -49,6 +49,14 @@ STATE_KEYS = (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist")
 _COUNTERS = ("n_obs", "n_triggers", "n_denied", "n_high_steps", "n_released")
 
 
+def warn_released(config: GNMRConfig, released: list[str], stacklevel: int = 3) -> None:
+    """Warn that resuming released ``released`` units' locks to fit the budget."""
+    if released:
+        warnings.warn(f"GNMR resume: the checkpoint's locks exceed the budget max_o={config.max_o}; "
+                      f"released {released} (the highest-risk locks that fit are kept)",
+                      UserWarning, stacklevel=stacklevel)
+
+
 class GNMRController:
     """The GNMR decision rule over a set of units, usable on its own.
 
@@ -300,7 +308,8 @@ class GNMRController:
             sd[key] = getattr(self, key).detach().clone()
         return sd
 
-    def load_state_dict(self, sd: dict, *, strict: bool = False, key_prefix: str = "") -> list[str]:
+    def load_state_dict(self, sd: dict, *, strict: bool = False, key_prefix: str = "",
+                        fit_budget: bool = True) -> list[str]:
         """Restore state by unit name, checked against this config; returns
         saved names not present here.
 
@@ -308,11 +317,12 @@ class GNMRController:
         :meth:`check_state_dict`. Units present here but not in ``sd`` keep
         their current state (with ``strict``, any difference in the unit
         sets raises, listing both sides). Per-unit costs stay this
-        controller's (they come from the live units' shapes). Then the live
-        config is re-applied: under ``policy="gnmr"`` locks beyond the budget
-        ``max_o`` are released, lowest risk first (a warning names them), and
-        the plan is ``lock > 0``; the baselines get their fixed plan and no
-        locks.
+        controller's (they come from the live units' shapes). The live
+        config is re-applied: the plan is ``lock > 0`` under
+        ``policy="gnmr"`` and fixed, with no locks, under the baselines; and,
+        unless ``fit_budget=False`` (for state already fitted, see
+        :meth:`fit_to_budget`), :meth:`release_over_budget` runs and a
+        warning names the units it released.
 
         >>> a = GNMRController(["x", "y"], GNMRConfig(warmup_steps=0, max_o=2))
         >>> _ = [a.update(torch.tensor([1.0, 1.0])) for _ in range(3)]
@@ -344,14 +354,55 @@ class GNMRController:
                     self.hist[:, d] = sd[key][:, s].to(self._device)
                 elif key != "costs":
                     getattr(self, key)[d] = sd[key][s].to(self._device)
-        released = self._reapply_config()
-        if released:
-            warnings.warn(
-                f"GNMR resume: the checkpoint's locks exceed the budget max_o={self.config.max_o}; "
-                f"released {released} (the highest-risk locks that fit are kept)",
-                UserWarning, stacklevel=2,
-            )
+        if self.config.policy == "gnmr":
+            self.plan = self.lock > 0
+        else:
+            self.lock = torch.zeros_like(self.lock)
+            self.plan = torch.full_like(self.plan, self.config.policy == "always_high")
+        if fit_budget:
+            warn_released(self.config, self.release_over_budget())
         return missing
+
+    def release_over_budget(self) -> list[str]:
+        """Release locks, lowest risk first, until the plan fits ``max_o``;
+        returns the released units' names.
+
+        For state that did not come from :meth:`update` (which never exceeds
+        the budget): a checkpoint loaded under a smaller ``max_o``. Locks are
+        kept by descending risk (then most steps left) while their
+        cumulative cost fits: the prefix rule of admission.
+        """
+        cfg = self.config
+        if cfg.policy != "gnmr":
+            return []
+        held = self.lock > 0
+        costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
+        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else float(cfg.max_o)
+        by_lock = torch.argsort(self.lock, descending=True, stable=True)
+        key = torch.where(held, self.risk, torch.full_like(self.risk, float("-inf")))[by_lock]
+        order = by_lock[torch.argsort(key, descending=True, stable=True)]
+        fits = torch.cumsum(torch.where(held, costs, torch.zeros_like(costs))[order], 0) <= cap * (1.0 + 1e-6)
+        keep = torch.zeros_like(held).scatter(0, order, held[order] & fits)
+        drop = held & ~keep
+        self.lock = self.lock.masked_fill(drop, 0)
+        self.streak = self.streak.masked_fill(drop, 0)
+        self.plan = self.lock > 0
+        dropped = drop.cpu()
+        return [self.names[i] for i in order.tolist() if dropped[i]]
+
+    def fit_to_budget(self, sd: dict) -> tuple[dict, list[str]]:
+        """``sd`` (checked) with its locks fitted to this config, by the
+        checkpoint's own units and costs; and the released units' names.
+
+        For a model that has not discovered its units yet: their graphs join
+        one at a time, and a budget computed over the units seen so far would
+        be wrong for a FLOP fraction.
+        """
+        self.check_state_dict(sd)
+        own = GNMRController(list(sd["names"]), self.config, costs=sd["costs"])
+        own.load_state_dict(sd, fit_budget=False)
+        released = own.release_over_budget()
+        return own.state_dict(), released
 
     def unit_mismatch(self, names: Sequence[str]) -> Optional[str]:
         """Why saved unit ``names`` differ from this controller's, or None."""
@@ -425,31 +476,6 @@ class GNMRController:
         cap = min(cfg.max_lock_steps, step)
         reject("streak", (t["streak"] < 0) | (t["streak"] > cap),
                f"in [0, {cap}] (GNMRConfig.max_lock_steps={cfg.max_lock_steps}, step={step})")
-
-    def _reapply_config(self) -> list[str]:
-        """Make loaded state obey this config's policy and budget; returns
-        the names of units whose locks were released to fit ``max_o``."""
-        cfg = self.config
-        if cfg.policy != "gnmr":
-            self.lock = torch.zeros_like(self.lock)
-            self.plan = torch.full_like(self.plan, cfg.policy == "always_high")
-            return []
-        held = self.lock > 0
-        costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
-        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else float(cfg.max_o)
-        # Keep locks by descending risk (then the most steps left), as long as
-        # they fit: the same prefix rule as admission.
-        by_lock = torch.argsort(self.lock, descending=True, stable=True)
-        key = torch.where(held, self.risk, torch.full_like(self.risk, float("-inf")))[by_lock]
-        order = by_lock[torch.argsort(key, descending=True, stable=True)]
-        fits = torch.cumsum(torch.where(held, costs, torch.zeros_like(costs))[order], 0) <= cap * (1.0 + 1e-6)
-        keep = torch.zeros_like(held).scatter(0, order, held[order] & fits)
-        drop = held & ~keep
-        self.lock = torch.where(drop, torch.zeros_like(self.lock), self.lock)
-        self.streak = torch.where(drop, torch.zeros_like(self.streak), self.streak)
-        self.plan = self.lock > 0
-        dropped = drop.cpu()
-        return [self.names[i] for i in order.tolist() if dropped[i]]
 
     # ---------------------------------------------------------------- report
     def report(self, top: Optional[int] = None) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.controller import STATE_KEYS, GNMRController
+from gnmr_fx.controller import STATE_KEYS, GNMRController, warn_released
 from gnmr_fx.passes.discover_units import UnitSite
 
 _STATE_PREFIX = "_gnmr."
@@ -490,41 +490,65 @@ class GNMRRuntime:
             problem = ctl.unit_mismatch(sd["names"])
             if problem is not None:
                 raise ValueError(problem)
+        # The budget is fitted here, over the checkpoint's units and costs:
+        # the model's graphs may join one at a time below, and their plans
+        # must not change once a graph has run. The first step checks it
+        # again with the live units' costs.
+        sd, released = ctl.fit_to_budget(sd)
+        warn_released(self.config, released)
         self._pending_state = sd
         self._resume_check = (strict, prefix)
         ctl.step = sd["step"]
         self._apply_pending_state()
+        if ctl.num_units:
+            # Units the checkpoint lacks may hold locks too (strict=False).
+            warn_released(self.config, ctl.release_over_budget())
+            self._write_plans()
 
     def _apply_pending_state(self) -> None:
         if self._pending_state is None or self.controller.num_units == 0:
             return
         ctl = self.controller
-        # Until the first step after the load, every registration reloads the
-        # whole checkpoint, so the budget is re-applied over all units at
-        # once whatever order their graphs compile in. Afterwards only the
-        # leftovers wait, for units discovered later, and joining must not
-        # rewind the step count.
         if self._resume_check is not None:
-            ctl.load_state_dict(self._pending_state, key_prefix=self._resume_check[1])
+            # Until the first step after the load every registration applies
+            # the whole (fitted) checkpoint: no unit's lock depends on the
+            # order in which the graphs compile.
+            ctl.load_state_dict(self._pending_state, key_prefix=self._resume_check[1], fit_budget=False)
         else:
-            missing = ctl.load_state_dict(dict(self._pending_state, step=ctl.step), key_prefix=_STATE_PREFIX)
+            # A unit that joins later resumes its history, not its lock (that
+            # was for the steps after the checkpoint), and the step count
+            # does not rewind.
+            sd = dict(self._pending_state, step=ctl.step, lock=torch.zeros_like(self._pending_state["lock"]),
+                      streak=torch.zeros_like(self._pending_state["streak"]))
+            missing = ctl.load_state_dict(sd, key_prefix=_STATE_PREFIX, fit_budget=False)
             self._pending_state = _subset_state(self._pending_state, missing)
+        self._write_plans()
+
+    def _write_plans(self) -> None:
+        """The controller's plan into every graph and host copy, now."""
+        ctl = self.controller
         for rec in self.records:
+            # Only where a value changes: a graph that already ran this step
+            # saved its plan for backward.
             if rec.plan is not None:
-                rec.plan.copy_(ctl.plan[rec.unit_ids.to(ctl.plan.device)])
+                plan = ctl.plan[rec.unit_ids.to(ctl.plan.device)]
+                if not torch.equal(rec.plan, plan):
+                    rec.plan.copy_(plan)
         self._publish_host_plans()
 
     def _check_resumed_units(self) -> None:
-        """First step after a load: the units are known now; compare the sets."""
+        """First step after a load: every unit is known; compare the sets and
+        fit the budget with the live costs (between steps, when no graph
+        holds the plan)."""
         strict, _ = self._resume_check
         self._resume_check = None
-        sd = self._pending_state
+        sd, ctl = self._pending_state, self.controller
+        warn_released(self.config, ctl.release_over_budget())
         if sd is None:
             return
-        live = set(self.controller.names)
-        self._pending_state = _subset_state(sd, [n for n in sd["names"] if n not in live])
+        self._pending_state = _subset_state(sd, [n for n in sd["names"] if n not in set(ctl.names)])
         if strict:
-            problem = self.controller.unit_mismatch(sd["names"])
+            problem = ctl.unit_mismatch(sd["names"])
             if problem is not None:
                 raise ValueError(f"{problem} (checked at the first step: the model had no units at load time)")
 

@@ -2,6 +2,8 @@
 
 import io
 import json
+import re
+import warnings
 
 import pytest
 import torch
@@ -172,13 +174,18 @@ class TestRuntimeResume:
         rt = gnmr_fx.runtime(m)
         if run_first:
             m(_batch(0)[0])
-        with pytest.warns(UserWarning, match="released"):
+        released = [UNITS[i] for i in range(4) if saved[2][i] and i != top]
+        with pytest.warns(UserWarning, match=re.escape(f"released {released}")):
             m.load_state_dict(sd)
-            m(_batch(5)[0])  # the first step after load
+        x, y = _batch(5)
+        loss = nn.functional.mse_loss(m(x), y)  # the first step after load
         expected = [i == top for i in range(4)]
         assert rt.controller.plan.tolist() == expected
         assert _graph_plans(rt) == [expected]  # what that first step ran
         assert float(rt.controller.budget_used()) == 1.0
+        loss.backward()
+        opt.step()
+        assert int(rt.controller.plan.sum()) <= 1
 
     @pytest.mark.parametrize("policy,expected", [("always_low", False), ("always_high", True)])
     @pytest.mark.parametrize("run_first", [False, True], ids=["load_then_run", "run_then_load"])
@@ -304,9 +311,10 @@ class _TwoGraphs(nn.Module):
 
 
 def test_budget_is_reapplied_over_all_graphs_whatever_their_compile_order():
-    # Locks on l0, l1 (first graph) and l3 (second graph), l3 the riskiest.
-    # Loaded before the first forward under max_o=1: the first graph's units
-    # join first, yet l3 keeps its lock.
+    # Locks on l0, l1 (first graph) and l3 (second graph), by risk l0 > l1 > l3.
+    # Loaded before the first forward under max_o=0.5 (two of the four equal
+    # units): the first graph's units join first, when half of their FLOPs
+    # is one unit, yet the budget over all units keeps l0 and l1.
     torch.manual_seed(0)
     a = _TwoGraphs()
     opt = torch.optim.SGD(a.parameters(), lr=1e-2)
@@ -317,16 +325,23 @@ def test_budget_is_reapplied_over_all_graphs_whatever_their_compile_order():
     assert json.loads(bytes(sd["_orig_mod._gnmr.names"].tolist())) == ["l0", "l1", "l2", "l3"]
     sd["_orig_mod._gnmr.lock"] = torch.tensor([5, 5, 0, 5])
     sd["_orig_mod._gnmr.streak"] = torch.tensor([1, 1, 0, 1])
-    sd["_orig_mod._gnmr.risk"] = torch.tensor([1.0, 2.0, 0.0, 3.0])
+    sd["_orig_mod._gnmr.risk"] = torch.tensor([3.0, 2.0, 0.0, 1.0])
 
     torch.manual_seed(1)
     b = _TwoGraphs()
     opt_b = torch.optim.SGD(b.parameters(), lr=1e-2)
-    mb = gnmr_fx.compile(b, CFG.replace(max_o=1), backend="eager", optimizer=opt_b)
-    mb.load_state_dict(sd)
-    with pytest.warns(UserWarning, match="released"):
-        mb(_batch(5)[0])
-    rt = gnmr_fx.runtime(mb)
-    assert len(rt.records) == 2
-    assert rt.controller.plan.tolist() == [False, False, False, True]
-    assert _graph_plans(rt) == [[False, False], [False, True]]
+    mb = gnmr_fx.compile(b, CFG.replace(max_o=0.5), backend="eager", optimizer=opt_b)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mb.load_state_dict(sd)
+        x, y = _batch(5)
+        loss = nn.functional.mse_loss(mb(x), y)
+        rt = gnmr_fx.runtime(mb)
+        assert len(rt.records) == 2
+        assert rt.controller.plan.tolist() == [True, True, False, False]
+        assert _graph_plans(rt) == [[True, True], [False, False]]
+        loss.backward()  # the first graph's plan did not change after it ran
+        opt_b.step()
+    assert [str(w.message) for w in seen if "GNMR" in str(w.message)] == [
+        "GNMR resume: the checkpoint's locks exceed the budget max_o=0.5; released ['l3'] "
+        "(the highest-risk locks that fit are kept)"]
