@@ -406,8 +406,8 @@ class GNMRController:
 
     def unit_mismatch(self, names: Sequence[str]) -> Optional[str]:
         """Why saved unit ``names`` differ from this controller's, or None."""
-        saved = set(names)
-        unknown = [n for n in names if n not in set(self.names)]
+        saved, live = set(names), set(self.names)
+        unknown = [n for n in names if n not in live]
         absent = [n for n in self.names if n not in saved]
         if not unknown and not absent:
             return None

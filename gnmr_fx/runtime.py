@@ -503,7 +503,8 @@ class GNMRRuntime:
         if ctl.num_units:
             # Units the checkpoint lacks may hold locks too (strict=False).
             warn_released(self.config, ctl.release_over_budget())
-            self._write_plans()
+            # Between steps: also drops host copies still in flight (plan_lag=1).
+            self._write_plans(publish=True)
 
     def _apply_pending_state(self) -> None:
         if self._pending_state is None or self.controller.num_units == 0:
@@ -524,17 +525,22 @@ class GNMRRuntime:
             self._pending_state = _subset_state(self._pending_state, missing)
         self._write_plans()
 
-    def _write_plans(self) -> None:
-        """The controller's plan into every graph and host copy, now."""
+    def _write_plans(self, *, publish: bool = False) -> None:
+        """The controller's plan into every graph and host copy, now.
+
+        Only where a value changes (unless ``publish``): graphs join during a
+        forward, and one that already ran saved its plan for backward.
+        """
         ctl = self.controller
         for rec in self.records:
-            # Only where a value changes: a graph that already ran this step
-            # saved its plan for backward.
             if rec.plan is not None:
                 plan = ctl.plan[rec.unit_ids.to(ctl.plan.device)]
                 if not torch.equal(rec.plan, plan):
                     rec.plan.copy_(plan)
-        self._publish_host_plans()
+                if rec.plan_host is not None and not torch.equal(rec.plan_host, plan.cpu()):
+                    publish = True
+        if publish:
+            self._publish_host_plans()
 
     def _check_resumed_units(self) -> None:
         """First step after a load: every unit is known; compare the sets and
@@ -546,7 +552,8 @@ class GNMRRuntime:
         warn_released(self.config, ctl.release_over_budget())
         if sd is None:
             return
-        self._pending_state = _subset_state(sd, [n for n in sd["names"] if n not in set(ctl.names)])
+        live = set(ctl.names)
+        self._pending_state = _subset_state(sd, [n for n in sd["names"] if n not in live])
         if strict:
             problem = ctl.unit_mismatch(sd["names"])
             if problem is not None:

@@ -345,3 +345,31 @@ def test_budget_is_reapplied_over_all_graphs_whatever_their_compile_order():
     assert [str(w.message) for w in seen if "GNMR" in str(w.message)] == [
         "GNMR resume: the checkpoint's locks exceed the budget max_o=0.5; released ['l3'] "
         "(the highest-risk locks that fit are kept)"]
+
+
+def test_host_plans_of_a_graph_that_ran_are_left_alone_when_the_next_graph_joins():
+    # Real-kernel units (CPU _scaled_mm) save their host plan for backward:
+    # the second graph joining mid-forward must not rewrite the first's.
+    cfg = CFG.replace(recipe="fp8_e4m3", emulate=False)
+    torch.manual_seed(0)
+    a = _TwoGraphs()
+    opt = torch.optim.SGD(a.parameters(), lr=1e-2)
+    ma = gnmr_fx.compile(a, cfg, backend="eager", optimizer=opt)
+    for s in range(5):
+        _step(ma, opt, s)
+    sd = _round_trip(ma.state_dict())
+    sd["_orig_mod._gnmr.lock"] = torch.tensor([5, 0, 0, 5])
+    sd["_orig_mod._gnmr.streak"] = torch.tensor([1, 0, 0, 1])
+
+    torch.manual_seed(1)
+    b = _TwoGraphs()
+    opt_b = torch.optim.SGD(b.parameters(), lr=1e-2)
+    mb = gnmr_fx.compile(b, cfg, backend="eager", optimizer=opt_b)
+    mb.load_state_dict(sd)
+    x, y = _batch(5)
+    loss = nn.functional.mse_loss(mb(x), y)
+    rt = gnmr_fx.runtime(mb)
+    assert [r.plan_host.tolist() for r in rt.records] == [[True, False], [False, True]]
+    loss.backward()
+    opt_b.step()
+    assert rt.controller.step == 6
