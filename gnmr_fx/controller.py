@@ -420,9 +420,9 @@ class GNMRController:
     def check_state_dict(self, sd: dict, *, key_prefix: str = "") -> None:
         """Raise ``ValueError`` naming the key unless ``sd`` is a state this
         config could have produced: every key of :meth:`state_dict`, the right
-        dtypes and shapes, finite non-negative history, counters within
-        ``step``, locks within ``lock_steps`` and streaks within
-        ``max_lock_steps``. Runs on the host; meant for load time only.
+        dtypes and shapes, finite non-negative history and counters, locks
+        within ``lock_steps`` and streaks within ``max_lock_steps``. Runs on
+        the host; meant for load time only.
         """
         cfg = self.config
         if not isinstance(sd, dict):
@@ -469,13 +469,15 @@ class GNMRController:
         reject("norm", t["norm"] < 0, ">= 0, +inf or NaN")
         reject("gnmr", t["gnmr"] < 0, ">= 0, +inf or NaN")
         reject("costs", ~torch.isfinite(t["costs"]) | (t["costs"] <= 0), "finite and > 0")
+        # Counters are not bounded by ``step``: a load with strict=False keeps
+        # the counts of units the checkpoint lacks while ``step`` rewinds.
         for key in _COUNTERS:
-            reject(key, (t[key] < 0) | (t[key] > step), f"in [0, step={step}]")
+            reject(key, t[key] < 0, ">= 0")
+        reject("n_denied", t["n_denied"] > t["n_triggers"], "<= n_triggers (a denial is a trigger)")
         reject("lock", (t["lock"] < 0) | (t["lock"] > cfg.lock_steps),
                f"in [0, {cfg.lock_steps}] (GNMRConfig.lock_steps: a lock counts down from it)")
-        cap = min(cfg.max_lock_steps, step)
-        reject("streak", (t["streak"] < 0) | (t["streak"] > cap),
-               f"in [0, {cap}] (GNMRConfig.max_lock_steps={cfg.max_lock_steps}, step={step})")
+        reject("streak", (t["streak"] < 0) | (t["streak"] > cfg.max_lock_steps),
+               f"in [0, {cfg.max_lock_steps}] (GNMRConfig.max_lock_steps)")
 
     # ---------------------------------------------------------------- report
     def report(self, top: Optional[int] = None) -> str:

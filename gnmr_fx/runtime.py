@@ -452,8 +452,9 @@ class GNMRRuntime:
 
         ``model.load_state_dict`` gives its hooks no ``strict`` flag, so this
         is GNMR's own. With False, the units both sides have are restored,
-        units only the model has start fresh (in warm-up), and units only the
-        checkpoint has wait until the model discovers them.
+        units only the model has keep their state (fresh, in warm-up, if the
+        model had not run yet), and units only the checkpoint has wait until
+        the model discovers them.
         """
         self._strict_load = bool(strict)
 
