@@ -71,6 +71,20 @@ class GNMRConfig:
     """Optimizer steps a triggered unit stays on the high path. A re-trigger
     while locked refreshes the lock."""
 
+    max_lock_steps: int = 50
+    """Most consecutive steps a unit may stay locked on the high path. A
+    unit's *streak* counts consecutive steps on which it triggered or held a
+    lock; when it exceeds this cap the unit is *released*: its lock ends and
+    its history (mu, Delta-GNMR) restarts in warm-up, so it re-learns its
+    current level. Without the cap a unit whose gradient norm moves up for
+    good would re-trigger (mu only learns from steps that do not trigger),
+    refresh its lock and hold a budget slot forever; a denied unit would
+    trigger forever. 50 is five default locks and about the EMA's horizon
+    1/(1-beta): a spike lasts a few steps, a run that long is a new level. A
+    permanent shift triggers on at most ``max_lock_steps + 1`` consecutive
+    steps; after the release the unit learns the new level in warm-up and no
+    longer triggers on it."""
+
     emulate: Optional[bool] = None
     """Low-path kernels. None: real fp8 kernels (``torch._scaled_mm``) where
     the GPU has them (sm_89+ tensorwise, sm_90+ rowwise) and emulation
@@ -117,6 +131,8 @@ class GNMRConfig:
         _check(_finite(self.beta) and 0.0 < self.beta < 1.0, "beta", "in (0, 1)", self.beta)
         _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         _check(_is_int(self.lock_steps) and self.lock_steps >= 1, "lock_steps", ">= 1", self.lock_steps)
+        _check(_is_int(self.max_lock_steps) and self.max_lock_steps >= 1,
+               "max_lock_steps", "an int >= 1", self.max_lock_steps)
         _check(_is_int(self.log_every) and self.log_every >= 1, "log_every", ">= 1", self.log_every)
         _check(self.emulate in (None, True, False), "emulate", "None, True or False", self.emulate)
         _check(self.plan_lag in (0, 1) and not isinstance(self.plan_lag, bool), "plan_lag", "0 or 1", self.plan_lag)

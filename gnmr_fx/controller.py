@@ -18,10 +18,19 @@ The formulas are this project's interpretation of the GNMR abstract
 * a triggered unit is locked on the high path for ``lock_steps`` steps; a
   re-trigger refreshes its lock. Locked units keep their budget slots, new
   triggers take free slots by descending risk, the rest are *denied*.
+* a zero norm (a frozen, unused or gated unit) is no history: it never enters
+  mu or the Delta-GNMR history, and a unit with no history yet has GNMR 1 and
+  cannot trigger on ratios (it is in warm-up).
+* a unit's *streak* counts consecutive steps it triggered or held a lock;
+  past ``max_lock_steps`` the unit is *released*: lock ended, history reset
+  (warm-up again), so a lasting level shift stops holding the high path.
+  A lock longer than ``lock_steps`` is never set here; written from outside
+  (a pin, as the perf benchmark does) it is not capped.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -33,8 +42,19 @@ _TINY = 1e-30
 
 # Per-unit state, all of length n (hist is [delta_window, n]).
 _FLOAT_STATE = ("ema", "norm", "gnmr", "delta_gnmr", "risk", "costs")
-_LONG_STATE = ("n_obs", "lock", "n_triggers", "n_denied", "n_high_steps")
-_BOOL_STATE = ("plan", "triggered", "denied")
+_LONG_STATE = ("n_obs", "lock", "n_triggers", "n_denied", "n_high_steps", "streak", "n_released")
+_BOOL_STATE = ("plan", "triggered", "denied", "released")
+STATE_KEYS = (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist")
+"""Tensor entries of :meth:`GNMRController.state_dict` (besides ``names`` and ``step``)."""
+_COUNTERS = ("n_obs", "n_triggers", "n_denied", "n_high_steps", "n_released")
+
+
+def warn_released(config: GNMRConfig, released: list[str], stacklevel: int = 3) -> None:
+    """Warn that resuming released ``released`` units' locks to fit the budget."""
+    if released:
+        warnings.warn(f"GNMR resume: the checkpoint's locks exceed the budget max_o={config.max_o}; "
+                      f"released {released} (the highest-risk locks that fit are kept)",
+                      UserWarning, stacklevel=stacklevel)
 
 
 class GNMRController:
@@ -131,7 +151,7 @@ class GNMRController:
     def to(self, device: Union[str, torch.device]) -> "GNMRController":
         device = torch.device(device)
         if device != self._device:
-            for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist"):
+            for key in STATE_KEYS:
                 setattr(self, key, getattr(self, key).to(device))
             self._device = device
         return self
@@ -187,7 +207,11 @@ class GNMRController:
         finite = torch.isfinite(g)
         bad = obs & ~finite
         healthy = obs & finite
-        has_hist = self.n_obs > 0
+        # A zero norm (frozen, unused or gated unit) carries no scale: it is
+        # no history, like a step the unit did not run. Counted, it would give
+        # mu=0 and, at the first non-zero norm, GNMR ~1e30 for good.
+        usable = healthy & (g > 0)
+        has_hist = (self.n_obs > 0) & (self.ema > 0)
         ratio = torch.where(has_hist, g / self.mu.nan_to_num(0.0).clamp_min(_TINY), torch.ones_like(g))
         ratio = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
         delta = ratio - self.hist.min(dim=0).values
@@ -196,25 +220,39 @@ class GNMRController:
         # nan_to_num: it would also clamp the +/-inf entries to finite values.)
         delta = torch.where(torch.isnan(delta), torch.full_like(delta, float("-inf")), delta)
 
-        warm = self.n_obs < cfg.warmup_steps
+        warm = (self.n_obs < cfg.warmup_steps) | ~has_hist
         trig = healthy & ~warm & ((ratio >= cfg.threshold) | (delta >= cfg.delta_threshold))
         trig = trig | bad
         risk = torch.maximum(ratio / cfg.threshold, delta / cfg.delta_threshold)
         risk = torch.where(trig, risk, torch.zeros_like(risk))
 
-        # History mean: healthy, non-triggering steps only, so a spike never
+        # Streak of steps triggered or locked; past max_lock_steps the unit
+        # is released. A lock beyond lock_steps was pinned from outside.
+        in_run = (trig | (self.lock > 0)) & (self.lock <= cfg.lock_steps)
+        streak = torch.where(in_run, self.streak + 1, torch.zeros_like(self.streak))
+        release = streak > cfg.max_lock_steps
+        streak = streak.masked_fill(release, 0)
+
+        # History mean: usable, non-triggering steps only, so a spike never
         # inflates its own baseline and a NaN never enters it.
-        upd = healthy & ~trig
+        upd = usable & ~trig
         self.ema = torch.where(upd, cfg.beta * self.ema + (1.0 - cfg.beta) * g.nan_to_num(0.0), self.ema)
         self.n_obs = self.n_obs + upd.long()
         # Delta-GNMR history; +inf marks "no usable ratio" and never wins a min.
-        self.hist[self.step % cfg.delta_window] = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
+        self.hist[self.step % cfg.delta_window] = torch.where(
+            usable & has_hist, ratio, torch.full_like(g, float("inf")))
+        # A released unit forgets its baseline and re-learns in warm-up: the
+        # level it held the high path for is its new normal.
+        self.ema = self.ema.masked_fill(release, 0.0)
+        self.n_obs = self.n_obs.masked_fill(release, 0)
+        self.hist = self.hist.masked_fill(release.unsqueeze(0), float("inf"))
 
         # Locks: the step just taken consumed one step of every lock.
         lock = (self.lock - 1).clamp_min(0)
+        lock = lock.masked_fill(release, 0)
         held = lock > 0
         lock = torch.where(trig & held, torch.full_like(lock, cfg.lock_steps), lock)
-        cand = trig & ~held
+        cand = trig & ~held & ~release
         if cfg.policy == "gnmr":
             admit = self._admit(cand, held, risk)
         else:
@@ -238,6 +276,9 @@ class GNMRController:
         self.n_triggers = self.n_triggers + trig.long()
         self.n_denied = self.n_denied + self.denied.long()
         self.n_high_steps = self.n_high_steps + plan.long()
+        self.streak = streak
+        self.released = release
+        self.n_released = self.n_released + release.long()
         self.step += 1
         return plan
 
@@ -263,34 +304,180 @@ class GNMRController:
     def state_dict(self) -> dict:
         """Everything needed to resume with identical decisions."""
         sd = {"names": list(self.names), "step": int(self.step)}
-        for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist"):
+        for key in STATE_KEYS:
             sd[key] = getattr(self, key).detach().clone()
         return sd
 
-    def load_state_dict(self, sd: dict) -> list[str]:
-        """Restore state by unit name; returns saved names not present here.
+    def load_state_dict(self, sd: dict, *, strict: bool = False, key_prefix: str = "",
+                        fit_budget: bool = True) -> list[str]:
+        """Restore state by unit name, checked against this config; returns
+        saved names not present here.
 
-        Units present here but not in ``sd`` keep their current state. The
-        caller (``GNMRRuntime``) keeps the leftovers for units discovered later.
+        Nothing is applied unless the whole of ``sd`` passes
+        :meth:`check_state_dict`. Units present here but not in ``sd`` keep
+        their current state (with ``strict``, any difference in the unit
+        sets raises, listing both sides). Per-unit costs stay this
+        controller's (they come from the live units' shapes). The live
+        config is re-applied: the plan is ``lock > 0`` under
+        ``policy="gnmr"`` and fixed, with no locks, under the baselines; and,
+        unless ``fit_budget=False`` (for state already fitted, see
+        :meth:`fit_to_budget`), :meth:`release_over_budget` runs and a
+        warning names the units it released.
+
+        >>> a = GNMRController(["x", "y"], GNMRConfig(warmup_steps=0, max_o=2))
+        >>> _ = [a.update(torch.tensor([1.0, 1.0])) for _ in range(3)]
+        >>> a.update(torch.tensor([9.0, 5.0])).tolist()
+        [True, True]
+        >>> b = GNMRController(["x", "y"], GNMRConfig(warmup_steps=0, max_o=1))
+        >>> import warnings; warnings.simplefilter("ignore")
+        >>> b.load_state_dict(a.state_dict())
+        []
+        >>> b.plan.tolist()
+        [True, False]
         """
+        self.check_state_dict(sd, key_prefix=key_prefix)
         names = list(sd["names"])
-        self.step = int(sd["step"])
+        if strict:
+            problem = self.unit_mismatch(names)
+            if problem is not None:
+                raise ValueError(problem)
         index = {n: i for i, n in enumerate(self.names)}
         src = [i for i, n in enumerate(names) if n in index]
         dst = [index[names[i]] for i in src]
         missing = [n for n in names if n not in index]
+        self.step = int(sd["step"])
         if src:
             s = torch.tensor(src, dtype=torch.long)
             d = torch.tensor(dst, dtype=torch.long, device=self._device)
-            for key in (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE):
-                getattr(self, key)[d] = sd[key][s].to(self._device)
-            hist = sd["hist"]
-            if hist.shape[0] != self.config.delta_window:
-                raise ValueError(
-                    f"checkpoint has delta_window={hist.shape[0]}, config has {self.config.delta_window}"
-                )
-            self.hist[:, d] = hist[:, s].to(self._device)
+            for key in STATE_KEYS:
+                if key == "hist":
+                    self.hist[:, d] = sd[key][:, s].to(self._device)
+                elif key != "costs":
+                    getattr(self, key)[d] = sd[key][s].to(self._device)
+        if self.config.policy == "gnmr":
+            self.plan = self.lock > 0
+        else:
+            self.lock = torch.zeros_like(self.lock)
+            self.plan = torch.full_like(self.plan, self.config.policy == "always_high")
+        if fit_budget:
+            warn_released(self.config, self.release_over_budget())
         return missing
+
+    def release_over_budget(self) -> list[str]:
+        """Release locks, lowest risk first, until the plan fits ``max_o``;
+        returns the released units' names.
+
+        For state that did not come from :meth:`update` (which never exceeds
+        the budget): a checkpoint loaded under a smaller ``max_o``. Locks are
+        kept by descending risk (then most steps left) while their
+        cumulative cost fits: the prefix rule of admission.
+        """
+        cfg = self.config
+        if cfg.policy != "gnmr":
+            return []
+        held = self.lock > 0
+        costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
+        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else float(cfg.max_o)
+        by_lock = torch.argsort(self.lock, descending=True, stable=True)
+        key = torch.where(held, self.risk, torch.full_like(self.risk, float("-inf")))[by_lock]
+        order = by_lock[torch.argsort(key, descending=True, stable=True)]
+        fits = torch.cumsum(torch.where(held, costs, torch.zeros_like(costs))[order], 0) <= cap * (1.0 + 1e-6)
+        keep = torch.zeros_like(held).scatter(0, order, held[order] & fits)
+        drop = held & ~keep
+        self.lock = self.lock.masked_fill(drop, 0)
+        self.streak = self.streak.masked_fill(drop, 0)
+        self.plan = self.lock > 0
+        dropped = drop.cpu()
+        return [self.names[i] for i in order.tolist() if dropped[i]]
+
+    def fit_to_budget(self, sd: dict) -> tuple[dict, list[str]]:
+        """``sd`` (checked) with its locks fitted to this config, by the
+        checkpoint's own units and costs; and the released units' names.
+
+        For a model that has not discovered its units yet: their graphs join
+        one at a time, and a budget computed over the units seen so far would
+        be wrong for a FLOP fraction.
+        """
+        self.check_state_dict(sd)
+        own = GNMRController(list(sd["names"]), self.config, costs=sd["costs"])
+        own.load_state_dict(sd, fit_budget=False)
+        released = own.release_over_budget()
+        return own.state_dict(), released
+
+    def unit_mismatch(self, names: Sequence[str]) -> Optional[str]:
+        """Why saved unit ``names`` differ from this controller's, or None."""
+        saved, live = set(names), set(self.names)
+        unknown = [n for n in names if n not in live]
+        absent = [n for n in self.names if n not in saved]
+        if not unknown and not absent:
+            return None
+        return (
+            f"GNMR checkpoint units differ from the model's: in the checkpoint but not in this model: {unknown}; "
+            f"in this model but not in the checkpoint: {absent}. To restore the units both have, load with "
+            "strict=False (gnmr_fx.runtime(model).set_strict_load(False) for model.load_state_dict)"
+        )
+
+    def check_state_dict(self, sd: dict, *, key_prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the key unless ``sd`` is a state this
+        config could have produced: every key of :meth:`state_dict`, the right
+        dtypes and shapes, finite non-negative history and counters, locks
+        within ``lock_steps`` and streaks within ``max_lock_steps``. Runs on
+        the host; meant for load time only.
+        """
+        cfg = self.config
+        if not isinstance(sd, dict):
+            raise ValueError(f"GNMR state must be a dict (got {type(sd).__name__})")
+        absent = [k for k in ("names", "step", *STATE_KEYS) if k not in sd]
+        if absent:
+            raise ValueError(
+                f"GNMR checkpoint: missing {', '.join(key_prefix + k for k in absent)} "
+                "(not a GNMR state dict, or saved by an older gnmr_fx)"
+            )
+        names = sd["names"]
+        if (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)
+                or len(set(names)) != len(names)):
+            raise ValueError(f"{key_prefix}names must be a list of distinct str unit names (got {names!r:.200})")
+        step = sd["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{key_prefix}step must be an int >= 0 (got {step!r})")
+        n, dw = len(names), cfg.delta_window
+        t = {}
+        for key in STATE_KEYS:
+            v = sd[key]
+            dtype = torch.long if key in _LONG_STATE else torch.bool if key in _BOOL_STATE else torch.float32
+            shape = (dw, n) if key == "hist" else (n,)
+            if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                msg = f"{key_prefix}{key} must be a {dtype} tensor of shape {shape} (got {got})"
+                if key == "hist" and isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == n:
+                    msg += f": the checkpoint has delta_window={v.shape[0]}, the config has {dw}"
+                raise ValueError(msg)
+            t[key] = v.detach().cpu()
+
+        def reject(key: str, bad: Tensor, rule: str) -> None:
+            if bool(bad.any()):
+                rows = bad.any(dim=0) if bad.dim() == 2 else bad
+                which = [names[i] for i in rows.nonzero().flatten().tolist()]
+                shown = f"{which[:8]}{' ...' if len(which) > 8 else ''}"
+                raise ValueError(f"{key_prefix}{key} must be {rule} (bad for {len(which)} unit(s): {shown})")
+
+        ema, hist = t["ema"], t["hist"]
+        reject("ema", ~torch.isfinite(ema) | (ema < 0), "finite and >= 0")
+        reject("ema", (t["n_obs"] == 0) & (ema != 0), "0 for units with no observations (n_obs == 0)")
+        reject("hist", torch.isnan(hist) | (hist < 0), ">= 0 or +inf (a GNMR ratio, or none)")
+        reject("risk", torch.isnan(t["risk"]) | (t["risk"] < 0), ">= 0")
+        reject("norm", t["norm"] < 0, ">= 0, +inf or NaN")
+        reject("gnmr", t["gnmr"] < 0, ">= 0, +inf or NaN")
+        reject("costs", ~torch.isfinite(t["costs"]) | (t["costs"] <= 0), "finite and > 0")
+        # Counters are not bounded by ``step``: a load with strict=False keeps
+        # the counts of units the checkpoint lacks while ``step`` rewinds.
+        for key in _COUNTERS:
+            reject(key, t[key] < 0, ">= 0")
+        reject("n_denied", t["n_denied"] > t["n_triggers"], "<= n_triggers (a denial is a trigger)")
+        reject("lock", (t["lock"] < 0) | (t["lock"] > cfg.lock_steps),
+               f"in [0, {cfg.lock_steps}] (GNMRConfig.lock_steps: a lock counts down from it)")
+        reject("streak", (t["streak"] < 0) | (t["streak"] > cfg.max_lock_steps),
+               f"in [0, {cfg.max_lock_steps}] (GNMRConfig.max_lock_steps)")
 
     # ---------------------------------------------------------------- report
     def report(self, top: Optional[int] = None) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.controller import GNMRController
+from gnmr_fx.controller import STATE_KEYS, GNMRController, warn_released
 from gnmr_fx.passes.discover_units import UnitSite
 
 _STATE_PREFIX = "_gnmr."
@@ -249,6 +249,8 @@ class GNMRRuntime:
         live = [r for r in self.records if r.plan is not None]
         if not live or ctl.num_units == 0:
             return None
+        if self._resume_check is not None:
+            self._check_resumed_units()
         dev = live[0].plan.device
         sumsq = torch.zeros(ctl.num_units, device=dev)
         seen = torch.zeros(ctl.num_units, dtype=torch.bool, device=dev)
@@ -440,6 +442,22 @@ class GNMRRuntime:
             writer.flush()
 
     # ----------------------------------------------------------- checkpoint
+    # (strict, key prefix) of the last load, until the first step after it.
+    _resume_check: Optional[tuple[bool, str]] = None
+    _strict_load: bool = True
+
+    def set_strict_load(self, strict: bool) -> None:
+        """Whether a checkpoint's GNMR units (and ``_gnmr.*`` keys) must match
+        the model's exactly (default True).
+
+        ``model.load_state_dict`` gives its hooks no ``strict`` flag, so this
+        is GNMR's own. With False, the units both sides have are restored,
+        units only the model has keep their state (fresh, in warm-up, if the
+        model had not run yet), and units only the checkpoint has wait until
+        the model discovers them.
+        """
+        self._strict_load = bool(strict)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Controller state as flat tensors (safe for ``weights_only=True``)."""
         sd = self.controller.state_dict()
@@ -449,32 +467,146 @@ class GNMRRuntime:
         out["step"] = torch.tensor(sd["step"], dtype=torch.long)
         return out
 
-    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
-        sd = dict(flat)
-        sd["names"] = json.loads(bytes(sd["names"].tolist()).decode("utf-8"))
-        sd["step"] = int(sd["step"])
+    def load_state_dict(self, flat: dict[str, torch.Tensor], *, strict: Optional[bool] = None,
+                        prefix: str = _STATE_PREFIX) -> None:
+        """Restore the controller from :meth:`state_dict`'s tensors.
+
+        Everything is checked now, before anything is applied: missing (and,
+        with ``strict``, unexpected) keys, dtypes, shapes, the names' encoding
+        and every value against the live config (``ValueError`` naming the
+        key, e.g. ``_gnmr.ema``). Units the model has already discovered are
+        matched at once; if it has none yet (loaded before the first forward)
+        they are restored as their graphs compile, and the unit sets are
+        compared at the first step. With ``strict`` (default: the setting of
+        :meth:`set_strict_load`) a difference raises, listing both sides. The
+        budget and the policy of the live config are re-applied (see
+        :meth:`GNMRController.load_state_dict`), and the plan reaches every
+        graph and host copy before the next forward.
+        """
+        strict = self._strict_load if strict is None else bool(strict)
+        sd = _decode_state(flat, prefix, strict)
+        ctl = self.controller
+        ctl.check_state_dict(sd, key_prefix=prefix)
+        if strict and ctl.num_units:
+            problem = ctl.unit_mismatch(sd["names"])
+            if problem is not None:
+                raise ValueError(problem)
+        # The budget is fitted here, over the checkpoint's units and costs:
+        # the model's graphs may join one at a time below, and their plans
+        # must not change once a graph has run. The first step checks it
+        # again with the live units' costs.
+        sd, released = ctl.fit_to_budget(sd)
+        warn_released(self.config, released)
         self._pending_state = sd
-        self.controller.step = sd["step"]
+        self._resume_check = (strict, prefix)
+        ctl.step = sd["step"]
         self._apply_pending_state()
+        if ctl.num_units:
+            # Units the checkpoint lacks may hold locks too (strict=False).
+            warn_released(self.config, ctl.release_over_budget())
+            # Between steps: also drops host copies still in flight (plan_lag=1).
+            self._write_plans(publish=True)
 
     def _apply_pending_state(self) -> None:
         if self._pending_state is None or self.controller.num_units == 0:
             return
-        missing = self.controller.load_state_dict(self._pending_state)
-        if missing:
-            keep = [i for i, n in enumerate(self._pending_state["names"]) if n in set(missing)]
-            idx = torch.tensor(keep, dtype=torch.long)
-            sd = {"names": missing, "step": self._pending_state["step"]}
-            for k, v in self._pending_state.items():
-                if isinstance(v, torch.Tensor):
-                    sd[k] = v[:, idx] if k == "hist" else v[idx]
-            self._pending_state = sd
+        ctl = self.controller
+        if self._resume_check is not None:
+            # Until the first step after the load every registration applies
+            # the whole (fitted) checkpoint: no unit's lock depends on the
+            # order in which the graphs compile.
+            ctl.load_state_dict(self._pending_state, key_prefix=self._resume_check[1], fit_budget=False)
         else:
-            self._pending_state = None
+            # A unit that joins later resumes its history, not its lock (that
+            # was for the steps after the checkpoint), and the step count
+            # does not rewind.
+            sd = dict(self._pending_state, step=ctl.step, lock=torch.zeros_like(self._pending_state["lock"]),
+                      streak=torch.zeros_like(self._pending_state["streak"]))
+            missing = ctl.load_state_dict(sd, key_prefix=_STATE_PREFIX, fit_budget=False)
+            self._pending_state = _subset_state(self._pending_state, missing)
+        self._write_plans()
+
+    def _write_plans(self, *, publish: bool = False) -> None:
+        """The controller's plan into every graph and host copy, now.
+
+        Only where a value changes (unless ``publish``): graphs join during a
+        forward, and one that already ran saved its plan for backward.
+        """
+        ctl = self.controller
         for rec in self.records:
             if rec.plan is not None:
-                rec.plan.copy_(self.controller.plan[rec.unit_ids])
-        self._publish_host_plans()
+                plan = ctl.plan[rec.unit_ids.to(ctl.plan.device)]
+                if not torch.equal(rec.plan, plan):
+                    rec.plan.copy_(plan)
+                if rec.plan_host is not None and not torch.equal(rec.plan_host, plan.cpu()):
+                    publish = True
+        if publish:
+            self._publish_host_plans()
+
+    def _check_resumed_units(self) -> None:
+        """First step after a load: every unit is known; compare the sets and
+        fit the budget with the live costs (between steps, when no graph
+        holds the plan)."""
+        strict, _ = self._resume_check
+        self._resume_check = None
+        sd, ctl = self._pending_state, self.controller
+        warn_released(self.config, ctl.release_over_budget())
+        if sd is None:
+            return
+        live = set(ctl.names)
+        self._pending_state = _subset_state(sd, [n for n in sd["names"] if n not in live])
+        if strict:
+            problem = ctl.unit_mismatch(sd["names"])
+            if problem is not None:
+                raise ValueError(f"{problem} (checked at the first step: the model had no units at load time)")
+
+
+def _decode_state(flat: dict, prefix: str, strict: bool) -> dict:
+    """The controller state dict from its flat tensors, or ``ValueError`` naming the key."""
+    known = {"names", "step", *STATE_KEYS}
+    absent = [k for k in ("names", "step", *STATE_KEYS) if k not in flat]
+    if absent:
+        raise ValueError(f"GNMR checkpoint: missing {', '.join(prefix + k for k in absent)} "
+                         "(not a GNMR state dict, or saved by an older gnmr_fx)")
+    unexpected = sorted(k for k in flat if k not in known)
+    if unexpected and strict:
+        raise ValueError(f"GNMR checkpoint: unexpected {', '.join(prefix + k for k in unexpected)} "
+                         "(gnmr_fx.runtime(model).set_strict_load(False) ignores them)")
+    t = flat["names"]
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{prefix}names must be a 1-D torch.uint8 tensor of UTF-8 JSON (got {got})")
+    try:
+        text = bytes(t.tolist()).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{prefix}names is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{prefix}names is not JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{prefix}names must be a JSON list of distinct unit names (got {text[:120]!r})")
+    t = flat["step"]
+    if (not isinstance(t, torch.Tensor) or t.dim() != 0 or t.dtype.is_floating_point or t.dtype.is_complex
+            or t.dtype == torch.bool):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{prefix}step must be a 0-d integer tensor (got {got})")
+    sd = {k: v for k, v in flat.items() if k in known}
+    sd["names"], sd["step"] = names, int(t)
+    return sd
+
+
+def _subset_state(sd: dict, names: list[str]) -> Optional[dict]:
+    """The part of a decoded state dict for ``names`` (None if empty)."""
+    if not names:
+        return None
+    keep = set(names)
+    idx = torch.tensor([i for i, n in enumerate(sd["names"]) if n in keep], dtype=torch.long)
+    out = {"names": [n for n in sd["names"] if n in keep], "step": sd["step"]}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v[:, idx] if k == "hist" else v[idx]
+    return out
 
 
 class StateView:
@@ -512,12 +644,15 @@ def _state_dict_hook(module: torch.nn.Module, state_dict: dict, prefix: str, loc
 
 def _load_state_dict_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     rt = module.__dict__.get("_gnmr_runtime")
-    keys = [k for k in state_dict if k.startswith(prefix + _STATE_PREFIX)]
+    head = prefix + _STATE_PREFIX
+    keys = [k for k in state_dict if k.startswith(head)]
     if not keys:
-        return
-    flat = {k[len(prefix + _STATE_PREFIX):]: state_dict.pop(k) for k in keys}
+        return  # a weights-only checkpoint: the controller starts fresh
+    # Raised here, before any parameter is loaded, rather than appended to
+    # error_msgs: a bad GNMR state is a ValueError naming its key.
+    flat = {k[len(head):]: state_dict.pop(k) for k in keys}
     if rt is not None:
-        rt.load_state_dict(flat)
+        rt.load_state_dict(flat, prefix=head)  # `strict` here is always True: see set_strict_load
 
 
 def runtime_of(model: torch.nn.Module) -> GNMRRuntime:

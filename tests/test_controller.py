@@ -157,6 +157,93 @@ class TestNonFinite:
         assert float(ctl.mu[0]) == pytest.approx(1.0)
 
 
+class TestNoUsableHistory:
+    def test_zero_norms_in_warmup_do_not_make_a_huge_ratio(self):
+        # Unit 0 is frozen (norm 0) for 10 steps, then trains at 1.0. Zero
+        # norms are no history: it never gets mu=0 and GNMR ~1e30, so it never
+        # takes the only budget slot, and unit 1's x10 spike is admitted.
+        ctl = GNMRController(2, GNMRConfig(warmup_steps=5, max_o=1, lock_steps=3))
+        for s in range(40):
+            ctl.update(torch.tensor([0.0 if s < 10 else 1.0, 1.0]))
+            assert float(ctl.gnmr[0]) <= 1.0 + 1e-5
+        assert int(ctl.n_triggers[0]) == 0 and int(ctl.n_high_steps[0]) == 0
+        assert int(ctl.n_obs[0]) == 30 and float(ctl.mu[0]) == pytest.approx(1.0, rel=1e-5)
+        plan = ctl.update(torch.tensor([1.0, 10.0]))
+        assert plan.tolist() == [False, True]
+        assert int(ctl.n_denied.sum()) == 0
+
+    def test_always_zero_is_not_ready(self):
+        ctl = GNMRController(1, GNMRConfig(warmup_steps=0, max_o=1))
+        for _ in range(5):
+            ctl.update(torch.tensor([0.0]))
+        assert int(ctl.n_obs[0]) == 0 and math.isnan(float(ctl.mu[0]))
+        # First non-zero norm: no history yet, so no ratio trigger (warm-up 0).
+        assert ctl.update(torch.tensor([5.0])).tolist() == [False]
+        assert float(ctl.gnmr[0]) == 1.0 and int(ctl.n_triggers[0]) == 0
+
+    def test_gated_unit_keeps_its_active_baseline(self):
+        # Used every other step (an MoE expert, a gated branch): zero steps
+        # neither drag mu down nor enter the Delta-GNMR history.
+        ctl = GNMRController(1, GNMRConfig(warmup_steps=5, max_o=1))
+        for s in range(60):
+            ctl.update(torch.tensor([1.0 if s % 2 else 0.0]))
+        assert int(ctl.n_triggers[0]) == 0
+        assert float(ctl.mu[0]) == pytest.approx(1.0, rel=1e-5)
+        assert int(ctl.n_obs[0]) == 30
+
+    def test_nonfinite_still_triggers_without_history(self):
+        ctl = GNMRController(1, GNMRConfig(warmup_steps=5, max_o=1))
+        ctl.update(torch.tensor([0.0]))
+        assert ctl.update(torch.tensor([float("nan")])).tolist() == [True]
+        assert int(ctl.n_obs[0]) == 0 and float(ctl.ema[0]) == 0.0
+
+
+class TestMaxLockSteps:
+    def test_permanent_shift_is_released_and_relearned(self):
+        cfg = GNMRConfig(warmup_steps=5, max_o=1, lock_steps=4, max_lock_steps=12)
+        ctl = GNMRController(1, cfg)
+        _steady(ctl, 10, noise=0.0)
+        plans = [bool(ctl.update(torch.tensor([4.0]))[0]) for _ in range(60)]  # x4 for good
+        # High for exactly max_lock_steps steps, then released for good.
+        assert plans == [True] * 12 + [False] * 48
+        assert int(ctl.n_high_steps[0]) == 12
+        assert int(ctl.n_released[0]) == 1
+        # 12 locked steps + the step that triggered; after the release mu
+        # re-learns the new level in warm-up and the unit stops triggering.
+        assert int(ctl.n_triggers[0]) == 13
+        assert float(ctl.mu[0]) == pytest.approx(4.0)
+        assert int(ctl.streak[0]) == 0
+
+    def test_release_frees_the_budget(self):
+        cfg = GNMRConfig(warmup_steps=5, max_o=1, lock_steps=4, max_lock_steps=10)
+        ctl = GNMRController(2, cfg)
+        _steady(ctl, 10, noise=0.0)
+        for _ in range(20):  # unit 0 shifts x4 for good
+            ctl.update(torch.tensor([4.0, 1.0]))
+        plan = ctl.update(torch.tensor([4.0, 10.0]))  # unit 1 spikes x10
+        assert plan.tolist() == [False, True]
+        assert int(ctl.n_denied[1]) == 0
+
+    def test_denied_unit_relearns_too(self):
+        # max_o=0: never admitted, but triggering for good ends the same way.
+        cfg = GNMRConfig(warmup_steps=5, max_o=0, lock_steps=4, max_lock_steps=8)
+        ctl = GNMRController(1, cfg)
+        _steady(ctl, 10, noise=0.0)
+        for _ in range(40):
+            ctl.update(torch.tensor([4.0]))
+        assert int(ctl.n_triggers[0]) == 9 and int(ctl.n_denied[0]) == 8  # the 9th releases it
+        assert int(ctl.n_released[0]) == 1
+
+    def test_transient_spikes_are_not_capped(self):
+        # Re-triggers with gaps longer than the lock end the run: never released.
+        cfg = GNMRConfig(warmup_steps=5, max_o=1, lock_steps=3, max_lock_steps=5)
+        ctl = GNMRController(1, cfg)
+        _steady(ctl, 10, noise=0.0)
+        for s in range(40):
+            ctl.update(torch.tensor([9.0 if s % 8 == 0 else 1.0]))
+        assert int(ctl.n_released[0]) == 0 and int(ctl.n_high_steps[0]) == 15
+
+
 class TestPolicies:
     @pytest.mark.parametrize("policy,expected", [("always_high", True), ("always_low", False)])
     def test_baselines_fix_the_plan(self, policy, expected):
@@ -245,6 +332,9 @@ class TestConfig:
             ("policy", "sometimes"),
             ("high_path", "fp16"),
             ("log_every", 0),
+            ("max_lock_steps", 0),
+            ("max_lock_steps", 2.5),
+            ("max_lock_steps", True),
         ],
     )
     def test_bad_values_name_the_field(self, field, value):
