@@ -100,6 +100,28 @@ def recipe_names() -> list[str]:
 # ---------------------------------------------------------------------------
 # Quantization primitives (fake quantization: round to grid, return float)
 # ---------------------------------------------------------------------------
+#
+# Non-finite inputs. An inf or NaN in a tensor must come out of every
+# quantizer non-finite, or the low path would hand the matmul a finite value
+# for a broken input and GNMR (which watches gradient norms) could never see
+# it. Each format does what its reference implementation does, with no host
+# sync (masks and IEEE arithmetic only):
+#
+# * scaled by amax (fp8 per-tensor / rowwise, int8 / int4, DeepSeek-V3 1x128
+#   and 128x128 fp8 blocks): an inf or NaN makes the scale's amax non-finite,
+#   so every element sharing that scale comes back NaN (finite / inf * inf and
+#   inf / inf are NaN). This is torchao float8's dynamic scaling, whose
+#   amax-to-scale and dequantize give the same NaNs; other rows / blocks keep
+#   their own scales and are untouched.
+# * OCP MX (mxfp8, mxfp4): the block's E8M0 scale takes its NaN code (0xFF)
+#   and the whole block is NaN. This follows the microxcaling reference
+#   (``_quantize_mx`` sets the shared exponent to NaN when it overflows the
+#   scale range, which an inf amax does, and a NaN amax stays NaN), and
+#   torchao's ``to_mx`` NaN scale for a NaN block. E4M3 has no inf and E2M1
+#   neither inf nor NaN, so the scale is the only place the format can say so.
+# * NVFP4: the same rule on its e4m3 block scale (which has a NaN code); the
+#   fp32 tensor scale is taken over the finite elements only, so one broken
+#   block neither turns the others into zeros nor changes their rounding.
 
 
 def _amax(t: Tensor, kdim: Optional[int]) -> Tensor:
@@ -114,7 +136,9 @@ def cast_fp8(t: Tensor, dtype: torch.dtype) -> Tensor:
     """Round ``t`` (already scaled) onto the fp8 grid with saturation.
 
     The explicit clamp matters: e4m3fn has no inf, so an unclamped cast of an
-    out-of-range value is NaN on some backends instead of saturating.
+    out-of-range value is NaN on some backends instead of saturating. The
+    clamp also saturates an inf; callers whose scale comes from amax never
+    pass one (a non-finite amax already made the block NaN, see above).
     """
     fmax = float(torch.finfo(dtype).max)
     return t.float().clamp(-fmax, fmax).to(dtype).float()
@@ -192,11 +216,17 @@ def _e8m0_scale(amax: Tensor, elem_max_pow2: int) -> Tensor:
     ``frexp`` gives floor(log2(amax)) exactly (amax = m * 2^e, m in [0.5, 1)
     means floor(log2) = e - 1); ``floor(log2(x))`` in float can land one off
     just below a power of two. An all-zero block gets the smallest E8M0
-    scale, 2^-127, and stays zero.
+    scale, 2^-127, and stays zero. A non-finite amax (the block holds an inf
+    or a NaN) gets the NaN code, as in the microxcaling reference, so the
+    whole block dequantizes to NaN.
+
+    >>> _e8m0_scale(torch.tensor([448.0, 0.0, float("inf"), float("nan")]), 8).tolist()
+    [1.0, 5.877471754111438e-39, nan, nan]
     """
     _, e = torch.frexp(amax.float())
     exp = torch.where(amax > 0, e - 1 - elem_max_pow2, torch.full_like(e, -127))
-    return torch.exp2(exp.clamp(-127, 127).float())
+    scale = torch.exp2(exp.clamp(-127, 127).float())
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, math.nan))
 
 
 _FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -230,11 +260,14 @@ def fake_quant_mx(t: Tensor, kdim: int, *, elem: str, block: int = 32) -> Tensor
     Per the OCP MX v1.0 spec the scale is 2^(floor(log2(amax)) - emax) with
     emax the largest exponent of the element format (8 for e4m3, 2 for
     e2m1); the block's largest element may then exceed the element max and
-    saturates.
+    saturates. A block holding an inf or a NaN is NaN (its scale is the
+    E8M0 NaN code); the other blocks are untouched.
 
     >>> x = torch.tensor([[1.0, 3.0, 7.0, 0.1]])
     >>> fake_quant_mx(x, -1, elem="fp4", block=4).tolist()
     [[1.0, 3.0, 6.0, 0.0]]
+    >>> fake_quant_mx(torch.tensor([[1.0, float("inf"), 3.0, 7.0]]), -1, elem="fp4", block=2).tolist()
+    [[nan, nan, 3.0, 6.0]]
     """
     if elem not in ("fp8", "fp4"):
         raise ValueError(f"fake_quant_mx: elem must be 'fp8' or 'fp4', got {elem!r}")
@@ -253,24 +286,32 @@ def fake_quant_mx(t: Tensor, kdim: int, *, elem: str, block: int = 32) -> Tensor
 def fake_quant_nvfp4(t: Tensor, kdim: int, *, block: int = 16) -> Tensor:
     """NVFP4: ``block``-element blocks of e2m1 along K, one e4m3 scale per
     block, and an fp32 per-tensor scale that maps the tensor amax onto
-    6 * 448 so the e4m3 block scales use their full range.
+    6 * 448 so the e4m3 block scales use their full range. A block holding
+    an inf or a NaN is NaN (its e4m3 scale is NaN); the tensor scale is
+    taken over the finite elements, so the other blocks are untouched.
 
     >>> x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
     >>> fake_quant_nvfp4(x, -1, block=4).tolist()
     [[1.0, 2.0, 3.0, 6.0]]
+    >>> fake_quant_nvfp4(torch.tensor([[1.0, 6.0, float("nan"), 2.0]]), -1, block=2).tolist()
+    [[1.0, 6.0, nan, nan]]
     """
     x, k, _ = _blocked(t.float(), kdim, block)
     xb = x.reshape(*x.shape[:-1], -1, block)
-    tensor_scale = (xb.abs().amax() / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
-    block_amax = xb.abs().amax(-1, keepdim=True)
+    a = xb.abs()
+    finite_amax = torch.nan_to_num(a, nan=0.0, posinf=0.0).amax()
+    tensor_scale = (finite_amax / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
+    block_amax = a.amax(-1, keepdim=True)  # inf / NaN when the block holds one
     block_scale = cast_fp8(block_amax / 6.0 / tensor_scale, torch.float8_e4m3fn)
+    block_scale = torch.where(torch.isfinite(block_amax), block_scale, torch.full_like(block_scale, math.nan))
     scale = block_scale * tensor_scale
     # A block whose scale underflows e4m3 (amax below ~2^-10 of the tensor's)
     # is zero in the format; dividing by a clamped scale instead would turn
-    # it into +-6 * eps garbage.
-    live = scale > 0
-    q = cast_fp4_e2m1(xb / torch.where(live, scale, torch.ones_like(scale))) * scale
-    q = torch.where(live, q, torch.zeros_like(q))
+    # it into +-6 * eps garbage. A NaN scale is not "dead" (NaN == 0 is
+    # False): its block stays NaN.
+    dead = scale == 0
+    q = cast_fp4_e2m1(xb / torch.where(dead, torch.ones_like(scale), scale)) * scale
+    q = torch.where(dead, torch.zeros_like(q), q)
     return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
 
 
