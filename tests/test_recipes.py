@@ -209,3 +209,20 @@ class TestNonFinite:
         per_tensor = NONFINITE_EXTENT[name][0] == 4 * 256
         assert bad_rows.tolist() == ([True] * 4 if per_tensor else [False, True, False, False])
         assert torch.equal(out[~bad_rows], ref[~bad_rows])
+
+    @pytest.mark.parametrize("bad", sorted(BAD))
+    @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_rowwise"])
+    def test_real_kernels_agree(self, name, bad):
+        # emulate=False runs torch._scaled_mm (CPU: oneDNN) with the same dynamic scales.
+        import gnmr_fx
+
+        lin = torch.nn.Linear(32, 16)
+        model = gnmr_fx.compile(lin, gnmr_fx.GNMRConfig(recipe=name, policy="always_low", emulate=False),
+                                backend="eager")
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+        x[1, 5] = BAD[bad]
+        with torch.no_grad():
+            bad_rows = (~torch.isfinite(model(x))).all(dim=1)
+        scaling = "tensorwise" if name == "fp8_e4m3" else "rowwise"
+        assert [s.extra["kernel"] for s in gnmr_fx.runtime(model).records[0].sites] == [f"{name}:{scaling}"]
+        assert bad_rows.nonzero().flatten().tolist() == (list(range(16)) if name == "fp8_e4m3" else [1])
