@@ -171,6 +171,7 @@ class InstanceDispatch:
 def gnmr_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Callable:
     """Entry point for ``torch.compile(model, backend="gnmr", options={...})``."""
     config = GNMRConfig.from_options(options)
+    config.check_log_path()
     runtime = _runtime_for(gm, example_inputs, config)
     return compile_graph(runtime, gm, example_inputs, "inductor")
 

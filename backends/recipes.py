@@ -100,6 +100,28 @@ def recipe_names() -> list[str]:
 # ---------------------------------------------------------------------------
 # Quantization primitives (fake quantization: round to grid, return float)
 # ---------------------------------------------------------------------------
+#
+# Non-finite inputs. An inf or NaN in a tensor must come out of every
+# quantizer non-finite, or the low path would hand the matmul a finite value
+# for a broken input and GNMR (which watches gradient norms) could never see
+# it. Each format does what its reference implementation does, with no host
+# sync (masks and IEEE arithmetic only):
+#
+# * scaled by amax (fp8 per-tensor / rowwise, int8 / int4, DeepSeek-V3 1x128
+#   and 128x128 fp8 blocks): an inf or NaN makes the scale's amax non-finite,
+#   so every element sharing that scale comes back NaN (finite / inf * inf and
+#   inf / inf are NaN). This is torchao float8's dynamic scaling, whose
+#   amax-to-scale and dequantize give the same NaNs; other rows / blocks keep
+#   their own scales and are untouched.
+# * OCP MX (mxfp8, mxfp4): the block's E8M0 scale takes its NaN code (0xFF)
+#   and the whole block is NaN. This follows the microxcaling reference
+#   (``_quantize_mx`` sets the shared exponent to NaN when it overflows the
+#   scale range, which an inf amax does, and a NaN amax stays NaN), and
+#   torchao's ``to_mx`` NaN scale for a NaN block. E4M3 has no inf and E2M1
+#   neither inf nor NaN, so the scale is the only place the format can say so.
+# * NVFP4: the same rule on its e4m3 block scale (which has a NaN code); the
+#   fp32 tensor scale is taken over the finite elements only, so one broken
+#   block neither turns the others into zeros nor changes their rounding.
 
 
 def _amax(t: Tensor, kdim: Optional[int]) -> Tensor:
@@ -114,7 +136,9 @@ def cast_fp8(t: Tensor, dtype: torch.dtype) -> Tensor:
     """Round ``t`` (already scaled) onto the fp8 grid with saturation.
 
     The explicit clamp matters: e4m3fn has no inf, so an unclamped cast of an
-    out-of-range value is NaN on some backends instead of saturating.
+    out-of-range value is NaN on some backends instead of saturating. The
+    clamp also saturates an inf; callers whose scale comes from amax never
+    pass one (a non-finite amax already made the block NaN, see above).
     """
     fmax = float(torch.finfo(dtype).max)
     return t.float().clamp(-fmax, fmax).to(dtype).float()
@@ -192,7 +216,12 @@ def _e8m0_scale(amax: Tensor, elem_max_pow2: int) -> Tensor:
     ``frexp`` gives floor(log2(amax)) exactly (amax = m * 2^e, m in [0.5, 1)
     means floor(log2) = e - 1); ``floor(log2(x))`` in float can land one off
     just below a power of two. An all-zero block gets the smallest E8M0
-    scale (2^-126 here, see below), and stays zero.
+    scale (2^-126 here, see below), and stays zero. A non-finite amax (the
+    block holds an inf or a NaN) gets the NaN code, as in the microxcaling
+    reference, so the whole block dequantizes to NaN.
+
+    >>> _e8m0_scale(torch.tensor([448.0, 0.0, float("inf"), float("nan")]), 8).tolist()
+    [1.0, 1.1754943508222875e-38, nan, nan]
     """
     _, e = torch.frexp(amax.float())
     exp = torch.where(amax > 0, e - 1 - elem_max_pow2, torch.full_like(e, -126))
@@ -201,13 +230,14 @@ def _e8m0_scale(amax: Tensor, elem_max_pow2: int) -> Tensor:
     # and an all-zero block into 0/0 = NaN. That NaN then reaches the
     # gradients even from the branch the plan did not select (0 * NaN), so
     # the smallest scale used here is 2^-126, the smallest normal.
-    return torch.exp2(exp.clamp(-126, 127).float())
+    scale = torch.exp2(exp.clamp(-126, 127).float())
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, math.nan))
 
 
 _FP4_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
-def cast_fp4_e2m1(t: Tensor) -> Tensor:
+def cast_fp4_e2m1(t: Tensor, *, stochastic: bool = False) -> Tensor:
     """Round onto the FP4 E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} with saturation.
 
     Ties go to the grid point with the even mantissa, as in IEEE rounding.
@@ -217,29 +247,42 @@ def cast_fp4_e2m1(t: Tensor) -> Tensor:
     round-half-to-even, and an even integer is an even mantissa. This is
     elementwise (no table lookup), which matters on the CPU benchmark.
 
+    With ``stochastic``, a value rounds down or up to its neighbouring grid
+    points with the probabilities that make it unbiased in expectation
+    (floor(a / spacing + U), U uniform in [0, 1)), as FP4 training recipes
+    round gradients.
+
     >>> cast_fp4_e2m1(torch.tensor([0.25, 0.75, 2.5, 3.5, -5.0, 7.0, 100.0])).tolist()
     [0.0, 1.0, 2.0, 4.0, -4.0, 6.0, 6.0]
+    >>> _ = torch.manual_seed(0); q = cast_fp4_e2m1(torch.full((20000,), 2.5), stochastic=True)
+    >>> sorted(set(q.tolist())), round(float(q.mean()), 1)
+    ([2.0, 3.0], 2.5)
     """
     a = t.float().abs().clamp(max=6.0)
     _, e = torch.frexp(a)  # a = m * 2^e, m in [0.5, 1): binade exponent e - 1
     spacing = torch.exp2((e - 1).clamp_min(0).float() - 1.0)
-    # NaN stays NaN (round(NaN) is NaN) so a broken input is not hidden.
-    q = torch.round(a / spacing) * spacing
-    return torch.copysign(q, t.float())
+    # NaN stays NaN (round / floor of NaN is NaN) so a broken input is not
+    # hidden. 6 is on the grid, so neither rounding passes it.
+    steps = torch.floor(a / spacing + torch.rand_like(a)) if stochastic else torch.round(a / spacing)
+    return torch.copysign(steps * spacing, t.float())
 
 
-def fake_quant_mx(t: Tensor, kdim: int, *, elem: str, block: int = 32) -> Tensor:
+def fake_quant_mx(t: Tensor, kdim: int, *, elem: str, block: int = 32, stochastic: bool = False) -> Tensor:
     """OCP microscaling (MXFP8 e4m3 / MXFP4 e2m1): ``block``-element blocks
     along K, one E8M0 (power-of-two) shared scale per block.
 
     Per the OCP MX v1.0 spec the scale is 2^(floor(log2(amax)) - emax) with
     emax the largest exponent of the element format (8 for e4m3, 2 for
     e2m1); the block's largest element may then exceed the element max and
-    saturates.
+    saturates. A block holding an inf or a NaN is NaN (its scale is the
+    E8M0 NaN code); the other blocks are untouched. ``stochastic`` rounds
+    fp4 elements stochastically (see :func:`cast_fp4_e2m1`).
 
     >>> x = torch.tensor([[1.0, 3.0, 7.0, 0.1]])
     >>> fake_quant_mx(x, -1, elem="fp4", block=4).tolist()
     [[1.0, 3.0, 6.0, 0.0]]
+    >>> fake_quant_mx(torch.tensor([[1.0, float("inf"), 3.0, 7.0]]), -1, elem="fp4", block=2).tolist()
+    [[nan, nan, 3.0, 6.0]]
     """
     if elem not in ("fp8", "fp4"):
         raise ValueError(f"fake_quant_mx: elem must be 'fp8' or 'fp4', got {elem!r}")
@@ -251,31 +294,40 @@ def fake_quant_mx(t: Tensor, kdim: int, *, elem: str, block: int = 32) -> Tensor
         q = cast_fp8(xb / scale, torch.float8_e4m3fn) * scale
     else:
         scale = _e8m0_scale(amax, 2)  # e2m1: largest normal is 1.5 * 2^2
-        q = cast_fp4_e2m1(xb / scale) * scale
+        q = cast_fp4_e2m1(xb / scale, stochastic=stochastic) * scale
     return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
 
 
-def fake_quant_nvfp4(t: Tensor, kdim: int, *, block: int = 16) -> Tensor:
+def fake_quant_nvfp4(t: Tensor, kdim: int, *, block: int = 16, stochastic: bool = False) -> Tensor:
     """NVFP4: ``block``-element blocks of e2m1 along K, one e4m3 scale per
     block, and an fp32 per-tensor scale that maps the tensor amax onto
-    6 * 448 so the e4m3 block scales use their full range.
+    6 * 448 so the e4m3 block scales use their full range. A block holding
+    an inf or a NaN is NaN (its e4m3 scale is NaN); the tensor scale is
+    taken over the finite elements, so the other blocks are untouched.
+    ``stochastic`` rounds the elements stochastically (see :func:`cast_fp4_e2m1`).
 
     >>> x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
     >>> fake_quant_nvfp4(x, -1, block=4).tolist()
     [[1.0, 2.0, 3.0, 6.0]]
+    >>> fake_quant_nvfp4(torch.tensor([[1.0, 6.0, float("nan"), 2.0]]), -1, block=2).tolist()
+    [[1.0, 6.0, nan, nan]]
     """
     x, k, _ = _blocked(t.float(), kdim, block)
     xb = x.reshape(*x.shape[:-1], -1, block)
-    tensor_scale = (xb.abs().amax() / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
-    block_amax = xb.abs().amax(-1, keepdim=True)
+    a = xb.abs()
+    finite_amax = torch.nan_to_num(a, nan=0.0, posinf=0.0).amax()
+    tensor_scale = (finite_amax / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
+    block_amax = a.amax(-1, keepdim=True)  # inf / NaN when the block holds one
     block_scale = cast_fp8(block_amax / 6.0 / tensor_scale, torch.float8_e4m3fn)
+    block_scale = torch.where(torch.isfinite(block_amax), block_scale, torch.full_like(block_scale, math.nan))
     scale = block_scale * tensor_scale
     # A block whose scale underflows e4m3 (amax below ~2^-10 of the tensor's)
     # is zero in the format; dividing by a clamped scale instead would turn
-    # it into +-6 * eps garbage.
-    live = scale > 0
-    q = cast_fp4_e2m1(xb / torch.where(live, scale, torch.ones_like(scale))) * scale
-    q = torch.where(live, q, torch.zeros_like(q))
+    # it into +-6 * eps garbage. A NaN scale is not "dead" (NaN == 0 is
+    # False): its block stays NaN.
+    dead = scale == 0
+    q = cast_fp4_e2m1(xb / torch.where(dead, torch.ones_like(scale), scale), stochastic=stochastic) * scale
+    q = torch.where(dead, torch.zeros_like(q), q)
     return _unblocked(q.reshape(x.shape), k, kdim).to(t.dtype)
 
 
@@ -415,47 +467,12 @@ register_recipe(Recipe(
 # wgrad operands, and NVFP4's 2-D 16x16 weight blocks.
 
 
-def cast_fp4_e2m1_stochastic(t: Tensor) -> Tensor:
-    """Round onto the E2M1 grid stochastically: down or up to the neighbouring
-    grid points with probabilities that make the result unbiased (saturating
-    at +-6). Non-finite values stay non-finite.
-
-    >>> _ = torch.manual_seed(0); q = cast_fp4_e2m1_stochastic(torch.full((20000,), 2.5))
-    >>> sorted(set(q.tolist())), round(float(q.mean()), 1)
-    ([2.0, 3.0], 2.5)
-    """
-    x = t.float()
-    a = x.abs().clamp(max=6.0)
-    _, e = torch.frexp(a)
-    spacing = torch.exp2((e - 1).clamp_min(0).float() - 1.0)
-    q = torch.floor(a / spacing + torch.rand_like(a)) * spacing
-    q = torch.where(torch.isnan(x) | torch.isinf(x), x.abs(), q.clamp(max=6.0))
-    return torch.copysign(q, x)
-
-
-def _fp4_grad_stochastic(t: Tensor, *, scale_kind: str, block: int) -> Tensor:
-    """Blocks of ``block`` along the last dim, the format's scale, stochastic E2M1."""
-    x, k, _ = _blocked(t.float(), -1, block)
-    xb = x.reshape(*x.shape[:-1], -1, block)
-    amax = xb.abs().amax(-1, keepdim=True)
-    if scale_kind == "mx":
-        scale = _e8m0_scale(amax, 2)
-    else:  # nvfp4: e4m3 block scale under an fp32 tensor scale
-        finite = torch.where(torch.isfinite(xb), xb.abs(), torch.zeros_like(xb))
-        tensor_scale = (finite.amax() / (6.0 * FP8_E4M3_MAX)).clamp_min(_EPS)
-        scale = cast_fp8(amax / 6.0 / tensor_scale, torch.float8_e4m3fn) * tensor_scale
-    live = scale > 0
-    q = cast_fp4_e2m1_stochastic(xb / torch.where(live, scale, torch.ones_like(scale))) * scale
-    q = torch.where(live | ~torch.isfinite(xb), q, torch.zeros_like(q))
-    return _unblocked(q.reshape(x.shape), k, -1).to(t.dtype)
-
-
 def _nvfp4_grad_sr(t: Tensor, kdim: int) -> Tensor:
-    return _fp4_grad_stochastic(t, scale_kind="nv", block=16)
+    return fake_quant_nvfp4(t, -1, block=16, stochastic=True)
 
 
 def _mxfp4_grad_sr(t: Tensor, kdim: int) -> Tensor:
-    return _fp4_grad_stochastic(t, scale_kind="mx", block=32)
+    return fake_quant_mx(t, -1, elem="fp4", block=32, stochastic=True)
 
 
 register_recipe(Recipe(

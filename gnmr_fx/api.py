@@ -34,7 +34,8 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
         example_inputs: if given, one forward pass runs now (RNG state is
             preserved) so units are discovered and the unit filter is
             checked before training starts.
-        log: path of a JSON-lines telemetry file (same as ``config.log``).
+        log: path of a JSON-lines telemetry file (same as ``config.log``);
+            its directory must exist and be writable (checked here).
 
     >>> import torch, gnmr_fx
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -55,7 +56,8 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     if not isinstance(config, GNMRConfig):
         raise TypeError(f"config must be a GNMRConfig, got {type(config).__name__}")
     if log is not None:
-        config = config.replace(log=str(log))
+        config = config.replace(log=log)
+    config.check_log_path()  # a bad path fails here, not log_every steps into training
     _check_wrapping(model)
     # A DDP wrapper's state dict is its module's with a "module." prefix: the
     # runtime belongs to the wrapped model, so unit names are the model's own.

@@ -5,12 +5,34 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 UnitFilter = Union[Callable[[str, Any], bool], Sequence[str], None]
 
 POLICIES = ("gnmr", "always_low", "always_high")
+
+# Upper bounds of the integer fields. Their job is to turn a typo (2**40, a
+# step count pasted into the wrong field) into a ValueError naming the field
+# here, instead of a raw torch error or a huge allocation at the first step.
+#
+# max_o as a count of units: no model has a million recoverable matmul units
+# (a 1000-layer transformer has about 10^4).
+MAX_UNITS = 10**6
+# warmup_steps and lock_steps: a warm-up or a lock of more than a million
+# optimizer steps outlasts the training run (large pretraining runs take
+# 10^5-10^6 steps); policy="always_high" / "always_low" fix the plan openly.
+MAX_STEPS = 10**6
+# delta_window: the controller keeps a [delta_window, units] history on the
+# device and takes its min every step. 10^4 x 1000 units is already 40 MB and
+# a 10^7-element reduction per step, and a window that long no longer catches
+# *abrupt* jumps (the default is 3).
+MAX_DELTA_WINDOW = 10**4
+# log_every: steps whose telemetry waits on the device for one transfer. At
+# 10^4 steps the transfer is already negligible; a bigger batch only grows the
+# device buffer (8 small tensors per step) and the lines at risk in a crash.
+MAX_LOG_EVERY = 10**4
 
 
 @dataclass(frozen=True)
@@ -26,7 +48,11 @@ class GNMRConfig:
     >>> GNMRConfig(threshold=0.5)
     Traceback (most recent call last):
     ...
-    ValueError: GNMRConfig.threshold must be > 1 (got 0.5)
+    ValueError: GNMRConfig.threshold must be a finite number > 1 (got 0.5)
+    >>> GNMRConfig(lock_steps=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: GNMRConfig.lock_steps must be an int in [1, 1000000] (got True)
     """
 
     recipe: str = "fp8_e4m3"
@@ -56,7 +82,8 @@ class GNMRConfig:
     a low ratio and have not yet crossed ``threshold``."""
 
     delta_window: int = 3
-    """Steps of GNMR history that Delta-GNMR compares against."""
+    """Steps of GNMR history that Delta-GNMR compares against (at most
+    ``MAX_DELTA_WINDOW`` = 10^4)."""
 
     beta: float = 0.98
     """EMA decay of the history mean mu (bias-corrected). 0.98 averages over
@@ -65,11 +92,11 @@ class GNMRConfig:
 
     warmup_steps: int = 20
     """Healthy observations a unit needs before it may trigger on ratios.
-    Non-finite norms trigger even during warm-up."""
+    Non-finite norms trigger even during warm-up. At most ``MAX_STEPS`` = 10^6."""
 
     lock_steps: int = 10
     """Optimizer steps a triggered unit stays on the high path. A re-trigger
-    while locked refreshes the lock."""
+    while locked refreshes the lock. At most ``MAX_STEPS`` = 10^6."""
 
     max_lock_steps: int = 50
     """Most consecutive steps a unit may stay locked on the high path. A
@@ -104,50 +131,39 @@ class GNMRConfig:
     pattern must match at least one unit, or compilation raises."""
 
     log: Optional[str] = None
-    """Path of a JSON-lines telemetry file (one line per optimizer step)."""
+    """Path (a str or ``os.PathLike``, stored as a str) of a JSON-lines
+    telemetry file (one line per optimizer step). Compiling checks that its
+    directory exists and is writable, so a bad path fails before training."""
 
     log_every: int = 50
     """Telemetry is copied to the host in batches of this many steps, so
-    logging adds one transfer per batch rather than one per step."""
+    logging adds one transfer per batch rather than one per step (at most
+    ``MAX_LOG_EVERY`` = 10^4)."""
 
     def __post_init__(self) -> None:
         from gnmr_fx.backends.paths import HIGH_PATHS
         from gnmr_fx.backends.recipes import get_recipe
 
+        # One line per field, in field order; a new field adds one line.
+        _check(isinstance(self.recipe, str), "recipe", "a recipe name (a str)", self.recipe)
         get_recipe(self.recipe)  # raises ValueError naming the known recipes
-        _check(self.high_path in HIGH_PATHS, "high_path", f"one of {HIGH_PATHS}", self.high_path)
-        _check(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
-        m = self.max_o
-        if isinstance(m, bool) or not isinstance(m, (int, float)):
-            raise ValueError(f"GNMRConfig.max_o must be an int >= 0 or a float in (0, 1) (got {m!r})")
-        if isinstance(m, int):
-            _check(m >= 0, "max_o", "an int >= 0 or a float in (0, 1)", m)
-        else:
-            _check(0.0 < m < 1.0, "max_o", "an int >= 0 or a float in (0, 1)", m)
-        _check(_finite(self.threshold) and self.threshold > 1.0, "threshold", "> 1", self.threshold)
-        _check(_finite(self.delta_threshold) and self.delta_threshold > 0.0,
-               "delta_threshold", "> 0", self.delta_threshold)
-        _check(_is_int(self.delta_window) and self.delta_window >= 1, "delta_window", ">= 1", self.delta_window)
-        _check(_finite(self.beta) and 0.0 < self.beta < 1.0, "beta", "in (0, 1)", self.beta)
-        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
-        _check(_is_int(self.lock_steps) and self.lock_steps >= 1, "lock_steps", ">= 1", self.lock_steps)
-        _check(_is_int(self.max_lock_steps) and self.max_lock_steps >= 1,
-               "max_lock_steps", "an int >= 1", self.max_lock_steps)
-        _check(_is_int(self.log_every) and self.log_every >= 1, "log_every", ">= 1", self.log_every)
-        _check(self.emulate in (None, True, False), "emulate", "None, True or False", self.emulate)
-        _check(self.plan_lag in (0, 1) and not isinstance(self.plan_lag, bool), "plan_lag", "0 or 1", self.plan_lag)
-        f = self.unit_filter
-        if isinstance(f, str):
-            raise ValueError(
-                "GNMRConfig.unit_filter must be a list of patterns or a callable, "
-                f"not a bare string (got {f!r}; did you mean [{f!r}]?)"
-            )
-        if f is not None and not callable(f):
-            if not all(isinstance(p, str) for p in f):
-                raise ValueError(f"GNMRConfig.unit_filter patterns must be strings (got {f!r})")
-            if len(f) == 0:
-                raise ValueError("GNMRConfig.unit_filter is an empty list: it would match no unit")
-            object.__setattr__(self, "unit_filter", tuple(f))
+        _check_choice(self.high_path, "high_path", HIGH_PATHS)
+        _check_choice(self.policy, "policy", POLICIES)
+        _check_max_o(self.max_o)
+        _check_real(self.threshold, "threshold", gt=1.0)
+        _check_real(self.delta_threshold, "delta_threshold", gt=0.0)
+        _check_int(self.delta_window, "delta_window", 1, MAX_DELTA_WINDOW)
+        _check_real(self.beta, "beta", gt=0.0, lt=1.0)
+        _check_int(self.warmup_steps, "warmup_steps", 0, MAX_STEPS)
+        _check_int(self.lock_steps, "lock_steps", 1, MAX_STEPS)
+        _check_int(self.max_lock_steps, "max_lock_steps", 1, MAX_STEPS)
+        # Not a membership test: 1 == True in Python, and kernel_for tests
+        # `is True` / `is False`, so emulate=1 would select real kernels.
+        _check(self.emulate is None or isinstance(self.emulate, bool), "emulate", "None, True or False", self.emulate)
+        _check(_is_int(self.plan_lag) and self.plan_lag in (0, 1), "plan_lag", "the int 0 or 1", self.plan_lag)
+        object.__setattr__(self, "unit_filter", _checked_unit_filter(self.unit_filter))
+        object.__setattr__(self, "log", _checked_log(self.log))
+        _check_int(self.log_every, "log_every", 1, MAX_LOG_EVERY)
 
     @property
     def budget_is_fraction(self) -> bool:
@@ -169,6 +185,38 @@ class GNMRConfig:
             )
         return cls(**options)
 
+    def check_log_path(self) -> None:
+        """Raise ValueError unless telemetry can be written to ``log``.
+
+        Called at compile time (``gnmr_fx.compile``, the ``gnmr`` backend),
+        so an unwritable path fails before training instead of at the first
+        telemetry write, ``log_every`` steps in. Creates nothing.
+
+        >>> GNMRConfig(log="/nonexistent-dir/run.jsonl").check_log_path()
+        Traceback (most recent call last):
+        ...
+        ValueError: GNMRConfig.log must be a file in an existing, writable directory: /nonexistent-dir does not exist (got '/nonexistent-dir/run.jsonl')
+        """
+        if self.log is None:
+            return
+        path = os.path.abspath(self.log)
+        parent = os.path.dirname(path)
+        problem = None
+        if os.path.isdir(path):
+            problem = f"{path} is a directory (a file name in it, e.g. {os.path.join(self.log, 'run.jsonl')!r}?)"
+        elif not os.path.exists(parent):
+            problem = f"{parent} does not exist"
+        elif not os.path.isdir(parent):
+            problem = f"{parent} is not a directory"
+        elif os.path.exists(path) and not os.access(path, os.W_OK):
+            problem = f"{path} is not writable"
+        elif not os.path.exists(path) and not os.access(parent, os.W_OK | os.X_OK):
+            problem = f"{parent} is not writable"
+        if problem is not None:
+            raise ValueError(
+                f"GNMRConfig.log must be a file in an existing, writable directory: {problem} (got {self.log!r})"
+            )
+
     def includes(self, name: str, op: Any) -> bool:
         """Whether the unit filter admits a unit (no filter admits all)."""
         f = self.unit_filter
@@ -186,7 +234,8 @@ class GNMRConfig:
         return [p for p in f if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
-def _finite(x: Any) -> bool:
+def _is_real(x: Any) -> bool:
+    """A finite int or float, not a bool (True is an int in Python)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -197,3 +246,56 @@ def _is_int(x: Any) -> bool:
 def _check(ok: bool, field: str, allowed: str, got: Any) -> None:
     if not ok:
         raise ValueError(f"GNMRConfig.{field} must be {allowed} (got {got!r})")
+
+
+def _check_choice(value: Any, field: str, choices: tuple) -> None:
+    # isinstance first: a list is unhashable, and == on other types is not a type check.
+    _check(isinstance(value, str) and value in choices, field, f"one of {choices}", value)
+
+
+def _check_int(value: Any, field: str, lo: int, hi: int) -> None:
+    _check(_is_int(value) and lo <= value <= hi, field, f"an int in [{lo}, {hi}]", value)
+
+
+def _check_real(value: Any, field: str, *, gt: float, lt: float = math.inf) -> None:
+    """An int or float in (gt, lt); ints are fine where a float is meant (threshold=3)."""
+    allowed = f"> {gt:g}" if lt == math.inf else f"in ({gt:g}, {lt:g})"
+    _check(_is_real(value) and gt < value < lt, field, f"a finite number {allowed}", value)
+
+
+def _check_max_o(m: Any) -> None:
+    allowed = f"an int in [0, {MAX_UNITS}] (units) or a float in (0, 1) (a FLOPs fraction)"
+    if _is_int(m):
+        _check(0 <= m <= MAX_UNITS, "max_o", allowed, m)
+    else:
+        _check(isinstance(m, float) and 0.0 < m < 1.0, "max_o", allowed, m)
+
+
+def _checked_unit_filter(f: Any) -> Any:
+    """None, a callable, or a tuple of pattern strings (from a list or tuple)."""
+    if f is None or callable(f):
+        return f
+    if isinstance(f, str):
+        raise ValueError(
+            "GNMRConfig.unit_filter must be a list of patterns or a callable, "
+            f"not a bare string (got {f!r}; did you mean [{f!r}]?)"
+        )
+    # Only ordered sequences: a dict would filter on its keys, a set has no
+    # order, and an iterator would be used up by this very check.
+    _check(isinstance(f, (list, tuple)), "unit_filter",
+           "None, a list of fnmatch patterns or a callable (name, op) -> bool", f)
+    if not all(isinstance(p, str) for p in f):
+        raise ValueError(f"GNMRConfig.unit_filter patterns must be strings (got {f!r})")
+    if len(f) == 0:
+        raise ValueError(f"GNMRConfig.unit_filter must not be empty: it would match no unit (got {f!r})")
+    return tuple(f)
+
+
+def _checked_log(log: Any) -> Optional[str]:
+    """None, or the path as a str. Not a bool or an int: ``open(True)`` and
+    ``open(3)`` would write telemetry into file descriptors 1 (stdout) and 3."""
+    if log is None:
+        return None
+    path = os.fspath(log) if isinstance(log, (str, os.PathLike)) else None
+    _check(isinstance(path, str) and path != "", "log", "a file path (a str or os.PathLike)", log)
+    return path

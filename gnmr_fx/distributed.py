@@ -174,6 +174,7 @@ def compile_blocks(
     config = config if config is not None else GNMRConfig()
     if not isinstance(config, GNMRConfig):
         raise TypeError(f"config must be a GNMRConfig, got {type(config).__name__}")
+    config.check_log_path()
     blocks = list(blocks)
     if not blocks:
         raise ValueError("blocks is empty: pass the submodules to compile, e.g. model.layers")

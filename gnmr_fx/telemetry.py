@@ -13,7 +13,9 @@ File format (one JSON object per line):
   logged with ``runtime.log_metrics`` (e.g. ``loss``).
 
 The writer keeps device tensors until ``log_every`` steps are buffered, then
-moves the whole batch to the host in a single transfer.
+moves the whole batch to the host in a single transfer. A failed write (disk
+full, directory removed) raises :class:`TelemetryWriteError` from the step
+that flushes; the lines stay buffered and the next flush writes them first.
 """
 
 from __future__ import annotations
@@ -33,6 +35,23 @@ _VECTORS = ("norm", "gnmr", "delta_gnmr")
 _MASKS = ("plan", "triggered", "denied")
 
 
+class TelemetryWriteError(OSError):
+    """Telemetry lines could not be written to the log file.
+
+    ``pending`` is the number of step lines still buffered (written by the
+    next flush), ``lost`` the number dropped (only when the writer closes).
+    """
+
+    def __init__(self, path: str, cause: OSError, pending: int, lost: int) -> None:
+        what = (f"{lost} step lines were lost" if lost else
+                f"{pending} step lines stay buffered and the next flush retries them "
+                "(gnmr_fx.runtime(model).flush())")
+        super().__init__(f"gnmr_fx telemetry: cannot write {path}: {cause.strerror or cause}; {what}")
+        self.errno, self.path = cause.errno, path
+        self.pending = pending
+        self.lost = lost
+
+
 class TelemetryWriter:
     """Buffers per-step device tensors and writes JSON lines in batches.
 
@@ -47,7 +66,10 @@ class TelemetryWriter:
         self.rows: list[tuple[int, dict, dict, dict]] = []  # (step, tensors, metrics, header)
         self.header: Optional[dict] = None
         self._written_header: Optional[dict] = None
-        self._file = None
+        # Lines on the host not yet in the file (a write failed), oldest first:
+        # (the header they belong to, whether the line is that header, JSON text).
+        self._unwritten: list[tuple[dict, bool, str]] = []
+        self._unwritten_steps = 0
         self.lines_written = 0
         self.transfers = 0  # device-to-host copies made (tests assert the batching)
 
@@ -67,8 +89,13 @@ class TelemetryWriter:
             self.flush()
 
     def flush(self) -> None:
-        if not self.rows:
-            return
+        """Write every buffered line; raises :class:`TelemetryWriteError`
+        (the lines stay buffered) if the file cannot be written."""
+        if self.rows:
+            self._to_host()
+        self._write()
+
+    def _to_host(self) -> None:
         batch, self.rows = self.rows, []
         # Everything in the batch goes into one flat float vector: one
         # device-to-host transfer per batch, whatever the number of keys.
@@ -89,10 +116,11 @@ class TelemetryWriter:
             layout.append(entry)
         flat = torch.cat([p.to(dev) for p in parts]).cpu().tolist() if parts else []
         self.transfers += 1
-        lines = []
+        lines, owners = [], []
         for (step, tens, metrics, header), entry in zip(batch, layout):
             if header is not self._written_header:
                 lines.append(header)
+                owners.append(header)
                 self._written_header = header
             names = header["units"]
             row: dict[str, Any] = {"step": step}
@@ -111,21 +139,60 @@ class TelemetryWriter:
             for k, v in metrics.items():
                 row[k] = _json_float(get("metric:" + k)[0] if isinstance(v, torch.Tensor) else v)
             lines.append(row)
-        if self.path is not None:
-            if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")
-            for line in lines:
-                self._file.write(json.dumps(line) + "\n")
-            self._file.flush()
+            owners.append(header)
+        steps = sum(1 for r in lines if "header" not in r)
         if self.tensorboard is not None:
             _to_tensorboard(self.tensorboard, [r for r in lines if "header" not in r])
-        self.lines_written += sum(1 for r in lines if "header" not in r)
+        if self.path is None:
+            self.lines_written += steps
+            return
+        self._unwritten.extend((h, line is h, json.dumps(line) + "\n") for h, line in zip(owners, lines))
+        self._unwritten_steps += steps
+
+    def _write(self) -> None:
+        if not self._unwritten:
+            return
+        # Opened per batch, not kept open: writes to a kept descriptor would
+        # still "succeed" after the directory is removed, into a file nobody
+        # can read. O_APPEND plus truncating back on failure keeps a partial
+        # write (disk full) from leaving half a line for the next batch.
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise TelemetryWriteError(self.path, e, self._unwritten_steps, 0) from e
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+        except OSError:
+            start = None  # a pipe: nothing to truncate, no file start to find
+        try:
+            header, is_header, _ = self._unwritten[0]
+            # A new or emptied file (the directory was re-created, the log
+            # rotated) starts with the header its step lines refer to.
+            first = [json.dumps(header) + "\n"] if start == 0 and not is_header else []
+            data = "".join(first + [text for _, _, text in self._unwritten]).encode("utf-8")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            try:
+                if start is not None:
+                    os.ftruncate(fd, start)
+            except OSError:
+                pass  # a device such as /dev/full cannot be truncated; nothing was kept there
+            raise TelemetryWriteError(self.path, e, self._unwritten_steps, 0) from e
+        finally:
+            os.close(fd)
+        self.lines_written += self._unwritten_steps
+        self._unwritten, self._unwritten_steps = [], 0
 
     def close(self) -> None:
-        self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Flush; lines that still cannot be written are dropped and counted
+        in the error (this runs at interpreter exit, where nothing can retry)."""
+        try:
+            self.flush()
+        except TelemetryWriteError as e:
+            lost, self._unwritten, self._unwritten_steps = self._unwritten_steps, [], 0
+            raise TelemetryWriteError(self.path, e.__cause__, 0, lost) from e.__cause__
 
 
 def _to_tensorboard(writer: Any, rows: list[dict]) -> None:

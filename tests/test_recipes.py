@@ -135,3 +135,100 @@ class TestRegistry:
         x = torch.randn(2, 4)
         assert torch.allclose(model(x), x @ lin.weight.t() * 0.25)
         assert calls == [-1, -1]
+
+
+# Elements that share the scale of x[1, 37] in a [4, 256] tensor (K last), per
+# quantizer (input, weight, grad; None: the recipe keeps gradients as they
+# are). An inf or NaN there must make exactly these elements non-finite.
+NONFINITE_EXTENT = {
+    "fp8_e4m3": (1024, 1024, 1024),  # one scale per tensor
+    "fp8_rowwise": (256, 256, 256),  # one scale per row
+    "int8": (256, 256, None),  # per token / per channel
+    "int4": (1024, 256, None),  # int4 per tensor, int8 per channel weights
+    "fp8_blockwise": (128, 512, 128),  # 1x128 tiles; a 128x128 block spans all 4 rows
+    "mxfp8": (32, 32, 32),  # 32-element MX blocks
+    "mxfp4": (32, 32, None),
+    "nvfp4": (16, 16, None),  # 16-element blocks
+    "mxfp4_sr": (32, 32, 32),  # + stochastically rounded fp4 gradients, same blocks
+    "nvfp4_sr": (16, 16, 16),
+}
+BAD = {"+inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+# The library's own recipes: read at collection, before any test registers one.
+LIBRARY_RECIPES = set(recipe_names())
+
+
+class TestNonFinite:
+    """An inf / NaN input never comes out of a recipe finite ("silently wrong")."""
+
+    def test_every_registered_recipe_is_listed(self):
+        missing = sorted(LIBRARY_RECIPES - set(NONFINITE_EXTENT))
+        assert missing == [], f"add {missing} to NONFINITE_EXTENT (and make them keep inf / NaN non-finite)"
+        assert len(LIBRARY_RECIPES) == 10
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("bad", sorted(BAD))
+    @pytest.mark.parametrize("name", sorted(NONFINITE_EXTENT))
+    def test_bad_element_poisons_its_scale_group_only(self, name, bad, dtype):
+        r = get_recipe(name)
+        clean = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+        clean[1, 37] = 0.0
+        x = clean.clone()
+        x[1, 37] = BAD[bad]
+        roles = ("input", "weight", "grad")
+        quantizers = (r.quantize_input, r.quantize_weight, r.quantize_grad)
+        for role, q, extent in zip(roles, quantizers, NONFINITE_EXTENT[name]):
+            assert (q is None) == (extent is None), (name, role)
+            if q is None:
+                continue
+            # The same random draws for both (stochastic rounding).
+            torch.manual_seed(0)
+            out = q(x, -1)
+            torch.manual_seed(0)
+            ref = q(clean, -1)
+            nonfinite = ~torch.isfinite(out)
+            assert out.dtype == dtype and bool(nonfinite[1, 37]), (name, role, out[1, 37])
+            assert int(nonfinite.sum()) == extent, (name, role, int(nonfinite.sum()))
+            # Everything else is exactly what it is without the bad element:
+            # other rows / blocks keep their own scales.
+            assert torch.equal(out[~nonfinite], ref[~nonfinite]), (name, role)
+            assert torch.isfinite(ref).all()
+
+    @pytest.mark.parametrize("bad", sorted(BAD))
+    @pytest.mark.parametrize("name", sorted(NONFINITE_EXTENT))
+    def test_compiled_low_path_output_is_not_finite(self, name, bad):
+        import gnmr_fx
+
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(64, 8)
+        model = gnmr_fx.compile(lin, gnmr_fx.GNMRConfig(recipe=name, policy="always_low"), backend="eager")
+        clean = torch.randn(4, 64)
+        clean[1, 5] = 0.0
+        x = clean.clone()
+        x[1, 5] = BAD[bad]
+        with torch.no_grad():
+            out, ref = model(x), model(clean)
+        assert gnmr_fx.controller(model).plan.tolist() == [False]  # the unit ran its low path
+        assert torch.isfinite(ref).all() and not torch.equal(ref, lin(clean).detach())  # quantized
+        bad_rows = (~torch.isfinite(out)).all(dim=1)
+        # A per-tensor activation scale takes every row with it; a per-row or
+        # per-block one only the row that holds the bad element.
+        per_tensor = NONFINITE_EXTENT[name][0] == 4 * 256
+        assert bad_rows.tolist() == ([True] * 4 if per_tensor else [False, True, False, False])
+        assert torch.equal(out[~bad_rows], ref[~bad_rows])
+
+    @pytest.mark.parametrize("bad", sorted(BAD))
+    @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_rowwise"])
+    def test_real_kernels_agree(self, name, bad):
+        # emulate=False runs torch._scaled_mm (CPU: oneDNN) with the same dynamic scales.
+        import gnmr_fx
+
+        lin = torch.nn.Linear(32, 16)
+        model = gnmr_fx.compile(lin, gnmr_fx.GNMRConfig(recipe=name, policy="always_low", emulate=False),
+                                backend="eager")
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+        x[1, 5] = BAD[bad]
+        with torch.no_grad():
+            bad_rows = (~torch.isfinite(model(x))).all(dim=1)
+        scaling = "tensorwise" if name == "fp8_e4m3" else "rowwise"
+        assert [s.extra["kernel"] for s in gnmr_fx.runtime(model).records[0].sites] == [f"{name}:{scaling}"]
+        assert bad_rows.nonzero().flatten().tolist() == (list(range(16)) if name == "fp8_e4m3" else [1])

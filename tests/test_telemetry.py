@@ -1,10 +1,15 @@
 """Run telemetry (compile(..., log=PATH)) and `gnmr-fx report`."""
 
 import contextlib
+import errno
 import gc
 import io
 import json
 import math
+import os
+import re
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +18,7 @@ import torch
 import gnmr_fx
 from gnmr_fx.cli import main as cli
 from gnmr_fx.examples import train_with_fault
-from gnmr_fx.telemetry import load_run
+from gnmr_fx.telemetry import TelemetryWriteError, load_run
 
 STEPS, FAULT, FAULT_UNIT = 40, (24, 29), "blocks.1.fc"
 
@@ -196,3 +201,132 @@ def test_units_joining_mid_run_get_a_new_header(tmp_path):
     assert run.units == ["a", "b", "c"]
     assert np.isnan(run.norm[0, 2]) and run.norm[1].tolist() == [2.0, 2.0, 2.0]
     assert run.plan.tolist() == [[False, True, False], [False, False, True]]
+
+
+def _tiny(log_every=50):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, gnmr_fx.GNMRConfig(recipe="int8", log_every=log_every)
+
+
+def _train_step(cm, opt):
+    cm(torch.randn(4, 8)).square().mean().backward()
+    try:
+        opt.step()
+    finally:
+        opt.zero_grad()
+
+
+class TestLogPathAtCompile:
+    """A log path that cannot be written fails at compile time, not log_every steps in."""
+
+    @staticmethod
+    def _bad_path(tmp_path, case):
+        if case == "missing_dir":
+            return tmp_path / "missing" / "run.jsonl", f"{tmp_path / 'missing'} does not exist"
+        if case == "parent_is_file":
+            (tmp_path / "afile").write_text("")
+            return tmp_path / "afile" / "run.jsonl", f"{tmp_path / 'afile'} is not a directory"
+        return tmp_path, f"{tmp_path} is a directory (a file name in it, e.g. {str(tmp_path / 'run.jsonl')!r}?)"
+
+    @pytest.mark.parametrize("entry", ["compile", "compile_blocks"])
+    @pytest.mark.parametrize("case", ["missing_dir", "parent_is_file", "is_dir"])
+    def test_bad_path_raises_naming_it(self, tmp_path, case, entry):
+        path, problem = self._bad_path(tmp_path, case)
+        model, opt, cfg = _tiny()
+        want = f"GNMRConfig.log must be a file in an existing, writable directory: {problem} (got {str(path)!r})"
+        with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+            if entry == "compile":
+                gnmr_fx.compile(model, cfg, backend="eager", optimizer=opt, log=path)
+            else:
+                gnmr_fx.distributed.compile_blocks(model, [model[0]], cfg.replace(log=path), backend="eager")
+
+    def test_torch_compile_backend_checks_it(self, tmp_path):
+        path = tmp_path / "missing" / "run.jsonl"
+        model = torch.compile(torch.nn.Linear(8, 2), backend="gnmr", options={"recipe": "int8", "log": str(path)})
+        with pytest.raises(Exception, match=re.escape(f"{tmp_path / 'missing'} does not exist (got {str(path)!r})")):
+            model(torch.randn(4, 8))
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only (chmod) directory")
+    def test_unwritable_directory(self, tmp_path):
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        model, opt, cfg = _tiny()
+        with pytest.raises(ValueError, match=re.escape(f"{ro} is not writable")):
+            gnmr_fx.compile(model, cfg, backend="eager", optimizer=opt, log=ro / "run.jsonl")
+
+    def test_good_path_creates_nothing_at_compile(self, tmp_path):
+        model, opt, cfg = _tiny()
+        gnmr_fx.compile(model, cfg, backend="eager", optimizer=opt, log=tmp_path / "run.jsonl")
+        assert list(tmp_path.iterdir()) == []
+
+
+class TestWriteFailure:
+    """A write that fails after compile raises from the flushing step and keeps the lines."""
+
+    def test_directory_removed_mid_run(self, tmp_path):
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        path = logs / "run.jsonl"
+        model, opt, cfg = _tiny(log_every=2)
+        cm = gnmr_fx.compile(model, cfg, backend="eager", optimizer=opt, log=path)
+        rt = gnmr_fx.runtime(cm)
+        for _ in range(2):
+            _train_step(cm, opt)
+        assert [json.loads(l).get("step") for l in path.read_text().splitlines()] == [None, 1, 2]
+        shutil.rmtree(logs)
+        _train_step(cm, opt)  # step 3: buffered, nothing written yet
+        with pytest.raises(TelemetryWriteError) as e:
+            _train_step(cm, opt)  # step 4 flushes
+        assert str(e.value) == (f"gnmr_fx telemetry: cannot write {path}: No such file or directory; 2 step lines "
+                                "stay buffered and the next flush retries them (gnmr_fx.runtime(model).flush())")
+        assert (e.value.errno, e.value.pending, e.value.lost) == (errno.ENOENT, 2, 0)
+        assert gnmr_fx.controller(cm).step == 4  # the controller step itself completed
+        _train_step(cm, opt)  # step 5: buffered behind the failed batch
+        logs.mkdir()
+        rt.flush()
+        lines = [json.loads(l) for l in path.read_text().splitlines()]
+        # The re-created file starts with the header its lines refer to; no line lost or doubled.
+        assert lines[0]["header"] and lines[0]["units"] == ["0", "2"]
+        assert [l["step"] for l in lines[1:]] == [3, 4, 5]
+        assert rt._telemetry_w.lines_written == 5
+        load_run(str(path))  # a valid run file
+
+    @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+    def test_disk_full(self, monkeypatch):
+        model, opt, cfg = _tiny(log_every=2)
+        cm = gnmr_fx.compile(model, cfg, backend="eager", optimizer=opt, log="/dev/full")
+        _train_step(cm, opt)
+        with pytest.raises(TelemetryWriteError, match=r"^gnmr_fx telemetry: cannot write /dev/full: "
+                                                      r"No space left on device; 2 step lines stay buffered"):
+            _train_step(cm, opt)
+        _train_step(cm, opt)
+        with pytest.raises(TelemetryWriteError, match="; 4 step lines stay buffered") as e:
+            _train_step(cm, opt)
+        assert e.value.errno == errno.ENOSPC
+        # The runtime goes away with the disk still full: its last flush
+        # reports how many lines were lost (at exit, the same message).
+        reported = []
+        monkeypatch.setattr(sys, "unraisablehook", reported.append)
+        del cm, model, opt, e  # e's traceback holds the training step's frame
+        gc.collect()
+        torch._dynamo.reset()  # Dynamo's caches hold the compiled frame (and so the runtime)
+        gc.collect()
+        assert [str(r.exc_value) for r in reported] == [
+            "gnmr_fx telemetry: cannot write /dev/full: No space left on device; 4 step lines were lost"]
+
+    def test_close_counts_the_lines_it_loses(self, tmp_path):
+        from gnmr_fx.telemetry import TelemetryWriter
+
+        gone = tmp_path / "gone"
+        w = TelemetryWriter(str(gone / "run.jsonl"), log_every=10)
+        w.set_header({"header": True, "units": ["a"], "budget": 1.0, "max_o": 1})
+        for s in (1, 2, 3):
+            w.append(s, {"norm": torch.ones(1), "gnmr": torch.ones(1), "delta_gnmr": torch.zeros(1),
+                         "plan": torch.zeros(1, dtype=torch.bool), "triggered": torch.zeros(1, dtype=torch.bool),
+                         "denied": torch.zeros(1, dtype=torch.bool), "lock": torch.zeros(1, dtype=torch.long),
+                         "budget_used": torch.zeros(())}, {})
+        with pytest.raises(TelemetryWriteError, match=r"No such file or directory; 3 step lines were lost$") as e:
+            w.close()  # what weakref.finalize runs at exit: nothing can retry after it
+        assert (e.value.pending, e.value.lost) == (0, 3)
+        w.close()  # nothing left: no second report
