@@ -38,6 +38,8 @@ from typing import Optional, Union
 
 import torch
 
+from gnmr_fx.arguments import InputError, parse_max_o
+
 ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "random", "gnmr")
 
 
@@ -77,19 +79,38 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
     return kind
 
 
+_BUDGET_KINDS = ("static", "random", "gnmr")
+ARM_FORMS = "always_high, always_low, low+clip, low+zclip, static@K, random@K, gnmr@K or gnmr@P%"
+
+
 def parse_arm(name: str) -> ArmSpec:
-    """Inverse of :func:`arm_name`.
+    """Inverse of :func:`arm_name`; the budget after ``@`` is read by
+    :func:`gnmr_fx.arguments.parse_max_o` (``2`` units, ``5%`` or ``0.05`` of
+    the FLOPs), and the arm gets its canonical name. Anything else raises
+    :class:`~gnmr_fx.arguments.InputError` naming the valid forms.
 
     >>> parse_arm("gnmr@10%")
     ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1)
+    >>> parse_arm("gnmr@0.05").name
+    'gnmr@5%'
     """
-    if name.startswith("low+"):
-        return ArmSpec(name, name[4:])
-    if "@" in name:
-        kind, b = name.split("@", 1)
-        budget: Union[int, float] = float(b[:-1]) / 100.0 if b.endswith("%") else int(b)
-        return ArmSpec(name, kind, budget)
-    return ArmSpec(name, name)
+    kind, at, b = name.partition("@")
+    if kind.startswith("low+") and not at and kind[4:] in ("clip", "zclip"):
+        return ArmSpec(name, kind[4:])
+    if not at and kind in ("always_high", "always_low"):
+        return ArmSpec(name, kind)
+    if at and kind in _BUDGET_KINDS:
+        try:
+            budget = parse_max_o(b)
+        except InputError as e:
+            raise InputError(f"arm {name!r}: {e}") from None
+        return ArmSpec(arm_name(kind, budget), kind, budget)
+    raise InputError(f"unknown arm {name!r}; arms are {ARM_FORMS}")
+
+
+def arm_argument(name: str) -> str:
+    """An ``--arms`` value, checked at parse time: the arm's canonical name."""
+    return parse_arm(name).name
 
 
 def budget_units(budget: Union[int, float], costs: torch.Tensor) -> int:

@@ -98,20 +98,38 @@ def growth_exponent(rows: list[dict]) -> float:
     return math.log(b["update_us"] / a["update_us"]) / math.log(b["units"] / a["units"])
 
 
+def unit_counts(text: str) -> list[int]:
+    """``--units``: a comma list of unit counts >= 1, sorted and deduplicated.
+
+    >>> unit_counts("100,10, 30,10")
+    [10, 30, 100]
+    """
+    from gnmr_fx.arguments import InputError
+
+    try:
+        units = sorted({int(u) for u in text.split(",") if u.strip()})
+    except ValueError:
+        units = []
+    if not units or units[0] < 1:
+        raise InputError(f"expected a comma list of unit counts >= 1 such as 10,100,1000, got {text!r}")
+    return units
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--units", default="10,30,100,300,1000", help="comma list of unit counts")
-    p.add_argument("--reps", type=int, default=50, help="timed updates per unit count")
-    p.add_argument("--device", default="cpu")
+    from gnmr_fx.arguments import output_file, parse_device, positive_int
+
+    p.add_argument("--units", type=unit_counts, default=[10, 30, 100, 300, 1000],
+                   help="comma list of unit counts (default 10,30,100,300,1000)")
+    p.add_argument("--reps", type=positive_int, default=50, help="timed updates per unit count")
+    p.add_argument("--device", type=parse_device, default="cpu")
     p.add_argument("--no-reference", action="store_true", help="skip the reference training step")
-    p.add_argument("--out", default="overhead.json", help="JSON results")
+    p.add_argument("--out", type=output_file, default="overhead.json", help="JSON results")
 
 
 def run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    units = sorted({int(u) for u in args.units.split(",") if u.strip()})
-    if not units or units[0] < 1:
-        raise ValueError(f"--units must be positive integers (got {args.units!r})")
+    units = args.units
     device = torch.device(args.device)
     torch.set_num_threads(1)  # the controller's tensors are tiny; threads only add noise
     rows = [measure(n, args.reps, device) for n in units]

@@ -148,26 +148,32 @@ PRESETS = {
 
 # --------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Flags are checked here, at parse time: a bad one is one line and exit 2
+    # before any worker starts.
+    from gnmr_fx.arguments import parse_device, positive_float, positive_int
+    from gnmr_fx.benchmarks.arms import arm_argument
+
     parser.add_argument("--quick", action="store_true", help="the CPU preset (same as --preset quick)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="model/steps preset (default: full, or quick with --quick)")
     parser.add_argument("--scenarios", nargs="+", default=list("abcd"), type=_scenario_arg, metavar="S[-RECIPE]",
                         help=f"scenarios ({', '.join(SCENARIOS)}); S-RECIPE runs scenario S with another recipe, "
                              "e.g. e-mxfp4 (several variants of one scenario can run in one call)")
-    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS),
+    parser.add_argument("--arms", nargs="+", type=arm_argument, default=list(DEFAULT_ARMS),
                         help="arm names (always_high, always_low, low+clip, low+zclip, static@K, random@K, gnmr@K / gnmr@P%%)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+    parser.add_argument("--lrs", nargs="+", type=positive_float, default=None,
                         help="learning-rate sweep: one task per (scenario, seed, LR) instead of the scenario's LR")
-    parser.add_argument("--deadline", type=float, default=None,
+    parser.add_argument("--deadline", type=positive_float, default=None,
                         help="seconds: start no task that cannot finish by then (estimated from finished "
                              "ones), stop running ones at the deadline, and report what finished")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="fp32, or bf16 autocast for the forward (default: the preset's)")
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's steps per run")
-    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda for full if available)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the preset's steps per run")
+    parser.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: the preset's)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker")
+    parser.add_argument("--device", type=parse_device, default=None,
+                        help="cpu / cuda (default: cuda for full if available)")
     parser.add_argument("--backend", default=None, choices=["eager", "aot_eager", "inductor"])
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="S.FIELD=VALUE",
                         help="override a scenario field, e.g. a.lr=3e-3 a.recipe=nvfp4")
@@ -888,18 +894,33 @@ def _select_scenarios(names: Sequence[str]) -> dict:
 
 
 def _apply_overrides(scenarios: dict, overrides: Sequence[str]) -> dict:
+    """Scenarios with ``--set S.FIELD=VALUE`` applied; a bad item raises InputError.
+
+    >>> _apply_overrides({"a": SCENARIOS["a"]}, ["a.lr=1e-3", "a.recipe=nvfp4"])["a"].lr
+    0.001
+    """
+    from gnmr_fx.arguments import InputError, positive_float, recipe_name, user_input
+    from gnmr_fx.config import GNMRConfig
+
+    fields = ("recipe", "lr", "pretrain_lr", "threshold", "delta_threshold")
     for item in overrides:
         try:
             lhs, value = item.split("=", 1)
             key, name = lhs.split(".", 1)
         except ValueError:
-            raise ValueError(f"--set expects S.FIELD=VALUE, e.g. a.lr=3e-3 (got {item!r})") from None
+            raise InputError(f"--set expects S.FIELD=VALUE, e.g. a.lr=3e-3 (got {item!r})") from None
         if key not in scenarios:
-            raise ValueError(f"--set {item!r}: scenario {key!r} is not selected ({sorted(scenarios)})")
-        if name not in ("recipe", "lr", "pretrain_lr", "threshold", "delta_threshold"):
-            raise ValueError(f"--set {item!r}: only recipe, lr, pretrain_lr, threshold and "
-                             "delta_threshold can be overridden")
-        v: Any = float(value) if name != "recipe" else value
+            raise InputError(f"--set {item!r}: scenario {key!r} is not selected ({sorted(scenarios)})")
+        if name not in fields:
+            raise InputError(f"--set {item!r}: only {', '.join(fields)} can be overridden")
+        with user_input(f"--set {item!r}"):
+            if name == "recipe":
+                v: Any = recipe_name(value)
+            elif name in ("lr", "pretrain_lr"):
+                v = positive_float(value)
+            else:  # thresholds: GNMRConfig says what range it takes
+                v = float(value)
+                GNMRConfig(**{name: v})
         scenarios[key] = dataclasses.replace(scenarios[key], **{name: v})
     return scenarios
 

@@ -16,12 +16,13 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from tabulate import tabulate
 
 import gnmr_fx
+from gnmr_fx.arguments import output_file, parse_max_o, positive_float, positive_int, recipe_name
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.benchmarks.data import fixed_windows, load_corpus, random_batch
 from gnmr_fx.models import GPTConfig, TinyGPT
@@ -35,27 +36,50 @@ class DemoConfig:
     batch_size: int = 16
     lr: float = 6e-3  # aggressive on purpose: low precision must be stressed
     recipe: str = "int4"
-    max_o: float = 0.1
+    max_o: Union[int, float] = 0.1  # as GNMRConfig.max_o: units (0 = no recovery) or a FLOP fraction
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
     model: GPTConfig = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DemoConfig.{name} must be an int >= 1 (got {value!r})")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"DemoConfig.lr must be a finite number > 0 (got {self.lr!r})")
+        # recipe and max_o: GNMRConfig's own checks, before any training starts.
+        GNMRConfig(recipe=self.recipe, max_o=self.max_o)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
-    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per arm (default {d.steps})")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"optimizer steps per arm (default {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--recipe", default=d.recipe, help=f"low-path recipe (default {d.recipe})")
-    p.add_argument("--max-o", type=float, default=d.max_o, help="GNMR budget (int count or fraction of FLOPs)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--log", default=None, help="telemetry JSONL of the gnmr arm (see gnmr-fx report)")
+    p.add_argument("--recipe", type=recipe_name, default=d.recipe, help=f"low-path recipe (default {d.recipe})")
+    p.add_argument("--max-o", type=parse_max_o, default=d.max_o,
+                   help=f"GNMR budget: an integer is a count of units (0: no recovery), a decimal or "
+                        f"percentage a fraction of the FLOPs (0.05 or 5%%; default {d.max_o})")
+    p.add_argument("--lr", type=positive_float, default=d.lr)
+    p.add_argument("--json", type=output_file, default=None, help="also write the results to this JSON file")
+    p.add_argument("--log", type=output_file, default=None,
+                   help="telemetry JSONL of the gnmr arm (see gnmr-fx report)")
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """The demo's config from parsed ``gnmr-fx demo`` flags.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> config_from_args(parser.parse_args(["--max-o", "0"])).max_o  # 0: no recovery
+    0
+    """
+    return DemoConfig(steps=args.steps, seed=args.seed, recipe=args.recipe, max_o=args.max_o, lr=args.lr)
 
 
 def run(args: argparse.Namespace) -> int:
-    max_o = int(args.max_o) if float(args.max_o).is_integer() and args.max_o >= 1 else float(args.max_o)
-    cfg = DemoConfig(steps=args.steps, seed=args.seed, recipe=args.recipe, max_o=max_o, lr=args.lr)
+    cfg = config_from_args(args)
     results = run_demo(cfg, log=args.log)
     print(format_results(results))
     if args.json:

@@ -2,8 +2,11 @@
 
 A SPEC is either one of the names in :data:`EXAMPLES` or
 ``package.module:factory``, where ``factory()`` returns
-``(model, example_inputs)``. Every example is small enough for a CPU and
-needs no download: the Hugging Face one is built from a config.
+``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``:
+the call the training loop makes, ``model(*example_inputs,
+**example_kwargs)`` (``example_inputs`` may also be a dict of keyword
+inputs). Every example is small enough for a CPU and needs no download: the
+Hugging Face one is built from a config.
 
 >>> model, inputs = load_spec("tiny_gpt")
 >>> type(model).__name__, tuple(inputs[0].shape)
@@ -13,10 +16,13 @@ needs no download: the Hugging Face one is built from a config.
 from __future__ import annotations
 
 import importlib
+import inspect as pyinspect
 import os
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+
+from gnmr_fx.arguments import InputError
 
 if TYPE_CHECKING:
     from gnmr_fx.config import GNMRConfig
@@ -70,7 +76,7 @@ def hf_gpt2() -> tuple[torch.nn.Module, tuple]:
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as e:  # optional: only this example needs it
-        raise ValueError("the hf_gpt2 example needs `transformers` (pip install transformers)") from e
+        raise InputError("the hf_gpt2 example needs `transformers` (pip install transformers)") from e
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=256,
                      bos_token_id=0, eos_token_id=0, use_cache=False)
     with torch.random.fork_rng():
@@ -87,34 +93,82 @@ EXAMPLES: dict[str, ExampleFactory] = {
 }
 
 
-def load_spec(spec: str, device: Optional[str] = None) -> tuple[torch.nn.Module, tuple]:
-    """Build ``(model, example_inputs)`` from a built-in name or ``module:factory``,
-    moved to ``device`` when one is given."""
+def load_example(spec: str, device: Optional[str] = None) -> tuple[torch.nn.Module, tuple, dict]:
+    """Build ``(model, args, kwargs)`` from a built-in name or ``module:factory``,
+    moved to ``device`` when one is given. A SPEC that names no factory, or a
+    factory that does not take zero arguments or does not return
+    ``(model, inputs[, kwargs])``, raises :class:`InputError`; an exception
+    raised inside the factory is the factory's own.
+
+    >>> model, args, kwargs = load_example("tiny_gpt")
+    >>> type(model).__name__, len(args), kwargs
+    ('TinyGPT', 1, {})
+    """
     if spec in EXAMPLES:
-        model, inputs = EXAMPLES[spec]()
+        factory = EXAMPLES[spec]
     elif ":" in spec:
-        mod_name, _, attr = spec.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"SPEC {spec!r}: cannot import module {mod_name!r} ({e})") from e
-        factory = getattr(mod, attr, None)
-        if not callable(factory):
-            raise ValueError(f"SPEC {spec!r}: {mod_name} has no callable {attr!r}")
-        model, inputs = factory()
+        factory = _factory(spec)
     else:
-        raise ValueError(
+        raise InputError(
             f"SPEC {spec!r} is neither a built-in example ({', '.join(EXAMPLES)}) "
             "nor 'package.module:factory'"
         )
+    made = factory()
+    shape = "(nn.Module, inputs) or (nn.Module, inputs, kwargs)"
+    if isinstance(made, torch.nn.Module):
+        raise InputError(f"SPEC {spec!r} gives a {type(made).__name__} without example inputs: "
+                         f"a SPEC names a factory that returns {shape}")
+    if not isinstance(made, (tuple, list)) or len(made) not in (2, 3):
+        raise InputError(f"SPEC {spec!r}: the factory must return {shape}, got {type(made).__name__}")
+    model, inputs, kwargs = made[0], made[1], (made[2] if len(made) == 3 else {})
     if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"SPEC {spec!r}: factory must return (nn.Module, inputs), got {type(model).__name__}")
-    if isinstance(inputs, torch.Tensor):
+        raise InputError(f"SPEC {spec!r}: the factory must return {shape}, got {type(model).__name__} as the model")
+    if isinstance(inputs, dict):
+        inputs, kwargs = (), {**inputs, **kwargs}
+    elif isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)) or not isinstance(kwargs, dict):
+        raise InputError(f"SPEC {spec!r}: the factory must return {shape}, got inputs of type "
+                         f"{type(inputs).__name__} and kwargs of type {type(kwargs).__name__}")
     if device is not None:
         model = model.to(device)
-        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    return model, tuple(inputs)
+        inputs = [x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs]
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return model, tuple(inputs), dict(kwargs)
+
+
+def load_spec(spec: str, device: Optional[str] = None) -> tuple[torch.nn.Module, tuple]:
+    """Build ``(model, example_inputs)`` from a built-in name or ``module:factory``,
+    moved to ``device`` when one is given; for commands that call the model
+    with positional inputs only (a SPEC with keyword inputs raises
+    :class:`InputError`; :func:`load_example` returns them)."""
+    model, inputs, kwargs = load_example(spec, device)
+    if kwargs:
+        raise InputError(f"SPEC {spec!r} gives keyword inputs ({', '.join(kwargs)}); this command passes "
+                         "positional inputs only (gnmr-fx inspect takes both)")
+    return model, inputs
+
+
+def _factory(spec: str) -> Callable[[], Any]:
+    """The zero-argument callable ``package.module:factory`` names."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InputError(f"SPEC {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise InputError(f"SPEC {spec!r}: {mod_name} has no callable {attr!r}")
+    try:
+        pyinspect.signature(factory).bind()
+    except TypeError:
+        raise InputError(
+            f"SPEC {spec!r}: {attr}{pyinspect.signature(factory)} needs arguments; a SPEC names a factory "
+            "that takes none and returns (model, example_inputs)"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (some builtins): calling it will tell
+    return factory
 
 
 # --------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
 Inspection compiles the model with a fresh runtime and the real GNMR
 backend (``rewrite_graph`` through ``compile_graph``, inner compiler
-``eager``), runs one forward pass, and reports every recoverable unit with
-its shapes, FLOPs, recipe, high path, plan and filter state, plus the graph
-breaks Dynamo took and the matmul-family ops it saw but could not recover.
+``eager``), runs one forward pass with the example inputs (positional and
+keyword, as the training loop calls the model), and reports every
+recoverable unit with its shapes, FLOPs, recipe, high path, plan and filter
+state, plus the graph breaks Dynamo took and the matmul-family ops it saw
+but could not recover. For a model already compiled with GNMR the plan is
+the live one: what its compiled graphs run next.
 
 It leaves the user's model as it was: no runtime is attached to it, RNG
 state is forked, buffers (e.g. BatchNorm statistics) are restored, the
@@ -26,10 +29,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from gnmr_fx.arguments import InputError, parse_device, parse_max_o, user_input
 from gnmr_fx.backends.compile_backend import compile_graph
-from gnmr_fx.config import GNMRConfig
+from gnmr_fx.config import POLICIES, GNMRConfig
 from gnmr_fx.passes.discover_units import normalize_source_path
-from gnmr_fx.runtime import GNMRRuntime
+from gnmr_fx.runtime import GNMRRuntime, runtime_of
 
 # Extra Dynamo cache entries inspection may add to a user function that
 # breaks its graph (the resumed frames are the user's own code objects).
@@ -82,7 +86,7 @@ def _rel(path: str) -> str:
 
 
 def _fresh_caller(tag: int) -> Any:
-    """``lambda model, *args: model(*args)`` on a code object of its own.
+    """``lambda model, *args, **kwargs: model(*args, **kwargs)`` on a code object of its own.
 
     Dynamo keeps compiled code per code object, and a code object holds at
     most ``recompile_limit`` entries across all backends. Compiling a new
@@ -90,8 +94,8 @@ def _fresh_caller(tag: int) -> Any:
     user's compiled entries for ``Model.forward``, however often it runs.
     """
 
-    def call(model: torch.nn.Module, *args: Any) -> Any:
-        return model(*args)
+    def call(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return model(*args, **kwargs)
 
     code = call.__code__.replace(co_name=f"gnmr_capture_{tag}")
     return types.FunctionType(code, call.__globals__, code.co_name)
@@ -109,6 +113,30 @@ def as_inputs(example_inputs: Any) -> tuple:
     return tuple(example_inputs)
 
 
+def as_call(example_inputs: Any, example_kwargs: Optional[dict] = None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the example call ``model(*args, **kwargs)``.
+
+    ``example_inputs`` is a tuple of positional inputs, a lone tensor, or a
+    dict of keyword inputs (``dict(input_ids=ids, labels=ids)``);
+    ``example_kwargs`` adds keyword inputs to positional ones.
+
+    >>> as_call({"input_ids": 1, "labels": 2})
+    ((), {'input_ids': 1, 'labels': 2})
+    """
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = as_inputs(example_inputs), {}
+    if example_kwargs is not None:
+        if not isinstance(example_kwargs, dict):
+            raise TypeError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+        twice = sorted(set(kwargs) & set(example_kwargs))
+        if twice:
+            raise TypeError(f"keyword inputs given twice (in example_inputs and example_kwargs): {twice}")
+        kwargs.update(example_kwargs)
+    return args, kwargs
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user's module behind a ``torch.compile`` wrapper."""
     inner = getattr(model, "_orig_mod", None)
@@ -118,7 +146,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 @contextlib.contextmanager
 def untouched(model: torch.nn.Module, example_inputs: Sequence) -> Iterator[None]:
     """Run a forward pass that leaves RNG state and buffers as they were."""
-    devices = sorted({x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    devices = sorted({x.device.index or 0 for x in tensors if x.is_cuda})
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     with torch.random.fork_rng(devices=devices):
         try:
@@ -132,12 +161,14 @@ def untouched(model: torch.nn.Module, example_inputs: Sequence) -> Iterator[None
 
 def capture(
     model: torch.nn.Module,
-    example_inputs: Sequence,
+    example_inputs: Any,
     config: GNMRConfig,
     *,
+    example_kwargs: Optional[dict] = None,
     keep_inputs: bool = False,
 ) -> GNMRRuntime:
-    """Compile ``model`` with a private GNMR runtime and run one forward.
+    """Compile ``model`` with a private GNMR runtime and run one forward,
+    ``model(*example_inputs, **example_kwargs)`` (see :func:`as_call`).
 
     Returns the runtime: its ``units`` and ``records`` (original and
     rewritten graph of every captured graph). ``keep_inputs`` keeps the
@@ -150,15 +181,16 @@ def capture(
     (['weight'], 1)
     """
     root = unwrap(model)
-    example_inputs = as_inputs(example_inputs)
+    args, kwargs = as_call(example_inputs, example_kwargs)
     rt = GNMRRuntime(config, root)
     _TAG[0] += 1
     fn = torch.compile(_fresh_caller(_TAG[0]), backend=_RecordingBackend(rt, keep_inputs), dynamic=False)
     limit = torch._dynamo.config.recompile_limit + _RECOMPILE_HEADROOM
-    with torch._dynamo.config.patch(recompile_limit=limit), untouched(root, example_inputs), torch.no_grad():
-        fn(root, *example_inputs)
+    inputs = (*args, *kwargs.values())
+    with torch._dynamo.config.patch(recompile_limit=limit), untouched(root, inputs), torch.no_grad():
+        fn(root, *args, **kwargs)
     if not rt.records:
-        raise ValueError(
+        raise InputError(
             "Dynamo captured no graph from this model (is its forward empty, or "
             "disabled with torch.compiler.disable?)"
         )
@@ -278,15 +310,24 @@ def _si(n: float) -> str:
 
 def inspect(
     model: torch.nn.Module,
-    example_inputs: Sequence,
+    example_inputs: Any,
     config: Optional[GNMRConfig] = None,
+    *,
+    example_kwargs: Optional[dict] = None,
 ) -> InspectResult:
     """List the recoverable units of ``model`` and how GNMR would treat them.
 
+    The model runs once as ``model(*example_inputs, **example_kwargs)``: call
+    it as the training loop does (e.g. a Hugging Face model with ``labels=``),
+    or Dynamo may capture other graphs and breaks than training takes.
+    ``example_inputs`` may also be a dict of keyword inputs.
+
     ``config`` defaults to the config the model was compiled with (if it was)
-    or ``GNMRConfig()``. When the model already has a GNMR runtime, each
-    unit's plan is read from its controller; otherwise it is the initial plan.
-    A unit-filter pattern that matches no unit raises ``ValueError``.
+    or ``GNMRConfig()``. When the model already has a GNMR runtime (also
+    through a ``torch.compile`` or DDP wrapper), each unit's plan is the live
+    one: what its compiled graphs run next, after ``set_plan`` or controller
+    steps. Otherwise it is the initial plan. A unit-filter pattern that
+    matches no unit raises ``ValueError``.
 
     >>> import torch, gnmr_fx
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
@@ -296,20 +337,25 @@ def inspect(
     >>> res.graphs, len(res.graph_breaks)
     (1, 0)
     """
-    root = unwrap(model)
-    live = root.__dict__.get("_gnmr_runtime")
+    live = _live_runtime(model)
+    # The module the runtime belongs to (inside a DDP or torch.compile
+    # wrapper), so that units get the names the runtime gave them.
+    root = live.root if live is not None else unwrap(model)
     if config is None:
         config = live.config if live is not None else GNMRConfig()
     if not isinstance(config, GNMRConfig):
         raise TypeError(f"config must be a GNMRConfig, got {type(config).__name__}")
-    rt = capture(root, example_inputs, config)
-    rt.check_filter()
+    rt = capture(root, example_inputs, config, example_kwargs=example_kwargs)
+    with user_input():  # a filter pattern that matches no unit
+        rt.check_filter()
 
+    plan = dict(zip(rt.controller.names, rt.controller.plan.detach().cpu().tolist()))
     if live is not None and live.controller.num_units:
-        ctl, plan_source = live.controller, f"controller of the compiled model at step {live.controller.step}"
+        # Units the compiled model has not run yet keep the initial plan.
+        plan.update(_live_plan(live))
+        plan_source = f"controller of the compiled model at step {live.controller.step} (its graphs' live plan)"
     else:
-        ctl, plan_source = rt.controller, "initial (the model has no GNMR runtime yet)"
-    plan = dict(zip(ctl.names, ctl.plan.detach().cpu().tolist()))
+        plan_source = "initial (the model has no GNMR runtime yet)"
 
     graph_of = {}
     for rec in rt.records:
@@ -339,32 +385,47 @@ def inspect(
     )
 
 
+def _live_runtime(model: torch.nn.Module) -> Optional[GNMRRuntime]:
+    """The GNMR runtime the model was compiled with, if any (as ``gnmr_fx.runtime``)."""
+    try:
+        rt = runtime_of(model)
+    except ValueError:
+        return None
+    return rt if rt.root is not None else None
+
+
+def _live_plan(rt: GNMRRuntime) -> dict[str, bool]:
+    """Unit name -> high, read from the plan buffers the compiled graphs run
+    (the ones ``set_plan`` and every controller step write)."""
+    names = rt.controller.names
+    plan: dict[str, bool] = {}
+    for rec in rt.records:
+        if rec.plan is None or rec.unit_ids is None:
+            continue
+        for row, high in zip(rec.unit_ids.tolist(), rec.plan.detach().cpu().tolist()):
+            plan[names[row]] = bool(high)
+    return plan
+
+
 # --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
 
 
-def parse_max_o(text: str) -> Any:
-    """``"2"`` -> 2 units; ``"0.1"`` -> a FLOPs fraction (as GNMRConfig.max_o)."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--max-o must be an int or a float, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="SPEC",
-                        help="built-in example (tiny_gpt, tiny_gpt_graph_break, hf_gpt2) or package.module:factory")
+                        help="built-in example (tiny_gpt, tiny_gpt_graph_break, hf_gpt2) or package.module:factory; "
+                             "factory() returns (model, args) or (model, args, kwargs), the call training makes")
     parser.add_argument("--recipe", default=None, help="low-path recipe (default: the GNMRConfig default)")
-    parser.add_argument("--max-o", type=parse_max_o, default=None, help="budget: int units or float FLOPs fraction")
-    parser.add_argument("--policy", default=None, help="gnmr, always_low or always_high")
+    parser.add_argument("--max-o", type=parse_max_o, default=None,
+                        help="budget: an integer is a count of units (0: no recovery), "
+                             "a decimal or percentage a fraction of the FLOPs (0.05 or 5%%)")
+    parser.add_argument("--policy", default=None, choices=POLICIES)
     parser.add_argument("--filter", dest="filters", action="extend", nargs="+", default=None, metavar="PATTERN",
                         help="unit filter: fnmatch patterns on unit names (each must match a unit)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
-    parser.add_argument("--device", default=None, help="move the model and inputs here first (e.g. cuda)")
+    parser.add_argument("--device", type=parse_device, default=None,
+                        help="move the model and inputs here first (e.g. cuda)")
 
 
 def config_from_args(args: argparse.Namespace) -> GNMRConfig:
@@ -381,15 +442,13 @@ def config_from_args(args: argparse.Namespace) -> GNMRConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from gnmr_fx.examples import load_spec
+    from gnmr_fx.examples import load_example
 
+    # The SPEC first: its module may register the recipe --recipe names.
+    model, inputs, kwargs = load_example(args.spec, args.device)
+    with user_input():
         config = config_from_args(args)
-        model, inputs = load_spec(args.spec, args.device)
-        result = inspect(model, inputs, config)
-    except ValueError as e:
-        print(f"gnmr-fx inspect: error: {e}", file=sys.stderr)
-        return 2
+    result = inspect(model, inputs, config, example_kwargs=kwargs)
     print_or_quit(result.to_json() if args.format == "json" else result.table())
     return 0
 

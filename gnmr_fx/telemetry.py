@@ -31,6 +31,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from gnmr_fx.arguments import InputError, positive_int
+
 _VECTORS = ("norm", "gnmr", "delta_gnmr")
 _MASKS = ("plan", "triggered", "denied")
 
@@ -261,7 +263,15 @@ def load_run(path: str) -> Run:
     """Parse a telemetry file.
 
     A file appended to by several runs keeps only the last one, unless the
-    later run resumes the step count (a restart from a checkpoint).
+    later run resumes the step count (a restart from a checkpoint): a run
+    that starts at step ``s`` replaces the lines from step ``s`` on.
+
+    A line that is not complete JSON (a run that stopped mid-write leaves
+    one, and a restart appends to it) is dropped and its number kept in
+    ``run.extra["dropped_lines"]``; a complete line that a restart appended
+    to such a fragment is still read. A JSON line that is not telemetry, or
+    a file with no complete step line, raises
+    :class:`~gnmr_fx.arguments.InputError` (a ``ValueError``).
 
     >>> import os, tempfile, torch
     >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
@@ -278,26 +288,41 @@ def load_run(path: str) -> Run:
     """
     headers: list[dict] = []
     rows: list[tuple[dict, dict]] = []
-    with open(path, encoding="utf-8") as f:
+    dropped: list[int] = []
+    # errors="replace": a write cut inside a character must not hide the lines before it.
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            obj, whole = _complete_json(line)
+            if not whole:
+                dropped.append(n)  # the fragment of a write that stopped
+                if obj is None:
+                    continue
+            if not isinstance(obj, dict):
+                raise InputError(f"{path}:{n}: not a telemetry line (a JSON {type(obj).__name__}, "
+                                 "expected an object)")
             if obj.get("header"):
+                _check_header(obj, path, n)
                 headers.append(obj)
                 continue
             if not headers:
-                raise ValueError(f"{path}:{n}: step line before any header line")
+                raise InputError(f"{path}:{n}: step line before any header line")
+            _check_step(obj, headers[-1], path, n)
             if rows and obj["step"] <= rows[-1][1]["step"]:
-                rows = []  # a new run appended to the same file
+                # A later run appended to the same file replaces the steps it
+                # redoes: all of them for a fresh run, those after its
+                # checkpoint for a restart.
+                rows = [r for r in rows if r[1]["step"] < obj["step"]]
             rows.append((headers[-1], obj))
     if not rows:
-        raise ValueError(f"{path}: no step lines (did the run flush? call gnmr_fx.runtime(model).flush())")
-    units = list(rows[-1][0]["units"])
+        cut = f" ({len(dropped)} line(s) not complete JSON)" if dropped else ""
+        raise InputError(f"{path}: no complete step line{cut} (is it a telemetry file? did the run flush? "
+                         "call gnmr_fx.runtime(model).flush())")
+    # Every unit of the rows' headers, in order of appearance (units join
+    # mid-run; a restart may bring other ones).
+    units = list(dict.fromkeys(u for hdr in {id(h): h for h, _ in rows}.values() for u in hdr["units"]))
     index = {u: i for i, u in enumerate(units)}
     s, n = len(rows), len(units)
     mats = {k: np.full((s, n), np.nan) for k in _VECTORS}
@@ -317,8 +342,57 @@ def load_run(path: str) -> Run:
         units=units, steps=np.array([r["step"] for _, r in rows]), **mats, **masks,
         budget_used=np.array([r["budget_used"] for _, r in rows], dtype=float),
         budget=np.array([r["budget"] for _, r in rows], dtype=float),
-        metrics=metrics, header=rows[-1][0],
+        metrics=metrics, header=rows[-1][0], extra={"dropped_lines": dropped},
     )
+
+
+def _complete_json(line: str) -> tuple[Any, bool]:
+    """``(value, True)`` for a JSON line; ``(value, False)`` for the complete
+    line a restart appended to a fragment (``{"step": 41, "no{"header": ...}``);
+    ``(None, False)`` for a fragment alone."""
+    try:
+        return json.loads(line), True
+    except json.JSONDecodeError:
+        pass
+    # Telemetry lines are flat objects: a "{" after the first starts a new line.
+    start = line.find("{", 1)
+    while start != -1:
+        try:
+            return json.loads(line[start:]), False
+        except json.JSONDecodeError:
+            start = line.find("{", start + 1)
+    return None, False
+
+
+def _is_number(v: Any) -> bool:
+    # What _json_float writes: a number, null (did not run) or a non-finite string.
+    return v is None or v in ("inf", "-inf", "nan") or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _check_header(obj: dict, path: str, n: int) -> None:
+    units = obj.get("units")
+    if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
+        raise InputError(f"{path}:{n}: header line without a list of unit names")
+
+
+def _check_step(obj: dict, header: dict, path: str, n: int) -> None:
+    units = header["units"]
+    problem = None
+    missing = [k for k in ("step", "budget_used", "budget", *_VECTORS, *_MASKS) if k not in obj]
+    if missing:
+        problem = f"has no {', '.join(missing)}"
+    elif not isinstance(obj["step"], int):
+        problem = f"has step {obj['step']!r}, not an integer"
+    elif any(not isinstance(obj[k], list) or len(obj[k]) != len(units) for k in _VECTORS):
+        problem = f"does not have one {'/'.join(_VECTORS)} value per unit of its header ({len(units)})"
+    elif not all(_is_number(v) for k in _VECTORS for v in obj[k]) or not all(
+            _is_number(obj[k]) and obj[k] is not None for k in ("budget", "budget_used")):
+        problem = "has a value that is not a number"
+    elif any(not isinstance(obj[k], list) or not all(isinstance(u, str) and u in units for u in obj[k])
+             for k in _MASKS):
+        problem = f"names units in {'/'.join(_MASKS)} that its header does not have"
+    if problem:
+        raise InputError(f"{path}:{n}: step line {problem}")
 
 
 def summarize(run: Run, top: int = 10) -> str:
@@ -376,7 +450,7 @@ def plot(run: Run, out_dir: str, top: int = 4) -> list[str]:
     try:
         import matplotlib
     except ImportError as e:
-        raise ValueError("gnmr-fx report needs matplotlib for plots (pip install 'gnmr-fx[plot]')") from e
+        raise InputError("plots need matplotlib (pip install 'gnmr-fx[plot]'), or pass --no-plots") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -500,19 +574,22 @@ def _save(fig: Any, out_dir: str, name: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_file", metavar="RUN.jsonl", help="telemetry file written by gnmr_fx.compile(..., log=PATH)")
     parser.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs (default: RUN_report/)")
-    parser.add_argument("--top", type=int, default=10, help="units in the summary table")
+    parser.add_argument("--top", type=positive_int, default=10, help="units in the summary table")
     parser.add_argument("--no-plots", action="store_true", help="print the summary only")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        r = load_run(args.run_file)
-        print(summarize(r, top=args.top))
-        if not args.no_plots:
-            out = args.out or os.path.splitext(args.run_file)[0] + "_report"
-            for p in plot(r, out):
-                print(f"wrote {p}")
-    except (OSError, ValueError, KeyError) as e:
-        print(f"gnmr-fx report: error: {e}", file=sys.stderr)
-        return 2
+    # Bad input (a missing file, a line that is not telemetry) raises an
+    # InputError or a file error, which gnmr-fx prints as one line (exit 2).
+    r = load_run(args.run_file)
+    dropped = r.extra["dropped_lines"]
+    if dropped:
+        where = ", ".join(map(str, dropped[:5])) + (" ..." if len(dropped) > 5 else "")
+        print(f"gnmr-fx report: warning: dropped {len(dropped)} incomplete line(s) of {args.run_file} "
+              f"(line {where}: not complete JSON, as a run that stopped mid-write leaves)", file=sys.stderr)
+    print(summarize(r, top=args.top))
+    if not args.no_plots:
+        out = args.out or os.path.splitext(args.run_file)[0] + "_report"
+        for p in plot(r, out):
+            print(f"wrote {p}")
     return 0

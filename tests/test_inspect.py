@@ -118,3 +118,115 @@ class TestInspectCLI:
     def test_bad_spec(self, capsys):
         assert cli(["inspect", "no_such_example"]) == 2
         assert "neither a built-in example" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# Inspect what training runs: keyword inputs, and the live plan
+# --------------------------------------------------------------------------
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=128, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def test_hf_gpt2_with_labels_inspects_as_it_trains():
+    # GPT-2 called with labels= computes its loss after a graph break (a
+    # logger call): two graphs, where input_ids alone give one.
+    model, ids = _tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compiled = gnmr_fx.compile(model, gnmr_fx.GNMRConfig(recipe="int8", max_o=2), backend="eager", optimizer=opt)
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    rt = gnmr_fx.runtime(compiled)
+    trained_breaks = set(torch._dynamo.utils.counters["graph_break"])  # distinct break sites
+    plan = torch.zeros(13, dtype=torch.bool)
+    plan[[0, 3]] = True
+    rt.set_plan(plan)
+
+    res = gnmr_fx.inspect(compiled, (), example_kwargs=dict(input_ids=ids, labels=ids))
+    assert (res.graphs, len(res.graph_breaks)) == (len(rt.records), len(trained_breaks)) == (2, 1)
+    assert res.names == rt.unit_names and len(res.names) == 13
+    assert [u.name for u in res.units if u.plan == "high"] == ["transformer.h.0.attn.c_attn",
+                                                              "transformer.h.0.attn.c_proj"]
+    assert res.plan_source.startswith("controller of the compiled model at step 1")
+    positional = gnmr_fx.inspect(compiled, (ids,))  # what inspect saw before it took keywords
+    assert (positional.graphs, len(positional.graph_breaks)) == (1, 0)
+
+
+def test_live_plan_follows_set_plan_and_controller_steps():
+    model, inputs = load_spec("tiny_gpt")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    compiled = gnmr_fx.compile(model, gnmr_fx.GNMRConfig(recipe="int8", max_o=2), backend="eager", optimizer=opt)
+    rt = gnmr_fx.runtime(compiled)
+
+    def high():
+        return [u.name for u in gnmr_fx.inspect(compiled, dict(idx=inputs[0])).units if u.plan == "high"]
+
+    compiled(*inputs).square().mean().backward()
+    opt.step()
+    assert high() == []  # step 1: warm-up, nothing triggers
+    plan = torch.zeros(13, dtype=torch.bool)
+    plan[[4, 12]] = True
+    rt.set_plan(plan)
+    assert high() == ["blocks.0.fc", "head"]
+    compiled(*inputs).square().mean().backward()
+    opt.step()  # the controller decides again: no unit holds a lock, so all go low
+    assert high() == [] and not rt.controller.plan.any()
+
+
+def test_live_plan_through_a_ddp_wrapper():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model, inputs = load_spec("tiny_gpt")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        compiled = gnmr_fx.compile(ddp, gnmr_fx.GNMRConfig(recipe="int8", max_o=2), backend="eager",
+                                   example_inputs=inputs)
+        plan = torch.zeros(13, dtype=torch.bool)
+        plan[[4, 12]] = True
+        gnmr_fx.runtime(compiled).set_plan(plan)
+        for wrapped in (compiled, ddp):
+            res = gnmr_fx.inspect(wrapped, inputs)
+            assert res.names == TINY_UNITS  # the runtime's names, no "module." prefix
+            assert [u.name for u in res.units if u.plan == "high"] == ["blocks.0.fc", "head"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cli_passes_the_keyword_inputs_a_spec_gives(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    (tmp_path / "gnmr_gpt2_spec.py").write_text(
+        "import torch, transformers\n"
+        "def make():\n"
+        "    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16,\n"
+        "                                  bos_token_id=0, eos_token_id=0, attn_implementation='eager')\n"
+        "    ids = torch.randint(0, 64, (1, 8))\n"
+        "    return transformers.GPT2LMHeadModel(cfg), (ids,), {'labels': ids}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli(["inspect", "gnmr_gpt2_spec:make", "--format", "json"]) == 0
+    totals = json.loads(capsys.readouterr().out)["totals"]
+    assert (totals["graphs"], totals["graph_breaks"], totals["units"]) == (2, 1, 7)
+
+
+def test_inspection_doctests():
+    import doctest
+
+    import gnmr_fx.examples
+    import gnmr_fx.inspection
+
+    for mod in (gnmr_fx.inspection, gnmr_fx.examples):
+        assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0, mod.__name__
