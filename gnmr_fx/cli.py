@@ -30,6 +30,7 @@ BENCHMARKS = {
     "perf": ("gnmr_fx.benchmarks.perf", "throughput of bf16 / fp8 / fp8+GNMR (GPU)"),
     "stability": ("gnmr_fx.benchmarks.stability", "does GNMR keep low-precision training on track"),
     "overhead": ("gnmr_fx.benchmarks.overhead", "controller cost per step vs number of units (CPU)"),
+    "regimes": ("gnmr_fx.benchmarks.regime_table", "regime-search table from committed GPU stability results"),
 }
 # OS errors about a path the user gave (a missing input, an unwritable --out):
 # the user's to fix, so one line. Other OS errors are left to show a traceback.

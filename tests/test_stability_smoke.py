@@ -137,3 +137,29 @@ def test_split_is_fixed_and_disjoint():
 def test_doctests():
     for mod in (stability, arms, data):
         assert doctest.testmod(mod).failed == 0
+
+
+def test_regime_table_counts_only_healthy_high_and_clear_low_gap(tmp_path):
+    import gzip
+    import json
+
+    from gnmr_fx.benchmarks import regime_table
+
+    def run(arm, seed, lr, val, diverged=False):
+        return {"arm": arm, "seed": seed, "lr": lr, "final_val": val, "diverged": diverged, "flop_high_pct": 0.0}
+
+    runs = [run("always_high", 0, 1e-3, 1.00), run("always_low", 0, 1e-3, 1.05),   # counts: +5%
+            run("always_high", 0, 3e-3, 1.50), run("always_low", 0, 3e-3, 1.80),   # high unhealthy
+            run("always_high", 0, 1e-4, 1.05), run("always_low", 0, 1e-4, 1.06),   # +0.95%: no
+            run("always_high", 1, 1e-4, 1.05), run("always_low", 1, 1e-4, None, True)]  # a divergence
+    doc = {"meta": {"date_utc": "today"},
+           "scenarios": {"x": {"config": {"key": "x"}, "runs": runs}}}
+    (tmp_path / "r").mkdir()
+    with gzip.open(tmp_path / "r" / "results.json.gz", "wt") as f:
+        json.dump(doc, f)
+    rows = regime_table.regime_rows(regime_table.load_runs([str(tmp_path / "r")]), 3.0, 10.0)
+    got = {r["lr"]: (r["healthy"], r["counts"]) for r in rows}
+    assert got == {1e-4: (True, True), 1e-3: (True, True), 3e-3: (False, False)}
+    assert rows[1]["low_gap"] == pytest.approx(5.0)
+    assert "1 diverged" in regime_table.format_rows(rows)
+    assert regime_table.load_runs([str(tmp_path / "r")], ("r:x",)) == []
