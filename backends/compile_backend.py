@@ -27,6 +27,7 @@ from gnmr_fx.passes.insert_grad_stats import PROBE
 from gnmr_fx.runtime import GNMRRuntime, GraphRecord
 
 COMPILERS = ("inductor", "aot_eager", "eager")
+_FAKE = torch._subclasses.fake_tensor.FakeTensor
 GNMR_STATE = (PROBE, PLAN, PLAN_HOST)  # tensors the passes add to a graph
 
 
@@ -146,7 +147,8 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     inputs; :class:`InstanceDispatch` supplies those of the module instance
     whose parameters it is called with.
     """
-    record = rewrite_graph(runtime, gm, example_inputs)
+    real = _real_inputs(gm, example_inputs)
+    record = rewrite_graph(runtime, gm, real)
     record.compiler = compiler
     runtime.add_record(record)
     exec_gm, names = _lift_state(record.rewritten)
@@ -164,7 +166,28 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
         compiled = compile_fx(exec_gm, inputs)
     if not names:
         return compiled
-    return InstanceDispatch(runtime, record, compiled, names, example_inputs)
+    return InstanceDispatch(runtime, record, compiled, names, real)
+
+
+def _real_inputs(gm: torch.fx.GraphModule, example_inputs: list) -> list:
+    """The example inputs, each fake tensor replaced by the real one Dynamo took it from, where known.
+
+    DDPOptimizer (``torch._dynamo.config.optimize_ddp``) splits a graph at
+    DDP's gradient-bucket boundaries and compiles each piece with fake
+    inputs. Parameters are known by identity (names, module instances), so
+    they must be the real ones; the pieces' placeholders keep Dynamo's
+    ``grapharg``, which holds them.
+    """
+    out = []
+    for ph, x in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if isinstance(x, _FAKE):
+            grapharg = ph.meta.get("grapharg")
+            real = getattr(grapharg, "_example", None)  # a weak reference; None once Dynamo erased it
+            real = real() if callable(real) else real
+            if isinstance(real, torch.Tensor) and not isinstance(real, _FAKE):
+                x = real
+        out.append(x)
+    return out
 
 
 class InstanceDispatch:
@@ -186,7 +209,10 @@ class InstanceDispatch:
         self.compiled = compiled
         self.names = names
         self.param_pos = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
-        self.instances = {self._key(example_inputs): record}
+        fake = any(isinstance(example_inputs[i], _FAKE) for i in self.param_pos)
+        # Compiled from fake parameters (a DDPOptimizer piece whose real ones
+        # were not recoverable): the first real call is the instance it names.
+        self.instances = {} if fake else {self._key(example_inputs): record}
 
     def _key(self, args: Any) -> tuple:
         return tuple(id(args[i]) for i in self.param_pos)
@@ -199,7 +225,14 @@ class InstanceDispatch:
             args = args[0]
         record = self.instances.get(self._key(args))
         if record is None:
-            record = self._new_instance(args)
+            # DDPOptimizer runs the compiled pieces on fake tensors at compile
+            # time, to propagate shapes: no module instance is involved.
+            if any(isinstance(args[i], _FAKE) for i in self.param_pos):
+                record = self.template
+            elif not self.instances:
+                record = self.instances[self._key(args)] = self.template
+            else:
+                record = self._new_instance(args)
         extra = [record.state[n] for n in self.names]
         if boxed:
             inputs = list(args) + extra
