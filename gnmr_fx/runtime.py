@@ -26,6 +26,8 @@ from gnmr_fx.controller import GNMRController
 from gnmr_fx.passes.discover_units import UnitSite
 
 _STATE_PREFIX = "_gnmr."
+# Modules whose weights feed lookups or ops that are never units.
+_NOT_MATMUL_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.conv._ConvNd)
 # GNMRConfig fields the passes bake into the graphs (the rest only steer the controller).
 _COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate")
 
@@ -292,19 +294,24 @@ class GNMRRuntime:
         return None
 
     def uncovered_weights(self) -> list[tuple[str, tuple]]:
-        """Floating-point weights (2-D and up) of the model that no captured graph takes.
+        """Matmul weights of the model that no captured graph takes.
 
         The code that uses them ran outside Dynamo's graphs (a frame Dynamo
         skipped, e.g. after a graph break inside a loop), so their matmuls
-        are not units.
+        are not units. Matmul weights: floating-point 2-D (``[N, K]``) and
+        3-D (a stack of experts) parameters, except those of embeddings and
+        convolutions (lookups and ops GNMR does not recover anyway).
         """
         root = self.root
         if root is None or not self.records:
             return []
         seen = set().union(*(r.params for r in self.records))
         scopes = self._scopes
+        skip = {f"{m_name}.{p_name}" if m_name else p_name
+                for m_name, m in root.named_modules() if isinstance(m, _NOT_MATMUL_MODULES)
+                for p_name, _ in m.named_parameters(recurse=False)}
         return [(name, tuple(p.shape)) for name, p in root.named_parameters()
-                if p.dim() >= 2 and p.is_floating_point() and name not in seen
+                if p.dim() in (2, 3) and p.is_floating_point() and name not in seen and name not in skip
                 and (scopes is None or any(name.startswith(f + ".") for f in scopes))]
 
     def _uncovered_message(self, uncovered: list[tuple[str, tuple]]) -> str:
