@@ -97,7 +97,18 @@ class CompiledCall:
         self.fn = fn
         self.forward = forward  # the module's own forward, as compiled
 
+    def __deepcopy__(self, memo: dict) -> Callable:
+        # A copy of a compiled module is an uncompiled module: its forward is
+        # the one this module had before compiling, bound to the copy (the
+        # copy is in the memo before its attributes are copied).
+        return copy.deepcopy(self.forward, memo)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # Traced by an enclosing torch.compile (gnmr_fx.inspect's capture):
+            # the forward is inlined into its graph, as Dynamo does with any
+            # nested compiled function.
+            return self.forward(*args, **kwargs)
         cfg = torch._dynamo.config
         prior = cfg.fail_on_recompile_limit_hit
         # suppress_errors (the user's explicit choice of eager fallbacks) and
@@ -115,9 +126,7 @@ class CompiledCall:
             ) from e
         finally:
             cfg.fail_on_recompile_limit_hit = prior
-        rt = self.runtime
-        if not rt._active_checked:
-            rt.note_call(out)
+        self.runtime.note_call(out)
         return out
 
 

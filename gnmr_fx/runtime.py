@@ -225,10 +225,10 @@ class GNMRRuntime:
         from the probes' gradient hooks; a model with no unit has no probe,
         so the first output that requires grad gets a one-shot hook instead.
         """
-        self._calls += 1
-        if self._active_checked or self._optimizer_hook is not None or self._backward_hooks:
+        if self._active_checked:
             return
-        if self._inactive_hook is not None:
+        self._calls += 1
+        if self._optimizer_hook is not None or self._backward_hooks or self._inactive_hook is not None:
             return
         leaves = [t for t in torch.utils._pytree.tree_leaves(output)
                   if isinstance(t, torch.Tensor) and t.requires_grad]

@@ -80,7 +80,7 @@ def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.Gra
 
     >>> import torch, torch.nn.functional as F
     >>> def f(x, w):
-    ...     return F.linear(x, w) @ x.t()
+    ...     return F.linear(x, w) @ w
     >>> from torch.fx.passes.shape_prop import ShapeProp
     >>> gm = torch.fx.symbolic_trace(f)
     >>> _ = ShapeProp(gm).propagate(torch.randn(4, 8), torch.randn(3, 8))

@@ -9,6 +9,7 @@ error at the first optimizer step, or the end of the first backward).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import warnings
@@ -259,3 +260,29 @@ class TestActiveCheck:
         assert not [w for w in caught if "GNMR" in str(w.message)]
         assert gnmr_fx.runtime(m).uncovered_weights() == []
         assert gnmr_fx.controller(m).step == 1
+
+
+def test_a_copy_of_a_compiled_model_runs_uncompiled():
+    # The model is compiled in place (its forward): a deep copy must neither
+    # run nor record into the original's graphs and runtime.
+    model = TinyGPT(TINY)
+    ref = copy.deepcopy(model)
+    m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", policy="always_low"), backend="eager")
+    idx = torch.randint(0, 256, (2, 8))
+    m(idx, idx).backward()
+    rt = gnmr_fx.runtime(m)
+    clone = copy.deepcopy(model)
+    assert clone.forward.__self__ is clone
+    assert torch.equal(clone(idx, idx), ref(idx, idx))  # fp32, not the int8 low path
+    assert not torch.equal(model(idx, idx), ref(idx, idx))
+    assert len(rt.records) == 1 and rt.controller.step == 1
+
+
+@pytest.mark.parametrize("module", ["gnmr_fx.passes.ops", "gnmr_fx.passes.discover_units", "gnmr_fx.api",
+                                    "gnmr_fx.runtime", "gnmr_fx.backends.paths"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 1 and result.failed == 0
