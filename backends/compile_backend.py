@@ -404,29 +404,39 @@ def _frame_root(gm: torch.fx.GraphModule, example_inputs: list) -> Optional[torc
     Candidates are the frame variables the parameters' sources start from
     (``L['self']``, or ``L['args'][0]`` when a decorator wraps ``forward`` as
     ``wrapper(*args, **kwargs)``, as transformers does) and the modules among
-    the frame's variables. A DDP wrapper's model is the module it wraps.
+    the frame's variables. A module owns a parameter by identity or, for
+    parameters swapped in by FSDP2 (the unsharded ones), by the path its
+    source names below the module. A DDP wrapper's model is the module it
+    wraps.
     """
     tx = _current_tx()
     if tx is None:
         return None
-    params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+    params, paths = [], []
     candidates = _frame_modules()
     for ph, x in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
         source = getattr(ph.meta.get("grapharg"), "source", None)
-        if isinstance(x, torch.nn.Parameter) and source is not None:
-            obj = _frame_variable(tx, split_source_path(source.name)[0])
-            if isinstance(obj, torch.nn.Module) and all(obj is not c for c in candidates):
-                candidates.append(obj)
+        if not isinstance(x, torch.nn.Parameter):
+            continue
+        params.append(x)
+        if source is not None:
+            root, rel = split_source_path(source.name)
+            obj = _frame_variable(tx, root)
+            if isinstance(obj, torch.nn.Module):
+                paths.append((obj, ".".join(rel)))
+                if all(obj is not c for c in candidates):
+                    candidates.append(obj)
     owners = []
     for m in candidates:
-        if isinstance(m, torch.nn.parallel.DistributedDataParallel):
-            m = m.module
-        ids = {id(p) for _, p in m.named_parameters(remove_duplicate=False)}
-        if all(id(p) in ids for p in params):
-            owners.append((len(ids), len(list(m.modules())), m))
+        names = dict(m.named_parameters(remove_duplicate=False))
+        ids = {id(p) for p in names.values()}
+        by_path = len(paths) == len(params) and all(o is m and rel in names for o, rel in paths)
+        if by_path or all(id(p) in ids for p in params):
+            owners.append((len(ids), len(names), m))
     if not owners:
         return None
-    return max(owners, key=lambda t: (t[0], t[1]))[2]
+    root = max(owners, key=lambda t: t[:2])[2]
+    return root.module if isinstance(root, torch.nn.parallel.DistributedDataParallel) else root
 
 
 def _source_path(ph: torch.fx.Node) -> Optional[str]:
