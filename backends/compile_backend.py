@@ -10,7 +10,9 @@ with the root model known up front, through :func:`compile_module`.
 from __future__ import annotations
 
 import copy
+import itertools
 import re
+import types
 import weakref
 from typing import Any, Callable, Optional
 
@@ -64,10 +66,15 @@ def compile_module(module: torch.nn.Module, backend: GNMRBackend) -> "CompiledCa
     * The hooks run outside the compiled frame: the graph break they cause
       would, inside it, give up the whole call (Dynamo resumes only in the
       frame it compiles, not in an inlined call).
-    * ``isolate_recompiles=True``: Dynamo keeps compiled code per code
-      object, and each compile has its own backend object, so without
-      isolation every compile of a model class would add an entry to one
-      shared cache and the 9th would run uncompiled (``recompile_limit`` 8).
+    * Each compile has a Dynamo cache of its own. Dynamo keeps compiled code
+      per code object, and each compile has its own backend object, so
+      every compile of a model class would otherwise add an entry to one
+      shared cache and the 9th would run uncompiled (``recompile_limit``
+      8). The compiled function gets a code object of its own (so other
+      compiles never count towards ``accumulated_recompile_limit``, and
+      its entries are freed with the module), and ``isolate_recompiles=True``
+      gives the frames below it (graph breaks inside ``forward``) a region
+      of their own in their code objects' caches.
 
     A second compile of the same module compiles its original forward again.
     """
@@ -78,9 +85,14 @@ def compile_module(module: torch.nn.Module, backend: GNMRBackend) -> "CompiledCa
     def gnmr_forward(*args: Any, **kwargs: Any) -> Any:
         return forward(*args, **kwargs)
 
-    call = CompiledCall(backend.runtime, torch.compile(gnmr_forward, backend=backend, isolate_recompiles=True), forward)
+    code = gnmr_forward.__code__.replace(co_name=f"gnmr_forward_{next(_COMPILES)}")
+    fresh = types.FunctionType(code, gnmr_forward.__globals__, code.co_name, None, gnmr_forward.__closure__)
+    call = CompiledCall(backend.runtime, torch.compile(fresh, backend=backend, isolate_recompiles=True), forward)
     module.forward = call
     return call
+
+
+_COMPILES = itertools.count()
 
 
 class CompiledCall:
@@ -96,6 +108,11 @@ class CompiledCall:
         self.runtime = runtime
         self.fn = fn
         self.forward = forward  # the module's own forward, as compiled
+        # Like the bound method it replaces: module paths that Dynamo reads
+        # through it (``model.forward.__self__.head``) name the module
+        # (``split_source_path``).
+        self.__self__ = getattr(forward, "__self__", None)
+        self.__func__ = getattr(forward, "__func__", None)
 
     def __deepcopy__(self, memo: dict) -> Callable:
         # A copy of a compiled module is an uncompiled module: its forward is
@@ -108,6 +125,8 @@ class CompiledCall:
             # Traced by an enclosing torch.compile (gnmr_fx.inspect's capture):
             # the forward is inlined into its graph, as Dynamo does with any
             # nested compiled function.
+            if self.__func__ is not None:
+                return self.__func__(self.__self__, *args, **kwargs)
             return self.forward(*args, **kwargs)
         cfg = torch._dynamo.config
         prior = cfg.fail_on_recompile_limit_hit
@@ -294,7 +313,7 @@ class InstanceDispatch:
 def gnmr_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict] = None) -> Callable:
     """Entry point for ``torch.compile(model, backend="gnmr", options={...})``."""
     config = GNMRConfig.from_options(options)
-    runtime = _runtime_for(gm, example_inputs, config)
+    runtime = _runtime_for(gm, _real_inputs(gm, example_inputs), config)
     return compile_graph(runtime, gm, example_inputs, "inductor")
 
 
@@ -313,12 +332,15 @@ def _runtime_for(gm: torch.fx.GraphModule, example_inputs: list, config: GNMRCon
     train and checkpoint nothing.
     """
     params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-    modules = _frame_modules()
-    for rt in list(_RUNTIMES):
-        if any(_owns(rt, p, rt.param_fqns) for p in params) or any(_owns(rt, m, rt.module_fqns) for m in modules):
-            if rt.config != config:
-                raise ValueError("torch.compile(backend='gnmr'): options differ from the ones this model was compiled with")
-            return rt
+    live = list(_RUNTIMES)
+    # By parameters; a graph without any (after a graph break) by its frame's module.
+    found = ([rt for rt in live if any(_owns(rt, p, rt.param_fqns) for p in params)] if params else
+             [rt for rt in live if any(_owns(rt, m, rt.module_fqns) for m in _frame_modules())])
+    if found:
+        rt = found[0]
+        if rt.config != config:
+            raise ValueError("torch.compile(backend='gnmr'): options differ from the ones this model was compiled with")
+        return rt
     root = _frame_root(gm, example_inputs)
     if root is None:
         raise ValueError(

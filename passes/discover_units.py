@@ -50,6 +50,7 @@ from gnmr_fx.passes.ops import (
 # a bound method (``L['forward'].__self__``: a compiled function that calls
 # ``module.forward``). What follows is an attribute path below that object.
 _FRAME_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[(?:\d+|'[^']*')\])*(?:\.__self__)?")
+_BOUND_SELF = re.compile(r"\.[A-Za-z_]\w*\.__self__(?=\.|\[|$)")
 _STACK_FILE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
@@ -216,10 +217,15 @@ def split_source_path(path: str) -> tuple[str, list[str]]:
     ("L['self']", ['blocks', '1', 'attn'])
     >>> split_source_path("L['forward'].__self__._modules['0']._parameters['weight']")
     ("L['forward'].__self__", ['0', 'weight'])
+    >>> split_source_path("L['model'].forward.__self__.head")
+    ("L['model']", ['head'])
     """
     m = _FRAME_ROOT.match(path)
     root = m.group(0) if m else ""
     rest = path[len(root):]
+    # A bound method's __self__ is the object the method was read from:
+    # ``model.forward.__self__.head`` is ``model.head``.
+    rest = _BOUND_SELF.sub("", rest)
     rest = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", rest)
     rest = re.sub(r"\['([^']*)'\]", r".\1", rest)
     rest = re.sub(r"\[(\d+)\]", r".\1", rest)

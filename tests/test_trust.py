@@ -127,6 +127,24 @@ class TestRuntimeOfTorchCompile:
         fn(model, torch.randn(4, 8)).sum().backward()
         assert gnmr_fx.runtime(model).unit_names == ["fc1", "fc2"]
 
+    def test_two_models_of_one_class_each_get_their_runtime(self):
+        a, b = DecoratedMLP(), DecoratedMLP()
+        opts = {"recipe": "int8"}
+        ca = torch.compile(a, backend="gnmr", options=opts, isolate_recompiles=True)
+        cb = torch.compile(b, backend="gnmr", options=opts, isolate_recompiles=True)
+        ca(torch.randn(2, 8)).sum().backward()
+        for _ in range(2):
+            cb(torch.randn(2, 8)).sum().backward()
+        ra, rb = gnmr_fx.runtime(a), gnmr_fx.runtime(b)
+        assert ra is not rb and ra.root is a and rb.root is b
+        assert (ra.controller.step, rb.controller.step) == (1, 2)
+        # Without isolation Dynamo reuses c's graph for d: that is an error,
+        # not c's runtime recording d's statistics.
+        c, d = DecoratedMLP(), DecoratedMLP()
+        torch.compile(c, backend="gnmr", options=opts)(torch.randn(2, 8))
+        with pytest.raises(RuntimeError, match=r"isolate_recompiles=True"):
+            torch.compile(d, backend="gnmr", options=opts)(torch.randn(2, 8))
+
     def test_graph_without_a_model_raises(self):
         fn = torch.compile(lambda a, b: a @ b, backend="gnmr", options={"recipe": "int8"})
         with pytest.raises(Exception, match="could not find the model of this graph"):
@@ -152,6 +170,17 @@ class TestEveryCompileIsCompiled:
             rt = gnmr_fx.runtime(m)
             got.append((rt.unit_names, rt.controller.step))
         assert got == [(units, 1)] * 12
+
+    def test_other_compiles_do_not_count_towards_the_accumulated_limit(self):
+        # Dynamo caps the entries of one code object over all isolated
+        # regions (accumulated_recompile_limit, 256): each compile's entry
+        # lives on a code object of its own (the 257th compile failed).
+        with torch._dynamo.config.patch(accumulated_recompile_limit=3):
+            for _ in range(5):
+                m = gnmr_fx.compile(nn.Linear(4, 4), GNMRConfig(recipe="int8"), backend="eager")
+                m(torch.randn(2, 4))
+                assert gnmr_fx.runtime(m).unit_names == ["weight"]
+                del m
 
     def test_recompile_limit_raises_instead_of_running_uncompiled(self):
         m = gnmr_fx.compile(nn.Linear(8, 4), GNMRConfig(recipe="int8"), backend="eager")
