@@ -32,6 +32,17 @@ BRANCH_OPS: dict[str, Callable[..., Tensor]] = {
 }
 if hasattr(torch, "_grouped_mm"):
     BRANCH_OPS["grouped_mm"] = torch._grouped_mm
+
+
+def transformers_grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """Hugging Face's grouped matmul for the dtypes ``torch._grouped_mm`` cannot
+    compile or differentiate (fp32: no CPU backward). transformers registers
+    the op when its MoE integration is imported; units that use it exist only
+    then, so looking it up at call time never imports transformers here."""
+    return torch.ops.transformers.grouped_mm_fallback(input, weight, offs=offs)
+
+
+BRANCH_OPS["grouped_mm_fallback"] = transformers_grouped_mm
 _HIGH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend
+from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend, compile_module
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.controller import GNMRController
 from gnmr_fx.runtime import GNMRRuntime, runtime_of
@@ -20,6 +20,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     optimizer: Optional[torch.optim.Optimizer] = None,
     example_inputs: Optional[Sequence] = None,
     log: Optional[str] = None,
+    on_inactive: str = "raise",
 ) -> torch.nn.Module:
     """Compile ``model`` with GNMR: one line in an existing training loop.
 
@@ -36,6 +37,20 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
             checked before training starts.
         log: path of a JSON-lines telemetry file (same as ``config.log``);
             its directory must exist and be writable (checked here).
+        on_inactive: ``"raise"`` (default) or ``"warn"``: what happens at the
+            first optimizer step (or the first backward without an optimizer)
+            when GNMR controls no unit: no graph reached the GNMR backend
+            (the compiled module was never called, Dynamo skipped the
+            forward) or the graphs hold no recoverable op. The error says
+            which; ``"warn"`` warns once instead, for models where that is
+            expected. The check runs once (no per-step cost).
+
+    Returns:
+        the module to call: ``torch.compile``'s wrapper of ``model`` (state
+        keys ``_orig_mod.*``), or, for a ``DistributedDataParallel`` model,
+        the DDP wrapper itself with its module compiled in place (DDP's
+        forward and gradient hooks stay outside the graphs; state keys
+        ``module.*``).
 
     >>> import torch, gnmr_fx
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -61,11 +76,26 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     _check_wrapping(model)
     # A DDP wrapper's state dict is its module's with a "module." prefix: the
     # runtime belongs to the wrapped model, so unit names are the model's own.
-    root = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    root = model.module if ddp else model
     rt = GNMRRuntime.attach(root, config)
+    rt.set_on_inactive(on_inactive)
     if optimizer is not None:
         rt.attach_optimizer(optimizer)
-    compiled = torch.compile(model, backend=GNMRBackend(rt, backend))
+    # The model is compiled in place (its forward, see compile_module): the
+    # hooks of the model and of its wrappers (DDP's forward, FSDP2's
+    # all-gather) run as written around the compiled forward.
+    compile_module(root, GNMRBackend(rt, backend))
+    if ddp:
+        compiled = model
+    else:
+        # torch.compile's wrapper keeps the interface (and the state-dict
+        # keys, _orig_mod.*) of torch.compile(model). Its forward is the
+        # model's call, which runs the compiled forward: a Dynamo frame of
+        # its own there would trace the compiled call itself (its backend,
+        # never called, is a placeholder).
+        compiled = torch.compile(model, backend="eager")
+        setattr(compiled, "_forward" if "_forward" in compiled.__dict__ else "forward", model.__call__)
     if example_inputs is not None:
         with torch.random.fork_rng(devices=_cuda_devices(example_inputs)):
             compiled(*example_inputs)

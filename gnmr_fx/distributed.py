@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend
+from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend, compile_module
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.runtime import StateView, _STATE_PREFIX, GNMRRuntime, runtime_of
 
@@ -137,7 +137,7 @@ def compile_blocks(
 
     The torchtitan order: compile per block, then shard (``fully_shard`` on
     each block and on the root), then :func:`enable`. Each block is compiled
-    in place (``nn.Module.compile``), so module paths, parameter names and
+    in place (its forward, as ``gnmr_fx.compile`` does), so module paths, parameter names and
     state-dict keys stay those of the uncompiled model, and units are named
     by their full path (``blocks.3.attn.qkv``). Code outside the blocks (the
     embedding, the head) runs as written and holds no unit.
@@ -145,11 +145,9 @@ def compile_blocks(
     Each block gets its own backend instance. With one shared backend Dynamo
     would reuse block 0's graph for every block of the same class (the
     parameters are graph inputs), and all blocks would share block 0's units
-    and statistics. Distinct backends make one graph per block; Dynamo
-    counts them as recompiles of one code object, so
-    ``torch._dynamo.config.recompile_limit`` must be at least the number of
-    blocks (this raises if it is not: past the limit Dynamo would silently
-    run the remaining blocks without GNMR).
+    and statistics. Distinct backends make one graph per block, each in its
+    own Dynamo cache (``isolate_recompiles``), so the number of blocks is not
+    limited by ``torch._dynamo.config.recompile_limit``.
 
     Args:
         model: the root model; the runtime and the controller state in its
@@ -185,17 +183,14 @@ def compile_blocks(
                 f"blocks[{i}] is not a submodule of model: pass submodules such as model.layers "
                 "(to compile the whole model use gnmr_fx.compile)"
             )
-    limit = torch._dynamo.config.recompile_limit
-    if limit < len(blocks):
-        raise ValueError(
-            f"compile_blocks needs torch._dynamo.config.recompile_limit >= {len(blocks)} (one graph per "
-            f"block; it is {limit}): set torch._dynamo.config.recompile_limit = {len(blocks)} first"
-        )
     rt = GNMRRuntime.attach(model, config)
     if optimizer is not None:
         rt.attach_optimizer(optimizer)
+    fqns = {id(m): n for n, m in model.named_modules()}
+    rt.set_compiled_scope([fqns[id(b)] for b in blocks])
     for block in blocks:
-        block.compile(backend=_BlockBackend(rt, backend))
+        # In place, hooks outside the compiled frame (FSDP2's all-gather).
+        compile_module(block, _BlockBackend(rt, backend))
     _expose_state(rt)
     return rt
 

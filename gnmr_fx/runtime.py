@@ -13,6 +13,8 @@ Per optimizer step the runtime does, with no host sync:
 from __future__ import annotations
 
 import json
+import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -24,6 +26,8 @@ from gnmr_fx.controller import STATE_KEYS, GNMRController, warn_released
 from gnmr_fx.passes.discover_units import UnitSite
 
 _STATE_PREFIX = "_gnmr."
+# Modules whose weights feed lookups or ops that are never units.
+_NOT_MATMUL_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.conv._ConvNd)
 # GNMRConfig fields the passes bake into the graphs (the rest only steer the controller).
 _COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate")
 
@@ -62,6 +66,9 @@ class GraphRecord:
     # so a graph Dynamo reuses for another module instance gets its own.
     state: dict = field(default_factory=dict)
     instance_of: Optional[int] = None  # index of the record whose graph this one shares
+    # FQNs of the model's parameters this graph takes: a weight in no graph
+    # runs outside GNMR (see GNMRRuntime.uncovered_weights).
+    params: frozenset = frozenset()
 
     @property
     def plan(self) -> Optional[torch.Tensor]:
@@ -96,6 +103,12 @@ class GNMRRuntime:
         self._root_ref = weakref.ref(root) if root is not None else None
         self.param_fqns: dict[int, str] = {}
         self.module_fqns: dict[int, str] = {}
+        # The once-only check that GNMR controls something (check_active).
+        self.on_inactive = "raise"
+        self._calls = 0  # calls of a GNMR-compiled module (CompiledCall), until checked
+        self._active_checked = False
+        self._inactive_hook: Any = None
+        self._scopes: Optional[list[str]] = None  # FQNs of the compiled submodules; None: the whole root
         if root is not None:
             self._index_root(root)
 
@@ -193,6 +206,144 @@ class GNMRRuntime:
                 f"GNMRConfig.unit_filter {cfg.unit_filter!r} excludes every unit; units are: {', '.join(names[:20])}"
             )
 
+    # ------------------------------------------------- never silently off
+    def set_on_inactive(self, policy: str) -> None:
+        """What :meth:`check_active` does when GNMR controls no unit: ``"raise"`` or ``"warn"``."""
+        if policy not in ("raise", "warn"):
+            raise ValueError(f"on_inactive must be 'raise' or 'warn' (got {policy!r})")
+        self.on_inactive = policy
+
+    def set_compiled_scope(self, fqns: list[str]) -> None:
+        """Only these submodules are compiled (``compile_blocks``): weights
+        elsewhere run as written by design, not reported as uncovered."""
+        self._scopes = list(fqns)
+
+    def note_call(self, output: Any) -> None:
+        """Called after each forward of a GNMR-compiled module, until :meth:`check_active` ran.
+
+        Without an optimizer the check runs at the end of the first backward,
+        from the probes' gradient hooks; a model with no unit has no probe,
+        so the first output that requires grad gets a one-shot hook instead.
+        """
+        if self._active_checked:
+            return
+        self._calls += 1
+        if self._optimizer_hook is not None or self._backward_hooks or self._inactive_hook is not None:
+            return
+        leaves = [t for t in torch.utils._pytree.tree_leaves(output)
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+        if leaves:
+            self._inactive_hook = torch.autograd.graph.register_multi_grad_hook(
+                leaves, lambda _grads: self.check_active(), mode="any"
+            )
+
+    def check_active(self) -> None:
+        """Raise if GNMR controls no unit of this model; warn about weights it never sees.
+
+        Runs once: at the first optimizer step, or at the end of the first
+        backward without an optimizer. No graph through the GNMR backend, or
+        graphs without a unit, would otherwise train the model exactly as
+        uncompiled (no low path, no controller) with nothing saying so.
+        ``on_inactive="warn"`` (``gnmr_fx.compile``) turns the error into one
+        warning. Weights that no captured graph takes (the code that uses them
+        ran outside Dynamo's graphs) are reported in a warning with their
+        estimated share of the forward matmul FLOPs.
+        """
+        if self._active_checked:
+            return
+        self._active_checked = True
+        if self._inactive_hook is not None:
+            self._inactive_hook.remove()
+            self._inactive_hook = None
+        self.check_filter()
+        problem = self._inactive_problem()
+        if problem is not None:
+            if self.on_inactive == "warn":
+                warnings.warn(problem, RuntimeWarning, stacklevel=2)
+            else:
+                raise RuntimeError(problem)
+            return
+        uncovered = self.uncovered_weights()
+        if uncovered:
+            warnings.warn(self._uncovered_message(uncovered), RuntimeWarning, stacklevel=2)
+
+    def _inactive_problem(self) -> Optional[str]:
+        head = "GNMR controls no unit of this model, so it trains exactly as uncompiled: "
+        tail = " (gnmr_fx.compile(..., on_inactive='warn') makes this a warning)"
+        if not self.records:
+            if self._calls == 0 and self.root is not None:
+                return head + (
+                    "no graph went through the GNMR backend because the compiled module was never called. Call the "
+                    "module gnmr_fx.compile returned (for DDP: the DDP wrapper), not the original model" + tail
+                )
+            return head + (
+                "Dynamo captured no graph from the model's forward, so no graph went through the GNMR backend. "
+                "It skips frames under torch.compiler.disable / torch._dynamo.disable and code it does not trace; "
+                "`gnmr-fx inspect` shows what it captures" + tail
+            )
+        if not self.units:
+            seen: dict[str, int] = {}
+            for r in self.records:
+                for k, v in r.skipped.items():
+                    seen[k] = seen.get(k, 0) + v
+            listed = ", ".join(f"{k} x{v}" for k, v in sorted(seen.items())) or "no matmul-family op"
+            return head + (
+                f"its {len(self.records)} captured graph(s) have no recoverable op (seen: {listed}). GNMR rewrites "
+                "F.linear / nn.Linear, matmul / @, mm, bmm, addmm, baddbmm and grouped_mm" + tail
+            )
+        return None
+
+    def uncovered_weights(self) -> list[tuple[str, tuple]]:
+        """Matmul weights of the model that no captured graph takes.
+
+        The code that uses them ran outside Dynamo's graphs (a frame Dynamo
+        skipped, e.g. after a graph break inside a loop), so their matmuls
+        are not units. Matmul weights: floating-point 2-D (``[N, K]``) and
+        3-D (a stack of experts) parameters, except those of embeddings and
+        convolutions (lookups and ops GNMR does not recover anyway).
+        """
+        root = self.root
+        if root is None or not self.records:
+            return []
+        seen = set().union(*(r.params for r in self.records))
+        scopes = self._scopes
+        skip = {f"{m_name}.{p_name}" if m_name else p_name
+                for m_name, m in root.named_modules() if isinstance(m, _NOT_MATMUL_MODULES)
+                for p_name, _ in m.named_parameters(recurse=False)}
+        return [(name, tuple(p.shape)) for name, p in root.named_parameters()
+                if p.dim() in (2, 3) and p.is_floating_point() and name not in seen and name not in skip
+                and (scopes is None or any(name.startswith(f + ".") for f in scopes))]
+
+    def _uncovered_message(self, uncovered: list[tuple[str, tuple]]) -> str:
+        # FLOPs per forward, estimated: a weight [N, K] runs on every token
+        # (2*T*N*K), an expert stack [E, N, K] on top_k of E experts per token
+        # (top_k from a Hugging Face config, else 1: then a lower bound). T is
+        # the token count of the largest linear unit's input.
+        tokens = max((math.prod(u.a_shape[:-1]) for u in self.units if u.weight is not None), default=0)
+        top_k = int(getattr(getattr(self.root, "config", None), "num_experts_per_tok", 1) or 1)
+        outside = 0.0
+        for _name, shape in uncovered:
+            per_token = math.prod(shape)
+            if len(shape) == 3:
+                per_token = per_token / shape[0] * top_k
+            outside += 2.0 * tokens * per_token
+        inside = float(sum(u.flops for u in self.units))
+        share = 100.0 * outside / (outside + inside) if outside + inside > 0 else 0.0
+        names = ", ".join(f"{n} {list(s)}" for n, s in uncovered[:6]) + (" ..." if len(uncovered) > 6 else "")
+        fix = ("Make Dynamo capture that code: remove the graph break (a loop over data-dependent values skips "
+               "the whole frame); `gnmr-fx inspect` shows what it captures.")
+        experts = [getattr(getattr(m, "config", None), "_experts_implementation", None)
+                   for n, m in self.root.named_modules() if any(u[0].startswith(n + ".") for u in uncovered)]
+        if "eager" in experts:
+            fix = ("These are Hugging Face MoE experts with experts_implementation='eager': its per-expert loop "
+                   "over data-dependent indices cannot be captured. Build the model with "
+                   "experts_implementation='grouped_mm' (the default; one unit per expert weight stack) or "
+                   "'batched_mm'.")
+        return (
+            f"{len(uncovered)} weight(s) of this model never entered a GNMR graph, so their matmuls run outside "
+            f"GNMR (about {share:.0f}% of the forward matmul FLOPs, estimated): {names}. {fix}"
+        )
+
     # ------------------------------------------------------------- records
     def add_record(self, record: GraphRecord) -> None:
         self.records.append(record)
@@ -245,6 +396,8 @@ class GNMRRuntime:
         if not self._filter_checked:
             self.check_filter()
             self._filter_checked = True
+        if not self._active_checked:
+            self.check_active()
         ctl = self.controller
         live = [r for r in self.records if r.plan is not None]
         if not live or ctl.num_units == 0:

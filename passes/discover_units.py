@@ -6,7 +6,9 @@ Annotates every recoverable node with ``node.meta["gnmr_unit"]`` (a
 
 What the pass guarantees:
 
-* matching is by target object (``passes.ops.RECOVERABLE_OPS``);
+* matching is by target object (``passes.ops.RECOVERABLE_OPS``, and the
+  library ops of ``passes.ops.LIBRARY_OPS`` that are registered, such as
+  Hugging Face MoE experts' ``transformers::grouped_mm_fallback``);
 * a site's ``key`` depends only on the model's module paths, parameter names
   and source locations, never on node names or compile order, so the unit
   table can give the same site the same name after a recompile or a graph
@@ -39,13 +41,16 @@ from gnmr_fx.passes.ops import (
     VIEW_FUNCTIONS,
     VIEW_METHODS,
     OpSpec,
+    library_ops,
     op_of,
 )
 
 # A frame variable (a local or a global) and the subscripts applied to it
-# directly: ``L['self']``, ``L['args'][0]``, ``G['model']``. What follows is
-# an attribute path below that object.
-_FRAME_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[(?:\d+|'[^']*')\])*")
+# directly: ``L['self']``, ``L['args'][0]``, ``G['model']``, or the object of
+# a bound method (``L['forward'].__self__``: a compiled function that calls
+# ``module.forward``). What follows is an attribute path below that object.
+_FRAME_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[(?:\d+|'[^']*')\])*(?:\.__self__)?")
+_BOUND_SELF = re.compile(r"\.[A-Za-z_]\w*\.__self__(?=\.|\[|$)")
 _STACK_FILE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
@@ -76,7 +81,7 @@ def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.Gra
 
     >>> import torch, torch.nn.functional as F
     >>> def f(x, w):
-    ...     return F.linear(x, w) @ x.t()
+    ...     return F.linear(x, w) @ w
     >>> from torch.fx.passes.shape_prop import ShapeProp
     >>> gm = torch.fx.symbolic_trace(f)
     >>> _ = ShapeProp(gm).propagate(torch.randn(4, 8), torch.randn(3, 8))
@@ -88,11 +93,12 @@ def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.Gra
     roots: dict[str, str] = gm.meta.get("gnmr_frame_roots", {})
     skipped: collections.Counter = collections.Counter()
     seen_keys: collections.Counter = collections.Counter()
+    recoverable = {**RECOVERABLE_OPS, **library_ops()}
     for node in gm.graph.nodes:
         target = op_of(node)
         if target is None:
             continue
-        spec = RECOVERABLE_OPS.get(target) if _hashable(target) else None
+        spec = recoverable.get(target) if _hashable(target) else None
         if spec is None:
             if _hashable(target) and target in NOT_RECOVERABLE_OPS:
                 skipped[NOT_RECOVERABLE_OPS[target]] += 1
@@ -209,10 +215,17 @@ def split_source_path(path: str) -> tuple[str, list[str]]:
     ("L['args'][0]", ['model', 'layers', '0', 'weight'])
     >>> split_source_path("L['self'].blocks[1].attn")
     ("L['self']", ['blocks', '1', 'attn'])
+    >>> split_source_path("L['forward'].__self__._modules['0']._parameters['weight']")
+    ("L['forward'].__self__", ['0', 'weight'])
+    >>> split_source_path("L['model'].forward.__self__.head")
+    ("L['model']", ['head'])
     """
     m = _FRAME_ROOT.match(path)
     root = m.group(0) if m else ""
     rest = path[len(root):]
+    # A bound method's __self__ is the object the method was read from:
+    # ``model.forward.__self__.head`` is ``model.head``.
+    rest = _BOUND_SELF.sub("", rest)
     rest = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", rest)
     rest = re.sub(r"\['([^']*)'\]", r".\1", rest)
     rest = re.sub(r"\[(\d+)\]", r".\1", rest)

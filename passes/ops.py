@@ -55,6 +55,15 @@ if hasattr(torch, "_grouped_mm"):
     GROUPED_MM = OpSpec("grouped_mm", 0, 1, -2)
     RECOVERABLE_OPS[torch._grouped_mm] = GROUPED_MM
 
+# Recoverable ops that another library registers with torch.library when it
+# is imported, as (namespace, name, spec). They are looked up by object when a
+# graph is rewritten (``library_ops``), so gnmr_fx never imports the library.
+# Hugging Face MoE experts call ``transformers::grouped_mm_fallback`` (a
+# per-expert ``torch.mm`` loop behind one opaque op) instead of
+# ``torch._grouped_mm`` when the weights are not bf16: fp32 models' experts.
+GROUPED_MM_FALLBACK = OpSpec("grouped_mm_fallback", 0, 1, -2)
+LIBRARY_OPS: tuple[tuple[str, str, OpSpec], ...] = (("transformers", "grouped_mm_fallback", GROUPED_MM_FALLBACK),)
+
 METHOD_OPS: dict[str, Any] = {
     "matmul": torch.matmul,
     "__matmul__": torch.matmul,
@@ -83,6 +92,23 @@ NOT_RECOVERABLE_OPS: dict[Any, str] = {
 # all preserve the Frobenius norm, so tapping the view measures ||dL/dW||.
 VIEW_FUNCTIONS = (torch.t, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze)
 VIEW_METHODS = ("t", "transpose", "permute", "view", "reshape", "contiguous", "to", "squeeze", "unsqueeze", "float", "half", "bfloat16")
+
+
+def library_ops() -> dict[Any, OpSpec]:
+    """The ``LIBRARY_OPS`` registered in this process, by op object (packet and overload).
+
+    >>> all(spec is GROUPED_MM_FALLBACK for spec in library_ops().values())
+    True
+    """
+    out: dict[Any, OpSpec] = {}
+    for namespace, name, spec in LIBRARY_OPS:
+        try:
+            packet = getattr(getattr(torch.ops, namespace), name)
+        except AttributeError:  # the library is not imported: its op cannot be in a graph
+            continue
+        out[packet] = spec
+        out[packet.default] = spec
+    return out
 
 
 def op_of(node: torch.fx.Node) -> Optional[Any]:

@@ -182,6 +182,50 @@ def run_fsdp_root(rank: int, world: int) -> dict:
     return {"names": rt.unit_names, "steps": log}
 
 
+SEQ_STEPS = 3
+# (scenario, wrapper, compiler, layer width, DDP bucket cap in MB). A model of
+# torch.nn modules only: no frame of its own for Dynamo to compile. At width
+# 512 the middle Linear is 1 MiB, so DDP's 1 MiB buckets make DDPOptimizer
+# split the graph.
+SEQUENTIAL = (
+    ("ddp_seq_eager", "ddp", "eager", 16, 25),
+    ("ddp_seq_aot_eager", "ddp", "aot_eager", 16, 25),
+    ("ddp_seq_inductor", "ddp", "inductor", 16, 25),
+    ("ddp_seq_split", "ddp", "eager", 512, 1),
+    ("fsdp_root_seq_aot_eager", "fsdp", "aot_eager", 16, 25),
+)
+
+
+def make_sequential(width: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                         nn.Linear(width, D_OUT))
+
+
+def run_sequential(rank: int, world: int, wrapper: str, compiler: str, width: int, bucket_mb: float) -> dict:
+    """gnmr_fx.compile(DDP(nn.Sequential)) / of a root-only fully_shard nn.Sequential."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_sequential(width)
+    if wrapper == "ddp":
+        model = DDP(model, bucket_cap_mb=bucket_mb)
+    else:
+        fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    cm = gnmr_fx.compile(model, CONFIG, backend=compiler, optimizer=opt)
+    rt = gnmr_fx.distributed.enable(cm)
+    log: list = []
+    _recorder(rt, log)
+
+    def step(s: int) -> torch.Tensor:
+        x, y = local_batch(s, rank, world)
+        return F.mse_loss(cm(x), y)
+
+    train(cm, step, opt, range(SEQ_STEPS))
+    return {"names": rt.unit_names, "steps": log, "graphs": len(rt.records), "step": rt.controller.step}
+
+
 def _fsdp_blocks_model():
     """The torchtitan order: compile per block, fully_shard each block and the root, enable."""
     from torch.distributed.fsdp import fully_shard
@@ -252,6 +296,8 @@ def main(rank: int, world: int, port: int, out: str) -> None:
             result[name] = fn(rank, world)
         torch._dynamo.reset()
         result["fsdp_blocks"] = run_fsdp_blocks(rank, world, os.path.join(out, "ckpt"))
+        for name, *args in SEQUENTIAL:
+            result[name] = run_sequential(rank, world, *args)
         # The runtime refuses to decide per rank when nobody said so.
         torch._dynamo.reset()
         model = make_model()

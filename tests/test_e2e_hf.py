@@ -7,6 +7,7 @@ import torch
 
 import gnmr_fx
 from gnmr_fx import GNMRConfig
+from gnmr_fx.backends.recipes import quantization_sqnr
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,3 +83,111 @@ def test_sdpa_attention_is_reported_not_recoverable():
             seen[k] = seen.get(k, 0) + v
     assert seen.get("scaled_dot_product_attention") == 2
     assert len(rt.unit_names) == 15
+
+
+def test_torch_compile_backend_gnmr_keeps_the_runtime_on_llama():
+    # transformers wraps forward as wrapper(*args, **kwargs): the captured
+    # frame has no `self`, and the runtime used to be rootless (unreachable,
+    # no _gnmr.* keys in checkpoints) while its controller ran.
+    torch.manual_seed(0)
+    model = _llama()
+    compiled = torch.compile(model, backend="gnmr", options={"recipe": "int8", "max_o": 2})
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    rt = gnmr_fx.runtime(model)
+    assert gnmr_fx.runtime(compiled) is rt and rt.root is model
+    assert rt.unit_names == LLAMA_UNITS
+    assert rt.controller.step == 1
+    sd = model.state_dict()
+    assert int(sd["_gnmr.step"]) == 1 and "_gnmr.hist" in sd
+
+
+# ------------------------------------------------------------ MoE experts
+def _moe(kind, experts=None, dtype=torch.float32):
+    common = dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+                  vocab_size=VOCAB, max_position_embeddings=32, num_experts_per_tok=2, bos_token_id=0,
+                  eos_token_id=0, attn_implementation="eager", experts_implementation=experts)
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=64, num_local_experts=4, **common)
+        model = transformers.MixtralForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3MoeConfig(head_dim=16, intermediate_size=64, moe_intermediate_size=32,
+                                          num_experts=4, **common)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    return model.to(dtype)
+
+
+EXPERT_UNITS = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
+
+
+def _moe_train(model, steps=2, backend="aot_eager", **cfg):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", **cfg), backend=backend, optimizer=opt)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return m, losses
+
+
+@pytest.mark.parametrize("dtype,op", [(torch.float32, "grouped_mm_fallback"), (torch.bfloat16, "grouped_mm")],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_moe_experts_are_one_unit_per_expert_weight(kind, dtype, op):
+    # fp32 experts run transformers' grouped_mm fallback (an opaque op):
+    # they used to be no unit, silently, while holding most of the FLOPs.
+    m, losses = _moe_train(_moe(kind, dtype=dtype))
+    rt = gnmr_fx.runtime(m)
+    units = {u.name: u for u in rt.units}
+    assert [n for n in rt.unit_names if ".experts." in n] == EXPERT_UNITS
+    assert [units[n].op_name for n in EXPERT_UNITS] == [op, op]
+    assert [units[n].weight for n in EXPERT_UNITS] == EXPERT_UNITS
+    ctl = gnmr_fx.controller(m)
+    assert ctl.step == 2
+    rows = [ctl.names.index(n) for n in EXPERT_UNITS]
+    assert ctl.n_obs[rows].tolist() == [2, 2]  # observed at every step
+    assert all(torch.isfinite(x) for x in losses)
+
+
+def test_moe_fp32_experts_high_path_is_exact_and_low_path_is_the_recipe():
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    ref = _moe("mixtral")(input_ids=ids).logits
+    out = {}
+    for policy in ("always_high", "always_low"):
+        torch._dynamo.reset()
+        m = gnmr_fx.compile(_moe("mixtral"), GNMRConfig(recipe="int8", policy=policy), backend="eager")
+        out[policy] = m(input_ids=ids).logits
+        assert [n for n in gnmr_fx.runtime(m).unit_names if ".experts." in n] == EXPERT_UNITS
+    assert torch.equal(out["always_high"], ref)
+    sqnr = quantization_sqnr(ref, out["always_low"])
+    assert 20.0 < sqnr < 60.0, sqnr
+
+
+def test_moe_batched_mm_experts_are_bmm_units():
+    m, _ = _moe_train(_moe("mixtral", experts="batched_mm"), steps=1)
+    units = [u for u in gnmr_fx.runtime(m).units if ".experts." in u.name]
+    assert [(u.name, u.op_name) for u in units] == [("model.layers.0.mlp.experts.bmm", "bmm"),
+                                                     ("model.layers.0.mlp.experts.bmm_1", "bmm")]
+
+
+def test_moe_eager_experts_loop_is_reported_with_its_flop_share():
+    # The per-expert loop over data-dependent indices cannot be captured.
+    model = _moe("mixtral", experts="eager")
+    with pytest.warns(RuntimeWarning) as caught:
+        m, _ = _moe_train(model, steps=1)
+    rt = gnmr_fx.runtime(m)
+    assert not [n for n in rt.unit_names if ".experts." in n]
+    assert rt.uncovered_weights() == [("model.layers.0.mlp.experts.gate_up_proj", (4, 128, 32)),
+                                      ("model.layers.0.mlp.experts.down_proj", (4, 32, 64))]
+    # 16 tokens, top-2 of 4 experts: 2 * 16 * 2 * (128*32 + 32*64) FLOPs outside GNMR.
+    outside = 2 * 16 * 2 * (128 * 32 + 32 * 64)
+    share = 100 * outside / (outside + sum(u.flops for u in rt.units))
+    msg = [str(w.message) for w in caught if "never entered a GNMR graph" in str(w.message)]
+    assert len(msg) == 1
+    assert f"about {share:.0f}% of the forward matmul FLOPs" in msg[0]
+    assert "experts_implementation='grouped_mm'" in msg[0]
