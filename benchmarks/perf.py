@@ -457,15 +457,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gnmr_fx.arguments import InputError
 
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in args.arms if a not in ARMS + DIAGNOSTIC_ARMS]
     if bad:
-        raise ValueError(f"--arms: unknown arm(s) {bad}; choose from {list(ARMS + DIAGNOSTIC_ARMS)}")
+        raise InputError(f"--arms: unknown arm(s) {bad}; choose from {list(ARMS + DIAGNOSTIC_ARMS)}")
     sizes = [x.strip() for x in args.sizes.split(",") if x.strip()]
     bad = [x for x in sizes if x not in SIZES]
     if bad:
-        raise ValueError(f"--sizes: unknown size(s) {bad}; choose from {list(SIZES)}")
+        raise InputError(f"--sizes: unknown size(s) {bad}; choose from {list(SIZES)}")
     device = torch.device(args.device)
     env = _environment(device)
     env["command"] = _command(args, sizes)

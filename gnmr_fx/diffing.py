@@ -549,14 +549,19 @@ def parse_config_items(pairs: Sequence[str]) -> dict[str, Any]:
     >>> parse_config_items(["recipe=int8", "max_o=2", "threshold=2.5", "unit_filter=blocks.*,head"])
     {'recipe': 'int8', 'max_o': 2, 'threshold': 2.5, 'unit_filter': ['blocks.*', 'head']}
     """
+    from gnmr_fx.arguments import InputError, parse_max_o
+
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"config item {pair!r} must look like key=value (e.g. recipe=int8)")
+            raise InputError(f"config item {pair!r} must look like key=value (e.g. recipe=int8)")
         k, v = pair.split("=", 1)
         k = k.strip().replace("-", "_")
         if k == "unit_filter":
             out[k] = [p for p in v.split(",") if p]
+            continue
+        if k == "max_o":  # the one max_o spelling: "2" units, "0.05" or "5%" of FLOPs
+            out[k] = parse_max_o(v)
             continue
         for conv in (int, float):
             try:
@@ -580,36 +585,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("-U", "--context", type=int, default=3, help="lines of context in the unified diff")
-    parser.add_argument("--device", default=None, help="move the model and inputs here first (e.g. cuda)")
+    parser.add_argument("--device", type=_device, default=None, help="move the model and inputs here first (e.g. cuda)")
+
+
+def _device(text: str) -> str:
+    from gnmr_fx.arguments import parse_device
+
+    return parse_device(text)
+
+
+def _config(items: Sequence[str], flag: str) -> Any:
+    """A GNMRConfig from ``K=V`` items; a bad item or value is the user's (InputError)."""
+    from gnmr_fx.arguments import user_input
+    from gnmr_fx.config import GNMRConfig
+
+    with user_input(flag):
+        return GNMRConfig(**parse_config_items(items))
 
 
 def run(args: argparse.Namespace) -> int:
-    from gnmr_fx.config import GNMRConfig
     from gnmr_fx.examples import load_spec
     from gnmr_fx.inspection import capture, print_or_quit
 
-    try:
-        model, inputs = load_spec(args.spec, args.device)
-        two = args.config_a is not None or args.config_b is not None
-        if two:
-            cfg_a = GNMRConfig(**parse_config_items(args.config_a or []))
-            cfg_b = GNMRConfig(**parse_config_items(args.config_b or []))
-            rec_a = capture(model, inputs, cfg_a).records
-            rec_b = capture(model, inputs, cfg_b).records
-            pairs = [(ra.rewritten, rb.rewritten) for ra, rb in zip(rec_a, rec_b)]
-            labels = ("config A: " + " ".join(args.config_a or ["defaults"]),
-                      "config B: " + " ".join(args.config_b or ["defaults"]))
-            mismatch = len(rec_a) != len(rec_b)
-            counts = (len(rec_a), len(rec_b))
-        else:
-            cfg = GNMRConfig(**parse_config_items(args.config))
-            recs = capture(model, inputs, cfg).records
-            pairs = [(r.original, r.rewritten) for r in recs]
-            labels = ("before GNMR pass", f"after GNMR pass (recipe {cfg.recipe})")
-            mismatch, counts = False, (len(recs), len(recs))
-    except (ValueError, TypeError) as e:
-        print(f"gnmr-fx diff: error: {e}", file=sys.stderr)
-        return 2
+    # User-input errors (spec, --config values) raise InputError: the CLI
+    # prints one line and exits 2. Anything else is a bug and keeps its traceback.
+    model, inputs = load_spec(args.spec, args.device)
+    two = args.config_a is not None or args.config_b is not None
+    if two:
+        cfg_a = _config(args.config_a or [], "--config-a")
+        cfg_b = _config(args.config_b or [], "--config-b")
+        rec_a = capture(model, inputs, cfg_a).records
+        rec_b = capture(model, inputs, cfg_b).records
+        pairs = [(ra.rewritten, rb.rewritten) for ra, rb in zip(rec_a, rec_b)]
+        labels = ("config A: " + " ".join(args.config_a or ["defaults"]),
+                  "config B: " + " ".join(args.config_b or ["defaults"]))
+        mismatch = len(rec_a) != len(rec_b)
+        counts = (len(rec_a), len(rec_b))
+    else:
+        cfg = _config(args.config, "--config")
+        recs = capture(model, inputs, cfg).records
+        pairs = [(r.original, r.rewritten) for r in recs]
+        labels = ("before GNMR pass", f"after GNMR pass (recipe {cfg.recipe})")
+        mismatch, counts = False, (len(recs), len(recs))
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in os.environ)
     diffs = [diff(a, b, label_a=f"{labels[0]} [graph {i}]", label_b=f"{labels[1]} [graph {i}]", context=args.context)
              for i, (a, b) in enumerate(pairs)]
