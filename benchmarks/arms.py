@@ -14,6 +14,13 @@ low+zclip            always_low + ZClip: EMA mean/variance of the global
                      gradient norm, clip to mean + 2.5 std when z > 2.5
 static@k             the first ceil(k/2) and last floor(k/2) units always high
                      (torchao / Megatron "first/last layers in bf16")
+static_tuned@k       the k units (or the FLOP budget) that help most when kept
+                     high, measured on the *tune* split (see
+                     ``stability.tune_static_set``), always high: the best
+                     static choice a practitioner could make by profiling
+high_first@n         every unit high for the first n steps (an int) or that
+                     fraction of the run (5%, 0.1), then every unit low
+                     ("train the unstable start in high precision")
 random@k             random units recovered: every free budget slot gets a
                      random unit locked high for ``lock_steps`` steps
 gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
@@ -40,7 +47,7 @@ import torch
 
 from gnmr_fx.arguments import InputError, parse_max_o
 
-ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "random", "gnmr")
+ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "static_tuned", "random", "high_first", "gnmr")
 
 
 @dataclass(frozen=True)
@@ -73,14 +80,15 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
     """
     if kind in ("clip", "zclip"):
         return f"low+{kind}"
-    if kind in ("gnmr", "static", "random"):
+    if kind in _BUDGET_KINDS:
         b = f"{budget * 100:g}%" if isinstance(budget, float) else f"{budget}"
         return f"{kind}@{b}"
     return kind
 
 
-_BUDGET_KINDS = ("static", "random", "gnmr")
-ARM_FORMS = "always_high, always_low, low+clip, low+zclip, static@K, random@K, gnmr@K or gnmr@P%"
+_BUDGET_KINDS = ("static", "static_tuned", "random", "high_first", "gnmr")
+ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static_tuned@K, random@K, "
+             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%")
 
 
 def parse_arm(name: str) -> ArmSpec:
@@ -124,18 +132,66 @@ def budget_units(budget: Union[int, float], costs: torch.Tensor) -> int:
 
 
 class StaticPlan:
-    """First and last units always high (the 'first/last layers high' practice)."""
+    """A fixed plan: by default the first and last units always high (the
+    'first/last layers high' practice), or the given ``plan``."""
 
-    def __init__(self, num_units: int, k: int) -> None:
-        plan = torch.zeros(num_units, dtype=torch.bool)
-        first = math.ceil(k / 2)
-        plan[:first] = True
-        if k - first:
-            plan[num_units - (k - first):] = True
-        self.plan = plan
+    def __init__(self, num_units: int, k: int = 0, plan: Optional[torch.Tensor] = None) -> None:
+        if plan is None:
+            plan = torch.zeros(num_units, dtype=torch.bool)
+            first = math.ceil(k / 2)
+            plan[:first] = True
+            if k - first:
+                plan[num_units - (k - first):] = True
+        self.plan = plan.to(torch.bool)
 
     def __call__(self, runtime) -> None:
         runtime.set_plan(self.plan)
+
+
+def pick_by_gain(gain: torch.Tensor, costs: torch.Tensor, budget: Union[int, float]) -> torch.Tensor:
+    """The static set a measured per-unit gain buys: the ``budget`` units of
+    largest gain (an int), or units in order of gain while their FLOPs fit
+    the fraction (a float). Units with no gain (<= 0) are never bought.
+
+    >>> pick_by_gain(torch.tensor([0.1, 0.5, -0.2, 0.3]), torch.ones(4), 2).tolist()
+    [False, True, False, True]
+    >>> pick_by_gain(torch.tensor([0.1, 0.5, 0.2]), torch.tensor([1.0, 8.0, 1.0]), 0.25).tolist()
+    [True, False, True]
+    """
+    plan = torch.zeros(gain.numel(), dtype=torch.bool)
+    cap = budget * float(costs.sum()) if isinstance(budget, float) else None
+    spent, n = 0.0, 0
+    for i in torch.argsort(gain, descending=True, stable=True).tolist():
+        if gain[i] <= 0 or (cap is None and n >= budget):
+            break
+        if cap is not None and spent + float(costs[i]) > cap * (1 + 1e-6):
+            continue
+        plan[i] = True
+        spent += float(costs[i])
+        n += 1
+    return plan
+
+
+class HighFirst:
+    """Every unit high for the first ``n_steps`` steps, then every unit low."""
+
+    def __init__(self, num_units: int, n_steps: int) -> None:
+        self.num_units, self.n_steps = num_units, n_steps
+        self.done = 0  # optimizer steps completed
+        self.plan = torch.full((num_units,), n_steps > 0, dtype=torch.bool)
+
+    def __call__(self, runtime) -> None:
+        # Runs after each update, whose controller (policy always_low) has
+        # just written its own plan: set the plan of the next step.
+        self.done += 1
+        if self.done == self.n_steps:
+            self.plan = torch.zeros(self.num_units, dtype=torch.bool)
+        runtime.set_plan(self.plan)
+
+
+def high_first_steps(budget: Union[int, float], steps: int) -> int:
+    """Steps a ``high_first`` arm spends high: an int is a count, a float a fraction of the run."""
+    return min(steps, budget if isinstance(budget, int) else round(budget * steps))
 
 
 class RandomRecovery:

@@ -163,3 +163,53 @@ def test_regime_table_counts_only_healthy_high_and_clear_low_gap(tmp_path):
     assert rows[1]["low_gap"] == pytest.approx(5.0)
     assert "1 diverged" in regime_table.format_rows(rows)
     assert regime_table.load_runs([str(tmp_path / "r")], ("r:x",)) == []
+
+
+def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    args = parser.parse_args(["--preset", "smoke", "--scenarios", "e", "--seeds", "0", "--no-plots",
+                              "--arms", "always_high", "static_tuned@2", "high_first@50%", "high_first@1",
+                              "--out", str(tmp_path)])
+    assert stability.run(args) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["arm"]: r for r in doc["scenarios"]["e"]["runs"]}
+    units = doc["scenarios"]["e"]["units"]
+    # static_tuned: the two units its tune-split gains chose, high on every step.
+    chosen = runs["static_tuned@2"]["static_set"]
+    assert len(chosen) == 2 and set(chosen) <= set(units)
+    idx = sorted(units.index(u) for u in chosen)
+    assert runs["static_tuned@2"]["plans"] == [idx] * 6
+    # high_first: every unit high for the first 3 (50% of 6) or 1 steps, then none.
+    every = list(range(len(units)))
+    assert runs["high_first@50%"]["plans"] == [every] * 3 + [[]] * 3
+    assert runs["high_first@1"]["plans"] == [every] + [[]] * 5
+
+
+def test_pick_by_gain_and_high_first_parse():
+    assert arms.parse_arm("static_tuned@10%").budget == 0.1
+    assert arms.parse_arm("high_first@200").budget == 200
+    assert arms.high_first_steps(0.1, 2000) == 200 and arms.high_first_steps(5000, 2000) == 2000
+    gain = torch.tensor([0.0, 0.2, 0.1])
+    assert arms.pick_by_gain(gain, torch.ones(3), 3).tolist() == [False, True, True]  # no gain, never bought
+
+
+def test_val_loss_is_the_eager_all_high_model():
+    # gnmr_fx.compile compiles forward in place: the benchmark must score with
+    # the class's own forward (every matmul high), not the plan's numerics.
+    import functools
+
+    import gnmr_fx
+    from gnmr_fx.models import GPTConfig, TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
+    ref = TinyGPT(model.cfg)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randint(0, 256, (2, 16))
+    gnmr_fx.compile(model, gnmr_fx.GNMRConfig(recipe="int4", policy="always_low"), backend="eager")
+    with torch.no_grad():
+        low = model(x)
+        eager = functools.partial(type(model).forward, model)(x)
+        assert torch.equal(eager, ref(x))
+        assert not torch.equal(low, eager)
