@@ -15,7 +15,7 @@ from the same statistics:
 
 Which quantity is measured
 --------------------------
-On rank ``r`` a unit's statistics tap sits on the operand the compiled graph
+On rank ``r`` a unit's grad-stats node sits on the operand the compiled graph
 multiplies with. Under DDP that is the rank's local weight; under FSDP2 it
 is the *unsharded* weight that FSDP all-gathered before the block ran. So
 ``s_r[u]`` is the sum, over the rank's micro-batches ``m``, of the squared
@@ -52,9 +52,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend, compile_module
+from gnmr_fx.backend import COMPILERS, GNMRBackend
+from gnmr_fx.checkpoint import expose_state
+from gnmr_fx.compiled_call import compile_module
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.runtime import StateView, _STATE_PREFIX, GNMRRuntime, runtime_of
+from gnmr_fx.runtime import GNMRRuntime, runtime_of
 
 
 def enable(
@@ -198,7 +200,7 @@ def compile_blocks(
 def _expose_state(rt: GNMRRuntime) -> None:
     root = rt.root
     if root is not None:
-        root.__dict__[_STATE_PREFIX.rstrip(".")] = StateView(rt)
+        expose_state(root, rt)
 
 
 class _BlockBackend(GNMRBackend):

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gnmr_fx
 from gnmr_fx import GNMRConfig
-from gnmr_fx.backends.recipes import get_recipe, quantization_sqnr
+from gnmr_fx.backends.recipes import get_recipe, sqnr
 from gnmr_fx.models import GPTConfig, TinyGPT
 from gnmr_fx.passes import counters
 
@@ -216,7 +216,7 @@ class TestNumerics:
         sqnr = {}
         for recipe in ("fp8_e4m3", "int8", "int4"):
             m = gnmr_fx.compile(_gpt(), GNMRConfig(recipe=recipe, policy="always_low"), backend="eager")
-            sqnr[recipe] = quantization_sqnr(ref, m(idx))
+            sqnr[recipe] = sqnr(ref, m(idx))
         assert sqnr["int8"] >= 35.0, sqnr
         assert sqnr["fp8_e4m3"] >= 22.0, sqnr
         assert 8.0 <= sqnr["int4"] < sqnr["fp8_e4m3"] < sqnr["int8"], sqnr
@@ -447,7 +447,7 @@ def test_grouped_mm_unit():
         assert gnmr_fx.controller(m).names == ["experts"]
         assert gnmr_fx.runtime(m).units[0].op_name == "grouped_mm"
     assert torch.equal(out["always_high"], ref(x, offs))
-    assert 20.0 < quantization_sqnr(ref(x, offs).float(), out["always_low"].float()) < 60.0
+    assert 20.0 < sqnr(ref(x, offs).float(), out["always_low"].float()) < 60.0
 
 
 def test_bf16_autocast_training():

@@ -307,7 +307,7 @@ def test_a_copy_of_a_compiled_model_runs_uncompiled():
     assert len(rt.records) == 1 and rt.controller.step == 1
 
 
-@pytest.mark.parametrize("module", ["gnmr_fx.passes.ops", "gnmr_fx.passes.discover_units", "gnmr_fx.api",
+@pytest.mark.parametrize("module", ["gnmr_fx.backends.ops", "gnmr_fx.passes.discover_units", "gnmr_fx.api",
                                     "gnmr_fx.runtime", "gnmr_fx.backends.paths"])
 def test_docstring_examples(module):
     import doctest

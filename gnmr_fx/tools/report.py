@@ -1,21 +1,6 @@
-"""Run telemetry: the JSON-lines writer behind ``gnmr_fx.compile(..., log=PATH)``
-and ``gnmr-fx report RUN.jsonl``.
+"""``gnmr-fx report RUN.jsonl``: read a telemetry file, summarize it, plot it.
 
-File format (one JSON object per line):
-
-* a *header* line ``{"header": true, "units": [...], "recipe": ..., "budget":
-  ..., "costs": [...], "threshold": ..., ...}`` at the start of a run and
-  again whenever units join (a new graph was captured);
-* one line per optimizer step: ``step``, per-unit ``norm`` / ``gnmr`` /
-  ``delta_gnmr`` lists in header order (``null`` = the unit did not run that
-  step, ``"inf"`` = non-finite), ``plan`` / ``triggered`` / ``denied`` as
-  lists of unit names, ``budget_used`` and ``budget``, and any scalars
-  logged with ``runtime.log_metrics`` (e.g. ``loss``).
-
-The writer keeps device tensors until ``log_every`` steps are buffered, then
-moves the whole batch to the host in a single transfer. A failed write (disk
-full, directory removed) raises :class:`TelemetryWriteError` from the step
-that flushes; the lines stay buffered and the next flush writes them first.
+The file format is written by ``gnmr_fx.telemetry`` (see its docstring).
 """
 
 from __future__ import annotations
@@ -26,203 +11,17 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
-import torch
 
 from gnmr_fx.arguments import InputError, positive_int
-
-_VECTORS = ("norm", "gnmr", "delta_gnmr")
-_MASKS = ("plan", "triggered", "denied")
-
-
-class TelemetryWriteError(OSError):
-    """Telemetry lines could not be written to the log file.
-
-    ``pending`` is the number of step lines still buffered (written by the
-    next flush), ``lost`` the number dropped (only when the writer closes).
-    """
-
-    def __init__(self, path: str, cause: OSError, pending: int, lost: int) -> None:
-        what = (f"{lost} step lines were lost" if lost else
-                f"{pending} step lines stay buffered and the next flush retries them "
-                "(gnmr_fx.runtime(model).flush())")
-        super().__init__(f"gnmr_fx telemetry: cannot write {path}: {cause.strerror or cause}; {what}")
-        self.errno, self.path = cause.errno, path
-        self.pending = pending
-        self.lost = lost
-
-
-class TelemetryWriter:
-    """Buffers per-step device tensors and writes JSON lines in batches.
-
-    Holds no reference to the runtime, so ``weakref.finalize`` can flush it
-    when the runtime is collected or the interpreter exits.
-    """
-
-    def __init__(self, path: Optional[str], log_every: int, tensorboard: Any = None) -> None:
-        self.path = path
-        self.log_every = int(log_every)
-        self.tensorboard = tensorboard
-        self.rows: list[tuple[int, dict, dict, dict]] = []  # (step, tensors, metrics, header)
-        self.header: Optional[dict] = None
-        self._written_header: Optional[dict] = None
-        # Lines on the host not yet in the file (a write failed), oldest first:
-        # (the header they belong to, whether the line is that header, JSON text).
-        self._unwritten: list[tuple[dict, bool, str]] = []
-        self._unwritten_steps = 0
-        self.lines_written = 0
-        self.transfers = 0  # device-to-host copies made (tests assert the batching)
-
-    @property
-    def n_units(self) -> int:
-        return -1 if self.header is None else len(self.header["units"])
-
-    def set_header(self, header: dict) -> None:
-        self.header = header
-
-    def append(self, step: int, tensors: dict, metrics: dict) -> None:
-        # Clones: the controller replaces its tensors each step, but a later
-        # in-place write (set_plan) must not change a buffered line.
-        snap = {k: v.detach().clone() for k, v in tensors.items()}
-        self.rows.append((step, snap, dict(metrics), self.header))
-        if len(self.rows) >= self.log_every:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write every buffered line; raises :class:`TelemetryWriteError`
-        (the lines stay buffered) if the file cannot be written."""
-        if self.rows:
-            self._to_host()
-        self._write()
-
-    def _to_host(self) -> None:
-        batch, self.rows = self.rows, []
-        # Everything in the batch goes into one flat float vector: one
-        # device-to-host transfer per batch, whatever the number of keys.
-        parts, layout = [], []
-        dev, offset = None, 0
-        for step, tens, metrics, header in batch:
-            entry = {}
-            for k, v in tens.items():
-                entry[k] = (offset, v.numel())
-                offset += v.numel()
-                dev = dev or v.device
-                parts.append(v.reshape(-1).float())
-            for k, v in metrics.items():
-                if isinstance(v, torch.Tensor):
-                    entry["metric:" + k] = (offset, 1)
-                    offset += 1
-                    parts.append(v.reshape(1).float())
-            layout.append(entry)
-        flat = torch.cat([p.to(dev) for p in parts]).cpu().tolist() if parts else []
-        self.transfers += 1
-        lines, owners = [], []
-        for (step, tens, metrics, header), entry in zip(batch, layout):
-            if header is not self._written_header:
-                lines.append(header)
-                owners.append(header)
-                self._written_header = header
-            names = header["units"]
-            row: dict[str, Any] = {"step": step}
-
-            def get(k: str) -> list:
-                off, n = entry[k]
-                return flat[off: off + n]
-
-            for k in _VECTORS:
-                row[k] = [_json_float(x) for x in get(k)]
-            for k in _MASKS:
-                row[k] = [names[i] for i, x in enumerate(get(k)) if x]
-            row["lock"] = {names[i]: int(x) for i, x in enumerate(get("lock")) if x}
-            row["budget_used"] = get("budget_used")[0]
-            row["budget"] = header["budget"]
-            for k, v in metrics.items():
-                row[k] = _json_float(get("metric:" + k)[0] if isinstance(v, torch.Tensor) else v)
-            lines.append(row)
-            owners.append(header)
-        steps = sum(1 for r in lines if "header" not in r)
-        if self.tensorboard is not None:
-            _to_tensorboard(self.tensorboard, [r for r in lines if "header" not in r])
-        if self.path is None:
-            self.lines_written += steps
-            return
-        self._unwritten.extend((h, line is h, json.dumps(line) + "\n") for h, line in zip(owners, lines))
-        self._unwritten_steps += steps
-
-    def _write(self) -> None:
-        if not self._unwritten:
-            return
-        # Opened per batch, not kept open: writes to a kept descriptor would
-        # still "succeed" after the directory is removed, into a file nobody
-        # can read. O_APPEND plus truncating back on failure keeps a partial
-        # write (disk full) from leaving half a line for the next batch.
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise TelemetryWriteError(self.path, e, self._unwritten_steps, 0) from e
-        try:
-            start = os.lseek(fd, 0, os.SEEK_END)
-        except OSError:
-            start = None  # a pipe: nothing to truncate, no file start to find
-        try:
-            header, is_header, _ = self._unwritten[0]
-            # A new or emptied file (the directory was re-created, the log
-            # rotated) starts with the header its step lines refer to.
-            first = [json.dumps(header) + "\n"] if start == 0 and not is_header else []
-            data = "".join(first + [text for _, _, text in self._unwritten]).encode("utf-8")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except OSError as e:
-            try:
-                if start is not None:
-                    os.ftruncate(fd, start)
-            except OSError:
-                pass  # a device such as /dev/full cannot be truncated; nothing was kept there
-            raise TelemetryWriteError(self.path, e, self._unwritten_steps, 0) from e
-        finally:
-            os.close(fd)
-        self.lines_written += self._unwritten_steps
-        self._unwritten, self._unwritten_steps = [], 0
-
-    def close(self) -> None:
-        """Flush; lines that still cannot be written are dropped and counted
-        in the error (this runs at interpreter exit, where nothing can retry)."""
-        try:
-            self.flush()
-        except TelemetryWriteError as e:
-            lost, self._unwritten, self._unwritten_steps = self._unwritten_steps, [], 0
-            raise TelemetryWriteError(self.path, e.__cause__, 0, lost) from e.__cause__
-
-
-def _to_tensorboard(writer: Any, rows: list[dict]) -> None:
-    for row in rows:
-        step = row["step"]
-        writer.add_scalar("gnmr/budget_used", row["budget_used"], step)
-        writer.add_scalar("gnmr/units_high", len(row["plan"]), step)
-        writer.add_scalar("gnmr/triggered", len(row["triggered"]), step)
-        writer.add_scalar("gnmr/denied", len(row["denied"]), step)
-        for k, v in row.items():
-            if k not in ("step", "budget", "budget_used", "lock", *_VECTORS, *_MASKS) and isinstance(v, (int, float)):
-                writer.add_scalar(f"metrics/{k}", v, step)
-
-
-def _json_float(v: float) -> Any:
-    """JSON has no NaN/inf: NaN (unit did not run) -> null, inf -> "inf"."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return v
+from gnmr_fx.telemetry import MASKS, VECTORS
 
 
 def _from_json(v: Any) -> float:
     if v is None:
         return math.nan
-    if isinstance(v, str):
-        return float(v)
     return float(v)
 
 
@@ -274,6 +73,7 @@ def load_run(path: str) -> Run:
     :class:`~gnmr_fx.arguments.InputError` (a ``ValueError``).
 
     >>> import os, tempfile, torch
+    >>> from gnmr_fx.telemetry import TelemetryWriter
     >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
     >>> w = TelemetryWriter(path, log_every=2)
     >>> w.set_header({"header": True, "units": ["a", "b"], "budget": 1.0, "max_o": 1})
@@ -325,15 +125,15 @@ def load_run(path: str) -> Run:
     units = list(dict.fromkeys(u for hdr in {id(h): h for h, _ in rows}.values() for u in hdr["units"]))
     index = {u: i for i, u in enumerate(units)}
     s, n = len(rows), len(units)
-    mats = {k: np.full((s, n), np.nan) for k in _VECTORS}
-    masks = {k: np.zeros((s, n), dtype=bool) for k in _MASKS}
-    metric_names = sorted({k for _, r in rows for k in r} - {"step", "budget", "budget_used", "lock", *_VECTORS, *_MASKS})
+    mats = {k: np.full((s, n), np.nan) for k in VECTORS}
+    masks = {k: np.zeros((s, n), dtype=bool) for k in MASKS}
+    metric_names = sorted({k for _, r in rows for k in r} - {"step", "budget", "budget_used", "lock", *VECTORS, *MASKS})
     metrics = {k: np.full(s, np.nan) for k in metric_names}
     for j, (hdr, r) in enumerate(rows):
         cols = [index[u] for u in hdr["units"]]
-        for k in _VECTORS:
+        for k in VECTORS:
             mats[k][j, cols] = [_from_json(v) for v in r[k]]
-        for k in _MASKS:
+        for k in MASKS:
             masks[k][j, [index[u] for u in r[k]]] = True
         for k in metric_names:
             if r.get(k) is not None:
@@ -365,7 +165,7 @@ def _complete_json(line: str) -> tuple[Any, bool]:
 
 
 def _is_number(v: Any) -> bool:
-    # What _json_float writes: a number, null (did not run) or a non-finite string.
+    # What gnmr_fx.telemetry.json_float writes: a number, null (did not run) or a non-finite string.
     return v is None or v in ("inf", "-inf", "nan") or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
@@ -378,19 +178,19 @@ def _check_header(obj: dict, path: str, n: int) -> None:
 def _check_step(obj: dict, header: dict, path: str, n: int) -> None:
     units = header["units"]
     problem = None
-    missing = [k for k in ("step", "budget_used", "budget", *_VECTORS, *_MASKS) if k not in obj]
+    missing = [k for k in ("step", "budget_used", "budget", *VECTORS, *MASKS) if k not in obj]
     if missing:
         problem = f"has no {', '.join(missing)}"
     elif not isinstance(obj["step"], int):
         problem = f"has step {obj['step']!r}, not an integer"
-    elif any(not isinstance(obj[k], list) or len(obj[k]) != len(units) for k in _VECTORS):
-        problem = f"does not have one {'/'.join(_VECTORS)} value per unit of its header ({len(units)})"
-    elif not all(_is_number(v) for k in _VECTORS for v in obj[k]) or not all(
+    elif any(not isinstance(obj[k], list) or len(obj[k]) != len(units) for k in VECTORS):
+        problem = f"does not have one {'/'.join(VECTORS)} value per unit of its header ({len(units)})"
+    elif not all(_is_number(v) for k in VECTORS for v in obj[k]) or not all(
             _is_number(obj[k]) and obj[k] is not None for k in ("budget", "budget_used")):
         problem = "has a value that is not a number"
     elif any(not isinstance(obj[k], list) or not all(isinstance(u, str) and u in units for u in obj[k])
-             for k in _MASKS):
-        problem = f"names units in {'/'.join(_MASKS)} that its header does not have"
+             for k in MASKS):
+        problem = f"names units in {'/'.join(MASKS)} that its header does not have"
     if problem:
         raise InputError(f"{path}:{n}: step line {problem}")
 
