@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import gnmr_fx
 import gnmr_fx.distributed
-from gnmr_fx.benchmarks.dist_scenario import FAULT_RANK, FAULT_STEP, LR, STEPS, Net, local_batch
+from gnmr_fx.benchmarks.dist_scenario import FAULT_RANK, FAULT_STEP, LR, STEPS, Net, fsdp_blocks_model, local_batch
 from gnmr_fx.models import GPTConfig, TinyGPT
 
 # NVLink multicast stays off on shared hosts (device notes); set before NCCL starts.
@@ -60,19 +60,9 @@ def _record(rt, log: list) -> None:
 
 
 def consistency(rank: int, world: int, device: torch.device, compiler: str, recipe: str) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
     cfg = gnmr_fx.GNMRConfig(recipe=recipe, warmup_steps=3, threshold=3.0, max_o=1, lock_steps=2)
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = Net().to(device)
-    rt = gnmr_fx.distributed.compile_blocks(model, model.blocks, cfg, backend=compiler)
-    for b in model.blocks:
-        fully_shard(b)
-    fully_shard(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    rt.attach_optimizer(opt)
-    gnmr_fx.distributed.enable(model)
+    model, opt, rt = fsdp_blocks_model(cfg, compiler, device)
     log: list = []
     _record(rt, log)
     for s in range(STEPS):

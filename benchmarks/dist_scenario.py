@@ -6,6 +6,8 @@ batches with a fault on one rank at one step.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -68,3 +70,23 @@ def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.T
     x, y = global_batch(step, world)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     return x[rows], y[rows]
+
+
+def fsdp_blocks_model(config: Any, backend: str, device: Any = "cpu") -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """The torchtitan order: compile per block, fully_shard each block and the root, enable.
+
+    Returns ``(model, optimizer, runtime)``; needs torch.distributed initialized.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    import gnmr_fx.distributed
+
+    model = make_model().to(device)
+    rt = gnmr_fx.distributed.compile_blocks(model, model.blocks, config, backend=backend)
+    for b in model.blocks:
+        fully_shard(b)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    rt.attach_optimizer(opt)
+    gnmr_fx.distributed.enable(model)
+    return model, opt, rt

@@ -261,7 +261,7 @@ class GNMRRuntime:
         skipped, e.g. after a graph break inside a loop), so their matmuls
         are not units. Matmul weights: floating-point 2-D (``[N, K]``) and
         3-D (a stack of experts) parameters, except those of embeddings and
-        convolutions (lookups and ops GNMR does not recover anyway).
+        convolutions (lookups and ops that are never units).
         """
         root = self.root
         if root is None or not self.records:

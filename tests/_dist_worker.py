@@ -23,7 +23,7 @@ import gnmr_fx
 import gnmr_fx.distributed
 from gnmr_fx.benchmarks.dist_scenario import (  # noqa: F401 - the test reads them through this module
     BATCH, D, D_IN, D_OUT, FAULT_RANK, FAULT_STEP, LR, SAVE_AFTER, SEQ, STEPS, Block, Net, global_batch, local_batch,
-    make_model,
+    fsdp_blocks_model, make_model,
 )
 
 CONFIG = gnmr_fx.GNMRConfig(recipe="int8", warmup_steps=3, threshold=3.0, delta_threshold=1.5,
@@ -172,18 +172,7 @@ def run_sequential(rank: int, world: int, wrapper: str, compiler: str, width: in
 
 
 def _fsdp_blocks_model():
-    """The torchtitan order: compile per block, fully_shard each block and the root, enable."""
-    from torch.distributed.fsdp import fully_shard
-
-    model = make_model()
-    rt = gnmr_fx.distributed.compile_blocks(model, model.blocks, CONFIG, backend="eager")
-    for b in model.blocks:
-        fully_shard(b)
-    fully_shard(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    rt.attach_optimizer(opt)
-    gnmr_fx.distributed.enable(model)
-    return model, opt, rt
+    return fsdp_blocks_model(CONFIG, "eager")
 
 
 def run_fsdp_blocks(rank: int, world: int, ckpt: str) -> dict:

@@ -213,13 +213,13 @@ class TestNumerics:
         # Logits SQNR (dB) of the whole model, all units low vs fp32.
         idx, _ = _batch()
         ref = _gpt()(idx)
-        sqnr = {}
+        db = {}
         for recipe in ("fp8_e4m3", "int8", "int4"):
             m = gnmr_fx.compile(_gpt(), GNMRConfig(recipe=recipe, policy="always_low"), backend="eager")
-            sqnr[recipe] = sqnr(ref, m(idx))
-        assert sqnr["int8"] >= 35.0, sqnr
-        assert sqnr["fp8_e4m3"] >= 22.0, sqnr
-        assert 8.0 <= sqnr["int4"] < sqnr["fp8_e4m3"] < sqnr["int8"], sqnr
+            db[recipe] = sqnr(ref, m(idx))
+        assert db["int8"] >= 35.0, db
+        assert db["fp8_e4m3"] >= 22.0, db
+        assert 8.0 <= db["int4"] < db["fp8_e4m3"] < db["int8"], db
 
 
 class _SyncCounter(TorchDispatchMode):

@@ -187,8 +187,8 @@ class TestNVFP4:
 def test_sqnr_and_low_path(name):
     r = get_recipe(name)
     x = _randn(64, 256)
-    sqnr = sqnr(x, r.quantize_input(x, -1))
-    assert sqnr >= SQNR_FLOORS[name], f"{name}: {sqnr:.2f} dB is too low"
+    db = sqnr(x, r.quantize_input(x, -1))
+    assert db >= SQNR_FLOORS[name], f"{name}: {db:.2f} dB is too low"
     # A linear with K=100 (not a multiple of any block) and an attention-style
     # matmul run on the low path with finite gradients.
     a = _randn(3, 7, 100, seed=1).requires_grad_()

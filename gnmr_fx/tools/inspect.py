@@ -5,7 +5,7 @@ and the real GNMR backend), runs one forward pass with the example inputs
 (positional and keyword, as the training loop calls the model), and reports every
 recoverable unit with its shapes, FLOPs, recipe, high path, plan and filter
 state, plus the graph breaks Dynamo took and the matmul-family ops it saw
-but could not recover. For a model already compiled with GNMR the plan is
+but that are not recoverable. For a model already compiled with GNMR the plan is
 the live one: what its compiled graphs run next.
 
 It leaves the user's model as it was (see ``gnmr_fx.tools.capture``).
@@ -248,7 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "factory() returns (model, args) or (model, args, kwargs), the call training makes")
     parser.add_argument("--recipe", default=None, help="low-path recipe (default: the GNMRConfig default)")
     parser.add_argument("--max-o", type=parse_max_o, default=None,
-                        help="budget: an integer is a count of units (0: no recovery), "
+                        help="budget: an integer is a count of units (0: every unit low), "
                              "a decimal or percentage a fraction of the FLOPs (0.05 or 5%%)")
     parser.add_argument("--policy", default=None, choices=POLICIES)
     parser.add_argument("--filter", dest="filters", action="extend", nargs="+", default=None, metavar="PATTERN",
