@@ -391,7 +391,7 @@ def sqnr(ref: Tensor, approx: Tensor) -> float:
 
     >>> x = torch.linspace(-1, 1, 101)
     >>> sqnr(x, x), round(sqnr(x, fake_quant_int(x, bits=8, kdim=None)))
-    (inf, 47)
+    (inf, 48)
     """
     ref = ref.detach().double()
     err = (approx.detach().double() - ref).pow(2).mean()

@@ -507,3 +507,41 @@ def test_graph_shared_by_module_instances_gets_units_per_instance(backend):
     for i in range(3):  # each instance measured its own weight gradient
         assert norms[f"blocks.{i}.a"] == pytest.approx(ref.blocks[i].a.weight.grad.norm().item(), rel=1e-5)
         assert norms[f"blocks.{i}.b"] == pytest.approx(ref.blocks[i].b.weight.grad.norm().item(), rel=1e-5)
+
+
+class TestBareGraph:
+    """The passes run end to end on a bare GraphModule + config, with no runtime."""
+
+    @staticmethod
+    def _traced():
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        def f(x, w):
+            return F.linear(x, w) @ w
+
+        gm = torch.fx.symbolic_trace(f)
+        ShapeProp(gm).propagate(torch.randn(4, 8), torch.randn(3, 8))
+        return gm
+
+    def test_run_passes_rewrites_every_unit(self):
+        from gnmr_fx.passes import run_passes
+
+        before = counters["insert_dual_path"]["dual_path_nodes"]
+        gm = run_passes(self._traced(), GNMRConfig(recipe="int8"))
+        units = [n.meta["gnmr_dual"] for n in gm.graph.nodes if "gnmr_dual" in n.meta]
+        assert [(s.name, s.slot) for s in units] == [("linear", 0), ("matmul", 1)]
+        assert counters["insert_dual_path"]["dual_path_nodes"] - before == 2
+        assert gm._gnmr_plan.shape == (2,) and gm._gnmr_probe.shape == (2,)
+        x, w = torch.randn(4, 8), torch.randn(3, 8)
+        gm._gnmr_plan.fill_(True)  # all high: the graph as written
+        assert torch.equal(gm(x, w), F.linear(x, w) @ w)
+
+    @pytest.mark.parametrize("name", ["insert_grad_stats", "insert_dual_path", "assign_slots"])
+    def test_insert_passes_refuse_a_graph_without_slots(self, name):
+        import gnmr_fx.passes as passes
+
+        gm = self._traced()
+        if name != "assign_slots":
+            passes.discover_units(gm, GNMRConfig())
+        with pytest.raises(ValueError, match=f"{name}: run discover_units"):
+            getattr(passes, name)(gm, GNMRConfig())

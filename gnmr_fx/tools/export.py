@@ -467,7 +467,7 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
     import onnxruntime as ort
 
     from gnmr_fx.api import compile as gnmr_compile
-    from gnmr_fx.backends.recipes import sqnr as quantization_sqnr
+    from gnmr_fx.backends.recipes import sqnr
     from gnmr_fx.runtime import runtime_of
 
     sess = ort.InferenceSession(export.path, ort_session_options(export), providers=["CPUExecutionProvider"])
@@ -488,7 +488,7 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
     ops = collections.Counter(n.op_type for n in onnx.load(export.path).graph.node)
     return {
         "max_abs_err": float((got - ref).abs().max()),
-        "sqnr_db": quantization_sqnr(ref, got),
+        "sqnr_db": sqnr(ref, got),
         "ops": {k: ops[k] for k in ("QuantizeLinear", "DequantizeLinear", "MatMul", "Gemm")},
     }
 
