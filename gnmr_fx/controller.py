@@ -305,6 +305,14 @@ class GNMRController:
         admit_sorted = cand[order] & fits
         return torch.zeros_like(cand).scatter(0, order, admit_sorted)
 
+    def set_plan(self, plan: Tensor) -> None:
+        """Take ``plan`` (bool per unit) as the current plan; the next
+        :meth:`update` decides again from the locks and pins."""
+        plan = torch.as_tensor(plan, dtype=torch.bool, device=self._device)
+        if plan.shape != (self.num_units,):
+            raise ValueError(f"plan must have shape ({self.num_units},), got {tuple(plan.shape)}")
+        self.plan = plan.clone()
+
     def pin(self, mask: Tensor) -> None:
         """Hold the units where ``mask`` is True on the high path through every
         update (``policy="gnmr"``), until pinned again; all False unpins.

@@ -102,9 +102,7 @@ def enable(
     if not factor > 0:
         raise ValueError(f"grad_divide_factor must be > 0 (got {grad_divide_factor!r})")
     rt = runtime_of(model)
-    rt.dp_group = group
-    rt.dp_scale = 1.0 / (factor * factor)
-    rt.dp_local = False
+    rt.set_data_parallel(group, 1.0 / (factor * factor))
     _expose_state(rt)
     return rt
 
@@ -121,9 +119,7 @@ def disable(model: nn.Module) -> GNMRRuntime:
     True
     """
     rt = runtime_of(model)
-    rt.dp_group = None
-    rt.dp_scale = 1.0
-    rt.dp_local = True
+    rt.set_data_parallel(None, local=True)
     return rt
 
 
@@ -215,9 +211,5 @@ class _BlockBackend(GNMRBackend):
     """
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        root = self.runtime.root
-        if root is not None:
-            self.runtime.param_fqns.clear()
-            self.runtime.module_fqns.clear()
-            self.runtime._index_root(root)
+        self.runtime.reindex_root()
         return super().__call__(gm, example_inputs)

@@ -129,6 +129,15 @@ class GNMRRuntime:
         attach_state(root, rt)
         return rt
 
+    def reindex_root(self) -> None:
+        """Read the root's parameter and module names again, dropping the old
+        ones (FSDP2 swaps parameters in; Python may reuse a freed one's id)."""
+        root = self.root
+        if root is not None:
+            self.param_fqns.clear()
+            self.module_fqns.clear()
+            self._index_root(root)
+
     def _index_root(self, root: torch.nn.Module) -> None:
         for name, p in root.named_parameters(remove_duplicate=False):
             self.param_fqns.setdefault(id(p), name)
@@ -393,6 +402,12 @@ class GNMRRuntime:
     dp_scale: float = 1.0
     dp_local: bool = False
 
+    def set_data_parallel(self, group: Any, scale: float = 1.0, *, local: bool = False) -> None:
+        """Reduce the statistics over ``group`` (times ``scale``) every step, or,
+        with ``group=None`` and ``local=True``, decide on this rank alone
+        (``gnmr_fx.distributed.enable`` / ``disable``)."""
+        self.dp_group, self.dp_scale, self.dp_local = group, float(scale), bool(local)
+
     def _reduce(self, sumsq: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine every rank's statistics so that all ranks compute the same plan.
 
@@ -470,7 +485,7 @@ class GNMRRuntime:
         again (see :meth:`pin` to hold units high). For tests, export and
         what-if runs; the stability benchmark's static and random arms.
         """
-        self.controller.plan = self._mask(plan).clone()
+        self.controller.set_plan(self._mask(plan))
         self.write_plan()
 
     def set_plan(self, plan: PlanLike) -> None:
