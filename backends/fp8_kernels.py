@@ -34,6 +34,7 @@ only the GEMM is an extern kernel. :func:`fp8_linear` is the plain FP8 linear
 unit, on the host, whether a GEMM runs in fp8 or as written.
 
 >>> import torch
+>>> from gnmr_fx.backends.recipes import sqnr
 >>> x, w = torch.randn(32, 64), torch.randn(48, 64)
 >>> y = fp8_linear(x, w, None, "fp8_e4m3")
 >>> y.shape, round(sqnr(x @ w.t(), y)) > 20
@@ -42,16 +43,14 @@ unit, on the host, whether a GEMM runs in fp8 or as written.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-# Scales are clamped away from zero as in recipes.py: an all-zero tensor
-# casts to zeros rather than 0/0.
-_EPS = 1e-12
+from gnmr_fx.backends.recipes import SCALE_EPS
+
 # _scaled_mm (cuBLASLt / CUTLASS) needs every matrix dim divisible by 16.
 ALIGN = 16
 
@@ -125,7 +124,7 @@ def to_fp8(t: Tensor, dtype: torch.dtype, dim: Optional[int] = None) -> tuple[Te
     fmax = float(torch.finfo(dtype).max)
     a = t.detach().abs()
     amax = a.amax() if dim is None else a.amax(dim=dim, keepdim=True)
-    scale = (amax.float() / fmax).clamp_min(_EPS)
+    scale = (amax.float() / fmax).clamp_min(SCALE_EPS)
     t_lp = (t.detach().float() / scale).clamp(-fmax, fmax).to(dtype)
     return t_lp, scale
 
@@ -297,12 +296,3 @@ def convert_to_fp8(model: torch.nn.Module, recipe: str = "fp8_e4m3",
             mod.__class__ = Float8Linear
             mod.recipe = recipe
     return model
-
-
-def sqnr(ref: Tensor, approx: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (higher is better)."""
-    ref = ref.detach().double()
-    err = (approx.detach().double() - ref).pow(2).mean()
-    if err == 0:
-        return math.inf
-    return float(10.0 * torch.log10(ref.pow(2).mean() / err))

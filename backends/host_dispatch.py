@@ -18,13 +18,14 @@ optimizer steps). The fp8 casts stay outside the op, as traced torch code
 that Inductor fuses; for a unit on the high path they are computed and
 unused (those units are at most ``max_o`` of the FLOPs).
 
-**The one transfer per step.** The controller decides on the device; after
-``GNMRRuntime.step`` the callback :func:`publish_plan` copies the new plan to
-every graph's host buffer: one small device-to-host copy (a few bytes per
-unit) per optimizer step, outside forward and backward. With
+**The one transfer per step.** The controller decides on the device; at the
+end of ``GNMRRuntime.step`` the runtime copies the new plan to every graph's
+host buffer (``GNMRRuntime.write_plan``): one small device-to-host copy (a few
+bytes per unit) per optimizer step, outside forward and backward. With
 ``gnmr_fx.compile(..., optimizer=opt)`` it runs inside ``opt.step()``;
 without an optimizer the runtime steps at the end of backward, so that copy
-happens inside ``loss.backward()``.
+happens inside ``loss.backward()``. This module only runs kernels: it holds
+no runtime state.
 
 >>> import torch
 >>> plan = torch.tensor([False, True])
@@ -44,9 +45,7 @@ from torch import Tensor
 
 from gnmr_fx.backends import fp8_kernels
 from gnmr_fx.backends.fp8_kernels import REAL_RECIPES, GemmOperands, grad_operands, output_operands
-
-PLAN_HOST = "_gnmr_plan_host"
-_HIGH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from gnmr_fx.backends.paths import HIGH_DTYPES
 
 
 # A plain library op rather than ``torch.library.custom_op``: it is called
@@ -107,8 +106,8 @@ class _DualLinear(torch.autograd.Function):
                 recipe: str, high: str) -> Tensor:
         spec = REAL_RECIPES[recipe]
         x2 = x.reshape(-1, x.shape[-1])
-        xh, wh = _high(x2, high), _high(w, high)
-        y = _select(plan, slot, xh, wh.t(), output_operands(x2, w, spec)).to(x.dtype)
+        x_hp, w_hp = _high(x2, high), _high(w, high)
+        y = _select(plan, slot, x_hp, w_hp.t(), output_operands(x2, w, spec)).to(x.dtype)
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(x2, w, plan)
@@ -120,15 +119,15 @@ class _DualLinear(torch.autograd.Function):
         x2, w, plan = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])
         dx_ops, dw_ops = grad_operands(g2, x2, w, ctx.spec)
-        gh, xh, wh = _high(g2, ctx.high), _high(x2, ctx.high), _high(w, ctx.high)
-        dx = _select(plan, ctx.slot, gh, wh, dx_ops).to(gy.dtype).reshape(ctx.x_shape)
-        dw = _select(plan, ctx.slot, gh.t(), xh, dw_ops).to(w.dtype)
+        g_hp, x_hp, w_hp = _high(g2, ctx.high), _high(x2, ctx.high), _high(w, ctx.high)
+        dx = _select(plan, ctx.slot, g_hp, w_hp, dx_ops).to(gy.dtype).reshape(ctx.x_shape)
+        dw = _select(plan, ctx.slot, g_hp.t(), x_hp, dw_ops).to(w.dtype)
         db = g2.sum(0) if ctx.has_bias else None
         return dx, dw, db, None, None, None, None
 
 
 def _high(t: Tensor, high: str) -> Tensor:
-    return t if high == "native" else t.to(_HIGH_DTYPES[high])
+    return t if high == "native" else t.to(HIGH_DTYPES[high])
 
 
 def dual_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, plan: Tensor, slot: int,
@@ -193,63 +192,3 @@ def kernel_for(op_name: str, a_shape: tuple, b_shape: tuple, recipe: str, device
 
 def _has_real_gemm(op_name: str, b_shape: tuple) -> bool:
     return op_name in ("linear", "mm", "matmul") and len(b_shape) == 2
-
-
-# ---------------------------------------------------------------------------
-# Runtime side: the once-per-step host copy of the plan
-# ---------------------------------------------------------------------------
-
-
-def publish_plan(runtime: Any, *, immediate: bool = False) -> None:
-    """Copy the controller's plan into every graph's host plan buffer.
-
-    One device-to-host transfer for all graphs (the controller plan, one
-    byte per unit), then host-side indexing per graph.
-
-    With ``runtime.plan_lag == 1`` (``GNMRConfig.plan_lag``) on a GPU, the
-    copy goes asynchronously into pinned memory and the host buffers receive
-    the *previous* step's plan, whose copy finished long ago: the host never
-    waits for the step's work to drain, and real-kernel units follow the
-    plan one optimizer step late. ``immediate=True`` (``set_plan``, resume)
-    always publishes the current plan and drops any copy in flight.
-    """
-    recs = [r for r in runtime.records if r.plan is not None and r.plan_host is not None]
-    if not recs:
-        return
-    plan = runtime.controller.plan
-    pipe = runtime.__dict__.setdefault("_plan_pipe", [])
-    if immediate or getattr(runtime, "plan_lag", 0) == 0 or plan.device.type != "cuda":
-        pipe.clear()
-        plan_cpu = plan.to("cpu")  # the step's one small D2H transfer (it waits for the step)
-    else:
-        staged = torch.empty(plan.shape, dtype=plan.dtype, pin_memory=True)
-        staged.copy_(plan, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        pipe.append((staged, done))
-        if len(pipe) < 2:
-            return  # first lagged step: the host keeps the plan it has
-        plan_cpu, done = pipe.pop(0)
-        done.synchronize()  # recorded a whole step ago: already complete in practice
-    for r in recs:
-        ids = r.extra.get("unit_ids_cpu")
-        if ids is None:
-            ids = r.extra["unit_ids_cpu"] = r.unit_ids.to("cpu")
-        r.plan_host.copy_(plan_cpu[ids])
-
-
-def install(runtime: Any) -> Any:
-    """Make ``runtime`` publish its plan to the host buffers after every step.
-
-    Idempotent. Call it right after ``gnmr_fx.compile`` (before training),
-    and call :func:`publish_plan` after ``runtime.set_plan``.
-
-    >>> from gnmr_fx.runtime import GNMRRuntime
-    >>> from gnmr_fx.config import GNMRConfig
-    >>> rt = install(install(GNMRRuntime(GNMRConfig())))
-    >>> rt.callbacks.count(publish_plan)
-    1
-    """
-    if publish_plan not in runtime.callbacks:
-        runtime.callbacks.append(publish_plan)
-    return runtime

@@ -11,39 +11,17 @@ rounds the gradient that flows into the unit's output.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from gnmr_fx.backends.ops import OPS
 from gnmr_fx.backends.recipes import Quantizer, get_recipe
 
 HIGH_PATHS = ("native", "bf16", "fp32")
-
-# Ops the branches can run, by the name the passes record in the graph (FX
-# code generation cannot print a builtin function object as an argument).
-BRANCH_OPS: dict[str, Callable[..., Tensor]] = {
-    "linear": torch.nn.functional.linear,
-    "matmul": torch.matmul,
-    "mm": torch.mm,
-    "bmm": torch.bmm,
-    "addmm": torch.addmm,
-    "baddbmm": torch.baddbmm,
-}
-if hasattr(torch, "_grouped_mm"):
-    BRANCH_OPS["grouped_mm"] = torch._grouped_mm
-
-
-def transformers_grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    """Hugging Face's grouped matmul for the dtypes ``torch._grouped_mm`` cannot
-    compile or differentiate (fp32: no CPU backward). transformers registers
-    the op when its MoE integration is imported; units that use it exist only
-    then, so looking it up at call time never imports transformers here."""
-    return torch.ops.transformers.grouped_mm_fallback(input, weight, offs=offs)
-
-
-BRANCH_OPS["grouped_mm_fallback"] = transformers_grouped_mm
-_HIGH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+HIGH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+"""The dtype of each named high path (``native`` runs the op as written)."""
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -86,7 +64,7 @@ def low_path(
     b_is_weight: bool,
     **kwargs: Any,
 ) -> Tensor:
-    """Run ``BRANCH_OPS[op]`` with its two matmul operands rounded by ``recipe``.
+    """Run ``OPS[op].fn`` with its two matmul operands rounded by ``recipe``.
 
     ``a_index`` / ``b_index`` locate the operands in ``args``; ``b_kdim`` is
     the reduction dim of operand b (``-1`` for an ``F.linear`` weight stored
@@ -104,7 +82,7 @@ def low_path(
     args[a_index] = _RoundSTE.apply(args[a_index], r.quantize_input, -1)
     qb = r.quantize_weight if b_is_weight else r.quantize_input
     args[b_index] = _RoundSTE.apply(args[b_index], qb, b_kdim)
-    out = BRANCH_OPS[op](*args, **kwargs)
+    out = OPS[op].fn(*args, **kwargs)
     if r.quantize_grad is not None:
         out = _RoundGrad.apply(out, r.quantize_grad)
     return out
@@ -116,10 +94,10 @@ def high_path(op: str, *args: Any, high: str, **kwargs: Any) -> Tensor:
     With a named dtype, floating-point tensor arguments are cast to it and the
     result is cast back, so the unit's output dtype never changes.
     """
-    fn = BRANCH_OPS[op]
+    fn = OPS[op].fn
     if high == "native":
         return fn(*args, **kwargs)
-    dtype = _HIGH_DTYPES[high]
+    dtype = HIGH_DTYPES[high]
     out_dtype = next(a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point())
     cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
     return fn(*cast, **kwargs).to(out_dtype)

@@ -36,11 +36,11 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 import gnmr_fx
 import gnmr_fx.distributed
+from gnmr_fx.benchmarks.dist_scenario import FAULT_RANK, FAULT_STEP, LR, STEPS, Net, fsdp_blocks_model, local_batch
 from gnmr_fx.models import GPTConfig, TinyGPT
 
 # NVLink multicast stays off on shared hosts (device notes); set before NCCL starts.
@@ -48,42 +48,9 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
     os.environ.setdefault(_k, _v)
 
 # ---------------------------------------------------------------- consistency
-STEPS, FAULT_STEP, FAULT_RANK, BATCH, SEQ, D_IN, D, D_OUT, LR = 8, 5, 1, 4, 6, 8, 16, 4, 0.01
-
-
-class Block(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mix = torch.softmax((x @ x.transpose(-1, -2)) * 0.25, dim=-1) @ x
-        return x + 0.5 * mix + self.fc2(torch.relu(self.fc1(x)))
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(D_IN, D)
-        self.blocks = nn.ModuleList([Block(D) for _ in range(2)])
-        self.head = nn.Linear(D, D_OUT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
-
-
 def _batch(step: int, rank: int, world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(world * BATCH, SEQ, D_IN, generator=g)
-    y = torch.randn(world * BATCH, SEQ, D_OUT, generator=g)
-    if step == FAULT_STEP:
-        x[FAULT_RANK * BATCH:(FAULT_RANK + 1) * BATCH, :, :3] *= 10.0
-    rows = slice(rank * BATCH, (rank + 1) * BATCH)
-    return x[rows].to(device), y[rows].to(device)
+    x, y = local_batch(step, rank, world)
+    return x.to(device), y.to(device)
 
 
 def _record(rt, log: list) -> None:
@@ -93,19 +60,9 @@ def _record(rt, log: list) -> None:
 
 
 def consistency(rank: int, world: int, device: torch.device, compiler: str, recipe: str) -> dict:
-    from torch.distributed.fsdp import fully_shard
-
     cfg = gnmr_fx.GNMRConfig(recipe=recipe, warmup_steps=3, threshold=3.0, max_o=1, lock_steps=2)
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = Net().to(device)
-    rt = gnmr_fx.distributed.compile_blocks(model, model.blocks, cfg, backend=compiler)
-    for b in model.blocks:
-        fully_shard(b)
-    fully_shard(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    rt.attach_optimizer(opt)
-    gnmr_fx.distributed.enable(model)
+    model, opt, rt = fsdp_blocks_model(cfg, compiler, device)
     log: list = []
     _record(rt, log)
     for s in range(STEPS):

@@ -8,9 +8,10 @@ in one process, round by round, so their ratios hold on a noisy machine:
 * ``bf16``: ``torch.compile(model)``;
 * ``fp8``: plain FP8, the same real recipe with no GNMR (every ``nn.Linear``
   swapped to ``fp8_kernels.Float8Linear``), ``torch.compile``;
-* ``gnmr0`` / ``gnmr5`` / ``gnmr10``: ``gnmr_fx.compile`` with real kernels
-  (host dispatch), no unit recovered / units holding 5% / 10% of the FLOPs
-  locked on the high path (one compiled model; only the plan changes);
+* ``gnmr`` / ``pin@5%`` / ``pin@10%``: ``gnmr_fx.compile`` with real kernels
+  (host dispatch): every unit on the low path / the largest units that fit
+  in 5% / 10% of the FLOPs pinned on the high path (``GNMRRuntime.pin``; one
+  compiled model, only the plan changes);
 * ``torchao``: ``torchao.float8.convert_to_float8_training`` (tensorwise),
   when torchao imports.
 
@@ -40,12 +41,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARMS = ("bf16", "fp8", "gnmr0", "gnmr5", "gnmr10", "torchao")
-# Diagnostics (not run by default): gnmr0 without the per-step plan copy to
-# the host (``nosync``), or without the runtime step at all (``nostep``).
-DIAGNOSTIC_ARMS = ("gnmr0_nosync", "gnmr0_nostep", "gnmr0_lag")
-GNMR_HIGH_FRACTION = {"gnmr0": 0.0, "gnmr5": 0.05, "gnmr10": 0.10, "gnmr0_nosync": 0.0, "gnmr0_nostep": 0.0,
-                      "gnmr0_lag": 0.0}
+ARMS = ("bf16", "fp8", "gnmr", "pin@5%", "pin@10%", "torchao")
+# Diagnostics (not run by default): gnmr without the per-step plan copy to
+# the host (``nosync``), without the runtime step at all (``nostep``), or
+# with the plan copied one step late (``lag``, GNMRConfig.plan_lag=1).
+DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag")
+# The share of the FLOPs each GNMR arm pins on the high path (budget max_o as a fraction).
+GNMR_HIGH_FRACTION = {"gnmr": 0.0, "pin@5%": 0.05, "pin@10%": 0.10, "gnmr_nosync": 0.0, "gnmr_nostep": 0.0,
+                      "gnmr_lag": 0.0}
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class Arm:
 
 def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, device: torch.device) -> tuple[list[Arm], dict]:
     import gnmr_fx
-    from gnmr_fx.backends import fp8_kernels, host_dispatch
+    from gnmr_fx.backends import fp8_kernels
 
     info: dict = {}
     arms: list[Arm] = []
@@ -215,7 +218,6 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
         cfg = _gnmr_config(recipe, device)
         gm = gnmr_fx.compile(_shared_copy(base), cfg, backend=backend)
         rt = gnmr_fx.runtime(gm)
-        host_dispatch.install(rt)
         for n in gnmr_names:
             arms.append(Arm(n, gm, before=_plan_setter(rt, GNMR_HIGH_FRACTION[n], n)))
         info["gnmr_runtime"] = rt
@@ -239,9 +241,9 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
 def _gnmr_config(recipe: str, device: torch.device) -> Any:
     from gnmr_fx.config import GNMRConfig
 
-    # max_o caps what the controller may choose; the 5% / 10% arms lock
+    # max_o caps what the controller may choose; the pin@5% / pin@10% arms pin
     # units directly, so the cap is the larger of the two. The thresholds are
-    # out of reach so that gnmr0 really recovers no unit: the arms share one
+    # out of reach so that gnmr puts no unit on the high path: the arms share one
     # model that all of them train, and a trigger would put units on the
     # high path in the middle of a timed arm. The controller still runs its
     # full update every step, so its cost is measured.
@@ -252,43 +254,24 @@ def _gnmr_config(recipe: str, device: torch.device) -> Any:
 
 
 def _plan_setter(rt: Any, fraction: float, arm: str) -> Callable[[], None]:
-    """Lock the largest units whose FLOPs fit in ``fraction`` of the total on
-    the high path (the budget fully used), or unlock all (fraction 0)."""
+    """Pin the largest units whose FLOPs fit in ``fraction`` of the total on
+    the high path (the budget fully used), or unpin all (fraction 0)."""
 
     def apply() -> None:
-        from gnmr_fx.backends import host_dispatch
-
         # Diagnostic arms switch parts of the per-step work off; others restore it.
-        if arm == "gnmr0_nosync":
-            if host_dispatch.publish_plan in rt.callbacks:
-                rt.callbacks.remove(host_dispatch.publish_plan)
-        else:
-            host_dispatch.install(rt)
-        if arm == "gnmr0_nostep":
-            rt.step = lambda: None
-        else:
-            rt.__dict__.pop("step", None)
-        # gnmr0_lag: GNMRConfig.plan_lag=1, the asynchronous host copy of the plan.
-        rt.plan_lag = 1 if arm == "gnmr0_lag" else 0
-        rt.__dict__.get("_plan_pipe", []).clear()
+        rt.configure_step(update=arm != "gnmr_nostep", host_copy=arm != "gnmr_nosync")
+        rt.set_plan_lag(1 if arm == "gnmr_lag" else 0)
         ctl = rt.controller
         if ctl.num_units == 0:  # not compiled yet: the first step discovers the units
             return
         costs = ctl.costs.detach().cpu()
-        lock = torch.zeros(ctl.num_units, dtype=torch.long)
+        high = torch.zeros(ctl.num_units, dtype=torch.bool)
         cap, used = fraction * float(costs.sum()), 0.0
         for i in torch.argsort(costs, descending=True).tolist():
             if used + float(costs[i]) <= cap * (1 + 1e-6):
-                lock[i] = 10**9
+                high[i] = True
                 used += float(costs[i])
-        # A lock longer than the run keeps the unit high through every
-        # controller update; unlocking returns it to the controller.
-        ctl.lock = lock.to(ctl.device)
-        ctl.plan = ctl.lock > 0
-        for rec in rt.records:
-            if rec.plan is not None:
-                rec.plan.copy_(ctl.plan[rec.unit_ids])
-        host_dispatch.publish_plan(rt)
+        rt.pin(high)  # held high through every controller update; unpinning returns them
 
     return apply
 
@@ -416,7 +399,7 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 
     out = {}
     for arm in arms:
-        if arm.name not in ("bf16", "fp8", "gnmr0", "gnmr0_nosync", "torchao"):
+        if arm.name not in ("bf16", "fp8", "gnmr", "gnmr_nosync", "torchao"):
             continue
         arm.before()
         step(arm)

@@ -6,7 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend, compile_module
+from gnmr_fx.backend import COMPILERS, GNMRBackend
+from gnmr_fx.compiled_call import compile_module
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.controller import GNMRController
 from gnmr_fx.runtime import GNMRRuntime, runtime_of

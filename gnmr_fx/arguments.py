@@ -66,7 +66,7 @@ MaxO = Union[int, float]
 def parse_max_o(text: str) -> MaxO:
     """The budget ``max_o`` from its command-line spelling, as ``GNMRConfig.max_o`` takes it.
 
-    An integer is a count of units (``"2"``; ``"0"`` means no recovery); a
+    An integer is a count of units (``"2"``; ``"0"`` keeps every unit on the low path); a
     decimal or a percentage is a fraction of the units' forward FLOPs
     (``"0.05"`` and ``"5%"`` are the same budget). ``"2.0"`` is not a count:
     a budget in units is written as an integer.

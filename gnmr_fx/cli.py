@@ -21,10 +21,10 @@ from typing import NoReturn, Optional, Sequence
 from gnmr_fx.arguments import InputError
 
 SUBCOMMANDS = {
-    "demo": ("gnmr_fx.demo", "train a tiny GPT on offline text: always_high vs always_low vs gnmr"),
-    "inspect": ("gnmr_fx.inspection", "list the recoverable units of a model"),
-    "diff": ("gnmr_fx.diffing", "diff a graph before/after the GNMR pass, or under two configs"),
-    "report": ("gnmr_fx.telemetry", "summarize a telemetry file and plot it"),
+    "demo": ("gnmr_fx.benchmarks.demo", "train a tiny GPT on offline text: always_high vs always_low vs gnmr"),
+    "inspect": ("gnmr_fx.tools.inspect", "list the recoverable units of a model"),
+    "diff": ("gnmr_fx.tools.diff", "diff a graph before/after the GNMR pass, or under two configs"),
+    "report": ("gnmr_fx.tools.report", "summarize a telemetry file and plot it"),
 }
 BENCHMARKS = {
     "perf": ("gnmr_fx.benchmarks.perf", "throughput of bf16 / fp8 / fp8+GNMR (GPU)"),

@@ -70,7 +70,7 @@ class GNMRConfig:
     max_o: Union[int, float] = 0.1
     """Budget: never more than this on the high path at once. An int is a
     count of units; a float in (0, 1) a fraction of the recoverable FLOPs
-    (per-unit costs come from shapes at compile time). 0 disables recovery."""
+    (per-unit costs come from shapes at compile time). 0 keeps every unit on the low path."""
 
     threshold: float = 3.0
     """Trigger when GNMR = g / mu reaches this. Must be > 1: a ratio of 1 is

@@ -24,8 +24,10 @@ The formulas are this project's interpretation of the GNMR abstract
 * a unit's *streak* counts consecutive steps it triggered or held a lock;
   past ``max_lock_steps`` the unit is *released*: lock ended, history reset
   (warm-up again), so a lasting level shift stops holding the high path.
-  A lock longer than ``lock_steps`` is never set here; written from outside
-  (a pin, as the perf benchmark does) it is not capped.
+* a *pinned* unit (:meth:`GNMRController.pin`) stays on the high path
+  through every update until unpinned: it holds budget like a lock, and the
+  release rule does not apply to it. Pins are not controller state to
+  resume: they are set by the code that runs the model (the perf benchmark).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ class GNMRController:
         for k in _BOOL_STATE:
             setattr(self, k, torch.zeros(n, dtype=torch.bool, device=d))
         self.hist = torch.full((self.config.delta_window, n), float("inf"), device=d)
+        self.pinned = torch.zeros(n, dtype=torch.bool, device=d)
 
     def add_units(self, names: Sequence[str], costs: Optional[Union[Sequence[float], Tensor]] = None) -> list[int]:
         """Append units (fresh state, in warm-up); returns their indices.
@@ -144,6 +147,7 @@ class GNMRController:
         self.hist = torch.cat(
             [self.hist, torch.full((self.config.delta_window, k), float("inf"), device=d)], dim=1
         )
+        self.pinned = pad(self.pinned, False)
         if self.config.policy == "always_high":
             self.plan[start:] = True
         return list(range(start, start + k))
@@ -151,7 +155,7 @@ class GNMRController:
     def to(self, device: Union[str, torch.device]) -> "GNMRController":
         device = torch.device(device)
         if device != self._device:
-            for key in STATE_KEYS:
+            for key in (*STATE_KEYS, "pinned"):
                 setattr(self, key, getattr(self, key).to(device))
             self._device = device
         return self
@@ -227,8 +231,9 @@ class GNMRController:
         risk = torch.where(trig, risk, torch.zeros_like(risk))
 
         # Streak of steps triggered or locked; past max_lock_steps the unit
-        # is released. A lock beyond lock_steps was pinned from outside.
-        in_run = (trig | (self.lock > 0)) & (self.lock <= cfg.lock_steps)
+        # is released. A pinned unit is held on purpose: no streak.
+        pinned = self.pinned
+        in_run = (trig | (self.lock > 0)) & ~pinned
         streak = torch.where(in_run, self.streak + 1, torch.zeros_like(self.streak))
         release = streak > cfg.max_lock_steps
         streak = streak.masked_fill(release, 0)
@@ -250,8 +255,8 @@ class GNMRController:
         # Locks: the step just taken consumed one step of every lock.
         lock = (self.lock - 1).clamp_min(0)
         lock = lock.masked_fill(release, 0)
-        held = lock > 0
-        lock = torch.where(trig & held, torch.full_like(lock, cfg.lock_steps), lock)
+        held = (lock > 0) | pinned
+        lock = torch.where(trig & (lock > 0), torch.full_like(lock, cfg.lock_steps), lock)
         cand = trig & ~held & ~release
         if cfg.policy == "gnmr":
             admit = self._admit(cand, held, risk)
@@ -259,7 +264,7 @@ class GNMRController:
             admit = torch.zeros_like(cand)
         lock = torch.where(admit, torch.full_like(lock, cfg.lock_steps), lock)
         if cfg.policy == "gnmr":
-            plan = lock > 0
+            plan = (lock > 0) | pinned
         else:
             lock = torch.zeros_like(lock)
             plan = torch.full_like(cand, cfg.policy == "always_high")
@@ -299,6 +304,30 @@ class GNMRController:
         fits = torch.cumsum(c_sorted, 0) <= free * (1.0 + 1e-6)
         admit_sorted = cand[order] & fits
         return torch.zeros_like(cand).scatter(0, order, admit_sorted)
+
+    def set_plan(self, plan: Tensor) -> None:
+        """Take ``plan`` (bool per unit) as the current plan; the next
+        :meth:`update` decides again from the locks and pins."""
+        plan = torch.as_tensor(plan, dtype=torch.bool, device=self._device)
+        if plan.shape != (self.num_units,):
+            raise ValueError(f"plan must have shape ({self.num_units},), got {tuple(plan.shape)}")
+        self.plan = plan.clone()
+
+    def pin(self, mask: Tensor) -> None:
+        """Hold the units where ``mask`` is True on the high path through every
+        update (``policy="gnmr"``), until pinned again; all False unpins.
+
+        >>> c = GNMRController(3, GNMRConfig(max_o=2))
+        >>> c.pin(torch.tensor([False, True, False]))
+        >>> c.update(torch.ones(3)).tolist(), c.budget_used().item()
+        ([False, True, False], 1.0)
+        """
+        mask = torch.as_tensor(mask, dtype=torch.bool, device=self._device)
+        if mask.shape != (self.num_units,):
+            raise ValueError(f"pin mask must have shape ({self.num_units},), got {tuple(mask.shape)}")
+        self.pinned = mask.clone()
+        if self.config.policy == "gnmr":
+            self.plan = (self.lock > 0) | self.pinned
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -355,7 +384,7 @@ class GNMRController:
                 elif key != "costs":
                     getattr(self, key)[d] = sd[key][s].to(self._device)
         if self.config.policy == "gnmr":
-            self.plan = self.lock > 0
+            self.plan = (self.lock > 0) | self.pinned
         else:
             self.lock = torch.zeros_like(self.lock)
             self.plan = torch.full_like(self.plan, self.config.policy == "always_high")
@@ -386,7 +415,7 @@ class GNMRController:
         drop = held & ~keep
         self.lock = self.lock.masked_fill(drop, 0)
         self.streak = self.streak.masked_fill(drop, 0)
-        self.plan = self.lock > 0
+        self.plan = (self.lock > 0) | self.pinned
         dropped = drop.cpu()
         return [self.names[i] for i in order.tolist() if dropped[i]]
 

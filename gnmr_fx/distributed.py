@@ -15,7 +15,7 @@ from the same statistics:
 
 Which quantity is measured
 --------------------------
-On rank ``r`` a unit's statistics tap sits on the operand the compiled graph
+On rank ``r`` a unit's grad-stats node sits on the operand the compiled graph
 multiplies with. Under DDP that is the rank's local weight; under FSDP2 it
 is the *unsharded* weight that FSDP all-gathered before the block ran. So
 ``s_r[u]`` is the sum, over the rank's micro-batches ``m``, of the squared
@@ -52,9 +52,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gnmr_fx.backends.compile_backend import COMPILERS, GNMRBackend, compile_module
+from gnmr_fx.backend import COMPILERS, GNMRBackend
+from gnmr_fx.checkpoint import expose_state
+from gnmr_fx.compiled_call import compile_module
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.runtime import StateView, _STATE_PREFIX, GNMRRuntime, runtime_of
+from gnmr_fx.runtime import GNMRRuntime, runtime_of
 
 
 def enable(
@@ -100,9 +102,7 @@ def enable(
     if not factor > 0:
         raise ValueError(f"grad_divide_factor must be > 0 (got {grad_divide_factor!r})")
     rt = runtime_of(model)
-    rt.dp_group = group
-    rt.dp_scale = 1.0 / (factor * factor)
-    rt.dp_local = False
+    rt.set_data_parallel(group, 1.0 / (factor * factor))
     _expose_state(rt)
     return rt
 
@@ -119,9 +119,7 @@ def disable(model: nn.Module) -> GNMRRuntime:
     True
     """
     rt = runtime_of(model)
-    rt.dp_group = None
-    rt.dp_scale = 1.0
-    rt.dp_local = True
+    rt.set_data_parallel(None, local=True)
     return rt
 
 
@@ -198,7 +196,7 @@ def compile_blocks(
 def _expose_state(rt: GNMRRuntime) -> None:
     root = rt.root
     if root is not None:
-        root.__dict__[_STATE_PREFIX.rstrip(".")] = StateView(rt)
+        expose_state(root, rt)
 
 
 class _BlockBackend(GNMRBackend):
@@ -213,9 +211,5 @@ class _BlockBackend(GNMRBackend):
     """
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        root = self.runtime.root
-        if root is not None:
-            self.runtime.param_fqns.clear()
-            self.runtime.module_fqns.clear()
-            self.runtime._index_root(root)
+        self.runtime.reindex_root()
         return super().__call__(gm, example_inputs)

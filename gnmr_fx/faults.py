@@ -13,6 +13,10 @@ optimizer steps. Two kinds of fault:
     The unit's backward is corrupted: the gradient flowing into the unit's
     output is multiplied by a large factor (what an overflowed or mis-scaled
     low-precision gradient does). Forward values are untouched.
+``weight_grad_blowup``
+    Only the unit's weight gradient dL/dW is multiplied (its output gradient
+    by the factor, its input gradient back by 1 / factor): a fault confined
+    to one unit, which no other unit's gradient sees.
 
 How it works, and why it survives ``torch.compile``: the injector registers
 ordinary module hooks on the *eager* model, which must happen **before** the
@@ -46,7 +50,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-FAULT_KINDS = ("outlier", "grad_blowup")
+FAULT_KINDS = ("outlier", "grad_blowup", "weight_grad_blowup")
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,13 @@ class Fault:
     unit: str
     """Unit name = module path of the layer whose input/backward is hit."""
     kind: str
-    """``outlier`` or ``grad_blowup``."""
+    """``outlier``, ``grad_blowup`` or ``weight_grad_blowup``."""
     steps: tuple
     """Optimizer steps (0-based) at which the fault is active."""
     factor: float = 30.0
-    """Multiplier of the chosen input channels (outlier) or of the output
-    gradient (grad_blowup). 30x is the order of LLM activation outliers."""
+    """Multiplier of the chosen input channels (outlier), of the output
+    gradient (grad_blowup) or of the weight gradient (weight_grad_blowup).
+    30x is the order of LLM activation outliers."""
     channels: tuple = (0, 1, 2, 3)
     """Input channels (last dim of the unit's input) an outlier hits."""
 
@@ -110,9 +115,14 @@ class FaultInjector:
                     raise ValueError(f"Fault.channels {bad} out of range for {f.unit!r} with {k} input channels")
                 scale = torch.ones(k, device=w.device, dtype=w.dtype)
                 self._handles.append(module.register_forward_pre_hook(_outlier_hook(scale)))
-            else:
+            elif f.kind == "grad_blowup":
                 scale = torch.ones((), device=w.device, dtype=w.dtype)
                 self._handles.append(module.register_forward_hook(_grad_blowup_hook(scale)))
+            else:
+                scale = torch.ones(())
+                pre, post = _weight_grad_hooks(scale)
+                self._handles.append(module.register_forward_pre_hook(pre))
+                self._handles.append(module.register_forward_hook(post))
             self._scales.append(scale)
 
     @torch.no_grad()
@@ -171,6 +181,20 @@ def _linear_like(model: torch.nn.Module, unit: str) -> torch.nn.Module:
     return module
 
 
+class _GradScale(torch.autograd.Function):
+    """Identity in forward; multiplies the gradient by ``k`` in backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, k: Tensor) -> Tensor:
+        ctx.save_for_backward(k)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (k,) = ctx.saved_tensors
+        return grad * k, None
+
+
 def _outlier_hook(scale: Tensor):
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         return (args[0] * scale, *args[1:])
@@ -184,3 +208,13 @@ def _grad_blowup_hook(gain: Tensor):
         return out + (gain - 1.0) * (out - out.detach())
 
     return hook
+
+
+def _weight_grad_hooks(k: Tensor):
+    def pre(module: torch.nn.Module, args: tuple) -> tuple:
+        return (_GradScale.apply(args[0], 1.0 / k), *args[1:])  # input gradient / k: upstream unchanged
+
+    def post(module: torch.nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return _GradScale.apply(out, k)  # output gradient x k: dL/dW x k
+
+    return pre, post

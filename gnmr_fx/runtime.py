@@ -1,51 +1,43 @@
 """GNMRRuntime: what ties one model's compiled graphs to its controller.
 
-One runtime per root model. It owns the unit table (stable names across
-graphs and recompiles), the record of every compiled graph, the controller,
-the per-step update, telemetry, and the model-state-dict glue.
+One runtime per root model. It owns the record of every compiled graph, the
+controller, the per-step update and the plan the graphs run: every plan
+buffer and host copy is written by :meth:`GNMRRuntime.write_plan`, and code
+outside (benchmarks, tests, tools) forces plans through
+:meth:`GNMRRuntime.force_plan` and :meth:`GNMRRuntime.pin`. The unit table
+(``gnmr_fx.units``), the checkpoint encoding (``gnmr_fx.checkpoint``) and the
+telemetry callback (``gnmr_fx.telemetry``) live in their own modules.
 
 Per optimizer step the runtime does, with no host sync:
   gather ``probe.grad`` of every graph (one ``index_add_`` per graph, not
   per unit) -> ``controller.update`` -> write each graph's plan buffer in
-  place (one ``copy_`` per graph).
+  place (one ``copy_`` per graph) -> the step callbacks -> copy the plan to
+  the host buffers of real-kernel units (one small transfer for all graphs).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from gnmr_fx.checkpoint import STATE_PREFIX, attach_state, decode_state, encode_state, subset_state
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.controller import STATE_KEYS, GNMRController, warn_released
+from gnmr_fx.controller import GNMRController, warn_released
 from gnmr_fx.passes.discover_units import UnitSite
+from gnmr_fx.passes.state import PLAN, PLAN_HOST, PROBE
+from gnmr_fx.telemetry import Telemetry
+from gnmr_fx.units import Unit, UnitTable
 
-_STATE_PREFIX = "_gnmr."
 # Modules whose weights feed lookups or ops that are never units.
 _NOT_MATMUL_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.conv._ConvNd)
 # GNMRConfig fields the passes bake into the graphs (the rest only steer the controller).
 _COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate")
-
-
-@dataclass
-class Unit:
-    """A recoverable unit of the model (one call site of a matmul-family op)."""
-
-    id: int
-    name: str
-    op: Any
-    op_name: str
-    weight: Optional[str]
-    flops: int
-    where: str
-    included: bool
-    a_shape: tuple
-    b_shape: tuple
+PlanLike = Union[torch.Tensor, Sequence[bool]]
 
 
 @dataclass
@@ -56,7 +48,7 @@ class GraphRecord:
     original: torch.fx.GraphModule  # before the passes (for inspect / diff)
     rewritten: torch.fx.GraphModule
     sites: list[UnitSite]
-    unit_ids: Optional[torch.Tensor]  # slot -> unit id, on the plan's device
+    unit_ids: Optional[torch.Tensor]  # slot -> controller row, on the plan's device
     skipped: dict
     compiler: str
     graph_break_reason: Optional[str] = None
@@ -69,18 +61,19 @@ class GraphRecord:
     # FQNs of the model's parameters this graph takes: a weight in no graph
     # runs outside GNMR (see GNMRRuntime.uncovered_weights).
     params: frozenset = frozenset()
+    unit_ids_cpu: Optional[torch.Tensor] = None  # unit_ids on the CPU, for the host plan copy
 
     @property
     def plan(self) -> Optional[torch.Tensor]:
-        return self.state.get("_gnmr_plan", getattr(self.rewritten, "_gnmr_plan", None))
+        return self.state.get(PLAN, getattr(self.rewritten, PLAN, None))
 
     @property
     def probe(self) -> Optional[torch.nn.Parameter]:
-        return self.state.get("_gnmr_probe", getattr(self.rewritten, "_gnmr_probe", None))
+        return self.state.get(PROBE, getattr(self.rewritten, PROBE, None))
 
     @property
     def plan_host(self) -> Optional[torch.Tensor]:
-        return self.state.get("_gnmr_plan_host", getattr(self.rewritten, "_gnmr_plan_host", None))
+        return self.state.get(PLAN_HOST, getattr(self.rewritten, PLAN_HOST, None))
 
 
 class GNMRRuntime:
@@ -88,9 +81,8 @@ class GNMRRuntime:
 
     def __init__(self, config: GNMRConfig, root: Optional[torch.nn.Module] = None) -> None:
         self.config = config
-        self.units: list[Unit] = []
-        self._by_key: dict[tuple, int] = {}
-        self._by_name: dict[str, int] = {}
+        self.unit_table = UnitTable(config)
+        self.units: list[Unit] = self.unit_table.units
         self.records: list[GraphRecord] = []
         self.controller = GNMRController([], config)
         self._pending_state: Optional[dict] = None
@@ -100,6 +92,12 @@ class GNMRRuntime:
         self._filter_checked = False
         self.callbacks: list[Callable[["GNMRRuntime"], None]] = []
         self.plan_lag = config.plan_lag  # host-plan lag of real-kernel units (see GNMRConfig)
+        self._plan_pipe: list = []  # plan_lag=1: host copies in flight
+        # What step() does (configure_step): the perf benchmark switches parts off to time them.
+        self._step_update = True
+        self._step_host_copy = True
+        self.telemetry: Optional[Telemetry] = None  # created on first use (see _telemetry)
+        self._tensorboard: Any = None
         self._root_ref = weakref.ref(root) if root is not None else None
         self.param_fqns: dict[int, str] = {}
         self.module_fqns: dict[int, str] = {}
@@ -128,12 +126,17 @@ class GNMRRuntime:
         # A plain attribute, not a submodule: the model's parameters, buffers
         # and module tree stay exactly the user's.
         root.__dict__["_gnmr_runtime"] = rt
-        # ``root._gnmr.<key>`` resolves the state-dict keys by attribute, as
-        # torch.distributed.checkpoint's get/set_model_state_dict require.
-        root.__dict__[_STATE_PREFIX.rstrip(".")] = StateView(rt)
-        root.register_state_dict_post_hook(_state_dict_hook)
-        root.register_load_state_dict_pre_hook(_load_state_dict_hook)
+        attach_state(root, rt)
         return rt
+
+    def reindex_root(self) -> None:
+        """Read the root's parameter and module names again, dropping the old
+        ones (FSDP2 swaps parameters in; Python may reuse a freed one's id)."""
+        root = self.root
+        if root is not None:
+            self.param_fqns.clear()
+            self.module_fqns.clear()
+            self._index_root(root)
 
     def _index_root(self, root: torch.nn.Module) -> None:
         for name, p in root.named_parameters(remove_duplicate=False):
@@ -146,43 +149,23 @@ class GNMRRuntime:
         return self._root_ref() if self._root_ref is not None else None
 
     # ---------------------------------------------------------------- units
-    def register_sites(self, sites: list[UnitSite]) -> None:
-        """Name the sites of a new graph (stable across graphs) and give the
-        included ones graph-local slots."""
+    def name_units(self, sites: list[UnitSite]) -> None:
+        """Name the sites of a new graph from the unit table (stable across
+        graphs); ``passes.assign_slots`` then gives the included ones slots."""
+        self.unit_table.name_sites(sites)
+
+    def add_units(self, sites: list[UnitSite]) -> None:
+        """Add the included units of ``sites`` that the controller does not
+        have yet (in graph order), and apply pending checkpoint state to them."""
         new_names, new_costs = [], []
-        slot = 0
         for site in sites:
-            uid = self._by_key.get(site.key)
-            if uid is None:
-                name = self._unique_name(site)
-                uid = len(self.units)
-                included = self.config.includes(name, site.op)
-                unit = Unit(uid, name, site.op, site.spec.name, site.weight, site.flops, site.where,
-                            included, site.a_shape, site.b_shape)
-                self.units.append(unit)
-                self._by_key[site.key] = uid
-                self._by_name[name] = uid
-            unit = self.units[uid]
-            site.name, site.unit_id, site.included = unit.name, uid, unit.included
-            if unit.included:
-                site.slot = slot
-                slot += 1
-                if unit.name not in self.controller.names:
-                    new_names.append(unit.name)
-                    new_costs.append(float(max(unit.flops, 1)))
+            unit = self.units[site.unit_id]
+            if unit.included and unit.name not in self.controller.names and unit.name not in new_names:
+                new_names.append(unit.name)
+                new_costs.append(float(max(unit.flops, 1)))
         if new_names:
             self.controller.add_units(new_names, new_costs)
             self._apply_pending_state()
-
-    def _unique_name(self, site: UnitSite) -> str:
-        # Weightless units are numbered within their module and op
-        # (attn.matmul, attn.matmul_1, ...); a weight used by several call
-        # sites gets the same suffixes.
-        name, k = site.base, 0
-        while name in self._by_name:
-            k += 1
-            name = f"{site.base}_{k}"
-        return name
 
     @property
     def unit_names(self) -> list[str]:
@@ -191,20 +174,7 @@ class GNMRRuntime:
 
     def check_filter(self) -> None:
         """Raise if a unit-filter pattern (or a filter callable) matched nothing."""
-        cfg = self.config
-        names = [u.name for u in self.units]
-        if cfg.unit_filter is None or not names:
-            return
-        missing = cfg.unmatched_patterns(names)
-        if missing:
-            raise ValueError(
-                f"GNMRConfig.unit_filter pattern(s) {missing} match no unit; "
-                f"units are: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
-            )
-        if not any(u.included for u in self.units):
-            raise ValueError(
-                f"GNMRConfig.unit_filter {cfg.unit_filter!r} excludes every unit; units are: {', '.join(names[:20])}"
-            )
+        self.unit_table.check_filter()
 
     # ------------------------------------------------- never silently off
     def set_on_inactive(self, policy: str) -> None:
@@ -300,7 +270,7 @@ class GNMRRuntime:
         skipped, e.g. after a graph break inside a loop), so their matmuls
         are not units. Matmul weights: floating-point 2-D (``[N, K]``) and
         3-D (a stack of experts) parameters, except those of embeddings and
-        convolutions (lookups and ops GNMR does not recover anyway).
+        convolutions (lookups and ops that are never units).
         """
         root = self.root
         if root is None or not self.records:
@@ -346,6 +316,8 @@ class GNMRRuntime:
 
     # ------------------------------------------------------------- records
     def add_record(self, record: GraphRecord) -> None:
+        """Register a rewritten graph: map its slots to controller rows and
+        give its plan buffers (device and host) the controller's plan."""
         self.records.append(record)
         if record.plan is not None:
             ids = torch.tensor([s.unit_id for s in record.sites if s.slot is not None], dtype=torch.long)
@@ -353,17 +325,10 @@ class GNMRRuntime:
             # self.units; map them to controller rows by name once, here.
             rows = [self.controller.names.index(self.units[i].name) for i in ids.tolist()]
             record.unit_ids = torch.tensor(rows, dtype=torch.long, device=record.plan.device)
+            record.unit_ids_cpu = record.unit_ids.cpu()
             self.controller.to(record.plan.device)
-            with torch.no_grad():
-                record.plan.copy_(self.controller.plan[record.unit_ids])
-                if record.plan_host is not None:  # compile time only: not a per-step transfer
-                    record.plan_host.copy_(self.controller.plan[record.unit_ids].cpu())
-            if record.plan_host is not None:
-                # Real-kernel units read a host copy of the plan: publish it
-                # once per step (the one small device-to-host transfer).
-                from gnmr_fx.backends.host_dispatch import install
-
-                install(self)
+            # Compile time only: the host copy here is not a per-step transfer.
+            self.write_plan(records=[record])
             if self._optimizer_hook is None:
                 self._backward_hooks.append(
                     record.probe.register_post_accumulate_grad_hook(self._on_probe_grad)
@@ -391,8 +356,10 @@ class GNMRRuntime:
 
     @torch.no_grad()
     def step(self) -> Optional[torch.Tensor]:
-        """Read this step's gradient statistics, update the controller and
-        write the new plan into every graph. Returns the plan."""
+        """Read this step's grad stats, update the controller and write the new
+        plan into every graph. Returns the plan."""
+        if not self._step_update:
+            return None
         if not self._filter_checked:
             self.check_filter()
             self._filter_checked = True
@@ -415,12 +382,17 @@ class GNMRRuntime:
             seen.index_fill_(0, rec.unit_ids, True)
             rec.probe.grad = None
         sumsq, seen = self._reduce(sumsq, seen)
-        plan = ctl.update(sumsq.sqrt(), observed=seen)
-        for rec in live:
-            rec.plan.copy_(plan[rec.unit_ids.to(plan.device)])
-        self._record_telemetry(sumsq)
+        norms = sumsq.sqrt()
+        plan = ctl.update(norms, observed=seen)
+        self.write_plan(host="none")
+        telemetry = self._telemetry()
+        if telemetry is not None:
+            telemetry.record(self, norms)
         for cb in self.callbacks:
             cb(self)
+        if self._step_host_copy:
+            # After the callbacks, so a plan one of them decided is the one copied.
+            self._publish_host(lagged=True)
         return plan
 
     # Data-parallel reduction, set by gnmr_fx.distributed.enable / disable:
@@ -429,6 +401,12 @@ class GNMRRuntime:
     dp_group: Any = None
     dp_scale: float = 1.0
     dp_local: bool = False
+
+    def set_data_parallel(self, group: Any, scale: float = 1.0, *, local: bool = False) -> None:
+        """Reduce the statistics over ``group`` (times ``scale``) every step, or,
+        with ``group=None`` and ``local=True``, decide on this rank alone
+        (``gnmr_fx.distributed.enable`` / ``disable``)."""
+        self.dp_group, self.dp_scale, self.dp_local = group, float(scale), bool(local)
 
     def _reduce(self, sumsq: torch.Tensor, seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine every rank's statistics so that all ranks compute the same plan.
@@ -469,79 +447,138 @@ class GNMRRuntime:
         ctl = self.controller
         self.controller = GNMRController(ctl.names, config, costs=ctl.costs.cpu(), device=ctl.device)
         self.config = config
-        self.plan_lag = config.plan_lag
-        self.set_plan(self.controller.plan)
+        self.unit_table.config = config
+        self.set_plan_lag(config.plan_lag)
+        self.write_plan()
         return self.controller
 
-    def set_plan(self, plan: torch.Tensor) -> None:
-        """Force a plan (tests, export, what-if runs); the controller keeps it."""
-        plan = plan.to(self.controller.device, torch.bool)
+    # ----------------------------------------------------------------- plans
+    @torch.no_grad()
+    def write_plan(self, *, records: Optional[list[GraphRecord]] = None, changed_only: bool = False,
+                   host: str = "now") -> None:
+        """Write the controller's plan into the graphs' plan buffers and host copies.
+
+        The one place plan buffers are written. ``records`` (default: every
+        graph) limits the write to some graphs; ``changed_only`` writes only
+        buffers whose values differ (a graph that already ran this forward
+        saved its plan for backward). ``host``: ``"now"`` gives the host
+        copies this plan at once (and drops copies in flight, ``plan_lag=1``);
+        ``"none"`` leaves them to the end of the step.
+        """
+        ctl = self.controller
+        stale = False
+        for rec in self.records if records is None else records:
+            if rec.plan is None:
+                continue
+            plan = ctl.plan[rec.unit_ids.to(ctl.plan.device)]
+            if not (changed_only and torch.equal(rec.plan, plan)):
+                rec.plan.copy_(plan)
+            if rec.plan_host is not None and not (changed_only and torch.equal(rec.plan_host, plan.cpu())):
+                stale = True
+        if host == "now" and stale:
+            self._publish_host(records=records)
+
+    def force_plan(self, plan: PlanLike) -> None:
+        """Run ``plan`` (bool per unit, controller order; True = high path)
+        from the next forward: the controller takes it as its plan and every
+        graph and host copy gets it now. The controller's next update decides
+        again (see :meth:`pin` to hold units high). For tests, export and
+        what-if runs; the stability benchmark's static and random arms.
+        """
+        self.controller.set_plan(self._mask(plan))
+        self.write_plan()
+
+    def set_plan(self, plan: PlanLike) -> None:
+        """Same as :meth:`force_plan` (its earlier name)."""
+        self.force_plan(plan)
+
+    def pin(self, high: Optional[PlanLike]) -> None:
+        """Hold the units marked in ``high`` on the high path through every
+        controller update, until pinned otherwise; ``None`` unpins all.
+
+        Pinned units count against the budget (``max_o``) like locked ones,
+        and the release rule (``max_lock_steps``) does not apply to them;
+        the controller still observes and updates every unit. Under the
+        baseline policies (``always_low`` / ``always_high``) the plan stays
+        fixed and pins have no effect. The perf benchmark's ``pin@P%`` arms
+        pin the largest units that fit in P% of the FLOPs.
+        """
+        n = self.controller.num_units
+        mask = torch.zeros(n, dtype=torch.bool) if high is None else self._mask(high)
+        self.controller.pin(mask)
+        self.write_plan()
+
+    def _mask(self, plan: PlanLike) -> torch.Tensor:
+        plan = torch.as_tensor(plan).to(self.controller.device, torch.bool)
         if plan.shape != (self.controller.num_units,):
             raise ValueError(f"plan must have shape ({self.controller.num_units},), got {tuple(plan.shape)}")
-        self.controller.plan = plan.clone()
-        for rec in self.records:
-            if rec.plan is not None:
-                rec.plan.copy_(plan[rec.unit_ids.to(plan.device)])
-        self._publish_host_plans()
+        return plan
 
-    def _publish_host_plans(self) -> None:
-        if any(r.plan_host is not None for r in self.records):
-            from gnmr_fx.backends.host_dispatch import publish_plan
+    def set_plan_lag(self, lag: int) -> None:
+        """Steps by which host-dispatched units follow the plan (0 or 1, see
+        ``GNMRConfig.plan_lag``); drops host copies still in flight."""
+        if lag not in (0, 1) or isinstance(lag, bool):
+            raise ValueError(f"plan_lag must be the int 0 or 1 (got {lag!r})")
+        self.plan_lag = lag
+        self._plan_pipe.clear()
 
-            publish_plan(self, immediate=True)
+    def configure_step(self, *, update: bool = True, host_copy: bool = True) -> None:
+        """Switch parts of the per-step work off, to measure what they cost
+        (the perf benchmark's diagnostic arms); both on by default.
+
+        ``update=False``: :meth:`step` does nothing (no statistics read, no
+        controller update, no plan write). ``host_copy=False``: the plan is
+        not copied to the host buffers of real-kernel units after each step
+        (they keep the plan they have).
+        """
+        self._step_update = bool(update)
+        self._step_host_copy = bool(host_copy)
+
+    def _publish_host(self, *, records: Optional[list[GraphRecord]] = None, lagged: bool = False) -> None:
+        """Copy the controller's plan into the graphs' host plan buffers.
+
+        One device-to-host transfer for all graphs (the controller plan, one
+        byte per unit), then host-side indexing per graph. ``lagged`` (the
+        end of a step) with ``plan_lag == 1`` on a GPU copies asynchronously
+        into pinned memory and gives the host buffers the *previous* step's
+        plan, whose copy finished long ago: the host never waits for the
+        step's work to drain, and real-kernel units follow the plan one
+        optimizer step late. Otherwise the host gets this plan now, and a
+        write to every graph drops any copy in flight.
+        """
+        recs = [r for r in (self.records if records is None else records)
+                if r.plan is not None and r.plan_host is not None]
+        if not recs:
+            return
+        plan = self.controller.plan
+        pipe = self._plan_pipe
+        if not lagged or self.plan_lag == 0 or plan.device.type != "cuda":
+            if records is None:
+                pipe.clear()
+            plan_cpu = plan.to("cpu")  # the step's one small D2H transfer (it waits for the step)
+        else:
+            staged = torch.empty(plan.shape, dtype=plan.dtype, pin_memory=True)
+            staged.copy_(plan, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            pipe.append((staged, done))
+            if len(pipe) < 2:
+                return  # first lagged step: the host keeps the plan it has
+            plan_cpu, done = pipe.pop(0)
+            done.synchronize()  # recorded a whole step ago: already complete in practice
+        for r in recs:
+            r.plan_host.copy_(plan_cpu[r.unit_ids_cpu])
 
     # ------------------------------------------------------------ telemetry
-    def _record_telemetry(self, sumsq: torch.Tensor) -> None:
-        """Buffer this step's telemetry as device tensors (no host sync).
-
-        The buffer reaches the host in one transfer per ``log_every`` steps
-        (see :class:`gnmr_fx.telemetry.TelemetryWriter`); it is also written
-        by :meth:`flush`, when the runtime is garbage-collected, and at exit.
-        """
-        writer = self._telemetry_writer()
-        if writer is None:
-            return
-        ctl = self.controller
-        if writer.n_units != ctl.num_units:
-            # Units joined (a new graph): a new header line. Rare, so the one
-            # sync reading the costs here is not a per-step cost.
-            writer.set_header(self._telemetry_header())
-        metrics, self._pending_metrics = getattr(self, "_pending_metrics", {}), {}
-        writer.append(ctl.step, {
-            "norm": sumsq.sqrt(),
-            "gnmr": ctl.gnmr,
-            "delta_gnmr": ctl.delta_gnmr,
-            "plan": ctl.plan,
-            "triggered": ctl.triggered,
-            "denied": ctl.denied,
-            "lock": ctl.lock,
-            "budget_used": ctl.budget_used(),
-        }, metrics)
-
-    def _telemetry_writer(self) -> Any:
-        # Created on first use (attributes, not __init__ state: telemetry
-        # is optional and owned by gnmr_fx.telemetry).
-        writer = getattr(self, "_telemetry_w", None)
-        tensorboard = getattr(self, "_tensorboard", None)
-        if writer is None and (self.config.log is not None or tensorboard is not None):
-            from gnmr_fx.telemetry import TelemetryWriter
-
-            writer = TelemetryWriter(self.config.log, self.config.log_every, tensorboard)
-            self._telemetry_w = writer
+    def _telemetry(self) -> Optional[Telemetry]:
+        # Created on first use: telemetry is optional (GNMRConfig.log or a
+        # TensorBoard writer) and owned by gnmr_fx.telemetry.
+        if self.telemetry is None and (self.config.log is not None or self._tensorboard is not None):
+            self.telemetry = Telemetry(self.config.log, self.config.log_every, self._tensorboard)
             # Lines still buffered are written when the runtime goes away or
             # the interpreter exits; the writer holds no reference back here.
-            weakref.finalize(self, writer.close)
-        return writer
-
-    def _telemetry_header(self) -> dict:
-        cfg, ctl = self.config, self.controller
-        return {
-            "header": True, "units": list(ctl.names), "recipe": cfg.recipe, "policy": cfg.policy,
-            "high_path": cfg.high_path, "max_o": cfg.max_o, "budget": ctl.budget,
-            "costs": ctl.costs.cpu().tolist(), "threshold": cfg.threshold,
-            "delta_threshold": cfg.delta_threshold, "warmup_steps": cfg.warmup_steps,
-            "lock_steps": cfg.lock_steps, "log_every": cfg.log_every,
-        }
+            weakref.finalize(self, self.telemetry.writer.close)
+        return self.telemetry
 
     def log_metrics(self, **scalars: Any) -> None:
         """Log scalars (e.g. ``loss=loss``) with this step's telemetry line.
@@ -555,18 +592,9 @@ class GNMRRuntime:
         >>> m = gnmr_fx.compile(torch.nn.Linear(4, 4), backend="eager")
         >>> gnmr_fx.runtime(m).log_metrics(loss=torch.tensor(0.5))  # no-op without a log
         """
-        if self.config.log is None and getattr(self, "_tensorboard", None) is None:
-            return
-        if not hasattr(self, "_pending_metrics"):
-            self._pending_metrics = {}
-        pending = self._pending_metrics
-        for k, v in scalars.items():
-            if isinstance(v, torch.Tensor):
-                if v.numel() != 1:
-                    raise ValueError(f"log_metrics: {k} must be a scalar, got shape {tuple(v.shape)}")
-                pending[k] = v.detach().reshape(()).float()
-            else:
-                pending[k] = float(v)
+        telemetry = self._telemetry()
+        if telemetry is not None:
+            telemetry.log_metrics(**scalars)
 
     def attach_tensorboard(self, writer: Any) -> None:
         """Also write telemetry as TensorBoard scalars, at each flush.
@@ -584,15 +612,13 @@ class GNMRRuntime:
         if not hasattr(writer, "add_scalar"):
             raise ValueError(f"attach_tensorboard expects a SummaryWriter or a log dir, got {type(writer).__name__}")
         self._tensorboard = writer
-        w = getattr(self, "_telemetry_w", None)
-        if w is not None:
-            w.tensorboard = writer
+        if self.telemetry is not None:
+            self.telemetry.writer.tensorboard = writer
 
     def flush(self) -> None:
         """Write buffered telemetry lines now (one host transfer for the batch)."""
-        writer = getattr(self, "_telemetry_w", None)
-        if writer is not None:
-            writer.flush()
+        if self.telemetry is not None:
+            self.telemetry.flush()
 
     # ----------------------------------------------------------- checkpoint
     # (strict, key prefix) of the last load, until the first step after it.
@@ -613,15 +639,10 @@ class GNMRRuntime:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Controller state as flat tensors (safe for ``weights_only=True``)."""
-        sd = self.controller.state_dict()
-        names = sd.pop("names")
-        out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        out["names"] = torch.tensor(list(json.dumps(names).encode("utf-8")), dtype=torch.uint8)
-        out["step"] = torch.tensor(sd["step"], dtype=torch.long)
-        return out
+        return encode_state(self.controller.state_dict())
 
     def load_state_dict(self, flat: dict[str, torch.Tensor], *, strict: Optional[bool] = None,
-                        prefix: str = _STATE_PREFIX) -> None:
+                        prefix: str = STATE_PREFIX) -> None:
         """Restore the controller from :meth:`state_dict`'s tensors.
 
         Everything is checked now, before anything is applied: missing (and,
@@ -637,7 +658,7 @@ class GNMRRuntime:
         graph and host copy before the next forward.
         """
         strict = self._strict_load if strict is None else bool(strict)
-        sd = _decode_state(flat, prefix, strict)
+        sd = decode_state(flat, prefix, strict)
         ctl = self.controller
         ctl.check_state_dict(sd, key_prefix=prefix)
         if strict and ctl.num_units:
@@ -658,7 +679,8 @@ class GNMRRuntime:
             # Units the checkpoint lacks may hold locks too (strict=False).
             warn_released(self.config, ctl.release_over_budget())
             # Between steps: also drops host copies still in flight (plan_lag=1).
-            self._write_plans(publish=True)
+            self.write_plan(changed_only=True, host="none")
+            self._publish_host()
 
     def _apply_pending_state(self) -> None:
         if self._pending_state is None or self.controller.num_units == 0:
@@ -675,26 +697,9 @@ class GNMRRuntime:
             # does not rewind.
             sd = dict(self._pending_state, step=ctl.step, lock=torch.zeros_like(self._pending_state["lock"]),
                       streak=torch.zeros_like(self._pending_state["streak"]))
-            missing = ctl.load_state_dict(sd, key_prefix=_STATE_PREFIX, fit_budget=False)
-            self._pending_state = _subset_state(self._pending_state, missing)
-        self._write_plans()
-
-    def _write_plans(self, *, publish: bool = False) -> None:
-        """The controller's plan into every graph and host copy, now.
-
-        Only where a value changes (unless ``publish``): graphs join during a
-        forward, and one that already ran saved its plan for backward.
-        """
-        ctl = self.controller
-        for rec in self.records:
-            if rec.plan is not None:
-                plan = ctl.plan[rec.unit_ids.to(ctl.plan.device)]
-                if not torch.equal(rec.plan, plan):
-                    rec.plan.copy_(plan)
-                if rec.plan_host is not None and not torch.equal(rec.plan_host, plan.cpu()):
-                    publish = True
-        if publish:
-            self._publish_host_plans()
+            missing = ctl.load_state_dict(sd, key_prefix=STATE_PREFIX, fit_budget=False)
+            self._pending_state = subset_state(self._pending_state, missing)
+        self.write_plan(changed_only=True)
 
     def _check_resumed_units(self) -> None:
         """First step after a load: every unit is known; compare the sets and
@@ -707,105 +712,11 @@ class GNMRRuntime:
         if sd is None:
             return
         live = set(ctl.names)
-        self._pending_state = _subset_state(sd, [n for n in sd["names"] if n not in live])
+        self._pending_state = subset_state(sd, [n for n in sd["names"] if n not in live])
         if strict:
             problem = ctl.unit_mismatch(sd["names"])
             if problem is not None:
                 raise ValueError(f"{problem} (checked at the first step: the model had no units at load time)")
-
-
-def _decode_state(flat: dict, prefix: str, strict: bool) -> dict:
-    """The controller state dict from its flat tensors, or ``ValueError`` naming the key."""
-    known = {"names", "step", *STATE_KEYS}
-    absent = [k for k in ("names", "step", *STATE_KEYS) if k not in flat]
-    if absent:
-        raise ValueError(f"GNMR checkpoint: missing {', '.join(prefix + k for k in absent)} "
-                         "(not a GNMR state dict, or saved by an older gnmr_fx)")
-    unexpected = sorted(k for k in flat if k not in known)
-    if unexpected and strict:
-        raise ValueError(f"GNMR checkpoint: unexpected {', '.join(prefix + k for k in unexpected)} "
-                         "(gnmr_fx.runtime(model).set_strict_load(False) ignores them)")
-    t = flat["names"]
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{prefix}names must be a 1-D torch.uint8 tensor of UTF-8 JSON (got {got})")
-    try:
-        text = bytes(t.tolist()).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{prefix}names is not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        names = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{prefix}names is not JSON ({e.msg} at character {e.pos})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"{prefix}names must be a JSON list of distinct unit names (got {text[:120]!r})")
-    t = flat["step"]
-    if (not isinstance(t, torch.Tensor) or t.dim() != 0 or t.dtype.is_floating_point or t.dtype.is_complex
-            or t.dtype == torch.bool):
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{prefix}step must be a 0-d integer tensor (got {got})")
-    sd = {k: v for k, v in flat.items() if k in known}
-    sd["names"], sd["step"] = names, int(t)
-    return sd
-
-
-def _subset_state(sd: dict, names: list[str]) -> Optional[dict]:
-    """The part of a decoded state dict for ``names`` (None if empty)."""
-    if not names:
-        return None
-    keep = set(names)
-    idx = torch.tensor([i for i, n in enumerate(sd["names"]) if n in keep], dtype=torch.long)
-    out = {"names": [n for n in sd["names"] if n in keep], "step": sd["step"]}
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v[:, idx] if k == "hist" else v[idx]
-    return out
-
-
-class StateView:
-    """``root._gnmr.<key>``: the controller state under its state-dict key.
-
-    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` (and
-    ``set_model_state_dict``, which torchtitan's checkpointer uses) resolve
-    every state-dict key by ``getattr`` along its dotted path; without this
-    attribute the ``_gnmr.*`` keys raise ``AttributeError: ... no attribute
-    '_gnmr'``. A plain attribute, not a submodule: the module tree, the
-    parameters and ``state_dict()`` itself are unchanged.
-    """
-
-    def __init__(self, runtime: GNMRRuntime) -> None:
-        self._runtime = runtime
-
-    def __getattr__(self, name: str) -> torch.Tensor:
-        # copy.deepcopy / pickle build the object without __init__ and probe
-        # dunders: never recurse through a missing _runtime.
-        if name == "_runtime" or name.startswith("__"):
-            raise AttributeError(name)
-        state = self._runtime.state_dict()
-        if name not in state:
-            raise AttributeError(f"the GNMR controller state has no entry {name!r}")
-        return state[name]
-
-
-def _state_dict_hook(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    rt = module.__dict__.get("_gnmr_runtime")
-    if rt is None:
-        return
-    for k, v in rt.state_dict().items():
-        state_dict[prefix + _STATE_PREFIX + k] = v
-
-
-def _load_state_dict_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    rt = module.__dict__.get("_gnmr_runtime")
-    head = prefix + _STATE_PREFIX
-    keys = [k for k in state_dict if k.startswith(head)]
-    if not keys:
-        return  # a weights-only checkpoint: the controller starts fresh
-    # Raised here, before any parameter is loaded, rather than appended to
-    # error_msgs: a bad GNMR state is a ValueError naming its key.
-    flat = {k[len(head):]: state_dict.pop(k) for k in keys}
-    if rt is not None:
-        rt.load_state_dict(flat, prefix=head)  # `strict` here is always True: see set_strict_load
 
 
 def runtime_of(model: torch.nn.Module) -> GNMRRuntime:

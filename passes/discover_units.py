@@ -6,8 +6,8 @@ Annotates every recoverable node with ``node.meta["gnmr_unit"]`` (a
 
 What the pass guarantees:
 
-* matching is by target object (``passes.ops.RECOVERABLE_OPS``, and the
-  library ops of ``passes.ops.LIBRARY_OPS`` that are registered, such as
+* matching is by target object (``backends.ops.RECOVERABLE_OPS``, and the
+  library ops of ``backends.ops.LIBRARY_OPS`` that are registered, such as
   Hugging Face MoE experts' ``transformers::grouped_mm_fallback``);
 * a site's ``key`` depends only on the model's module paths, parameter names
   and source locations, never on node names or compile order, so the unit
@@ -33,9 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.fx
 
-from gnmr_fx.config import GNMRConfig
-from gnmr_fx.passes.counters import counters
-from gnmr_fx.passes.ops import (
+from gnmr_fx.backends.ops import (
     NOT_RECOVERABLE_OPS,
     RECOVERABLE_OPS,
     VIEW_FUNCTIONS,
@@ -44,6 +42,8 @@ from gnmr_fx.passes.ops import (
     library_ops,
     op_of,
 )
+from gnmr_fx.config import GNMRConfig
+from gnmr_fx.passes.counters import counters
 
 # A frame variable (a local or a global) and the subscripts applied to it
 # directly: ``L['self']``, ``L['args'][0]``, ``G['model']``, or the object of
@@ -68,7 +68,7 @@ class UnitSite:
     out_shape: tuple
     flops: int
     where: str  # "file:line" of the user's code
-    # Filled in by the unit table (naming) and the backend (slots):
+    # Filled in by the runtime's unit table (naming) and assign_slots (filter, slot):
     name: Optional[str] = None
     unit_id: Optional[int] = None
     included: bool = True

@@ -5,14 +5,22 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from gnmr_fx.passes.state import SLOTS
 
-def slotted_units(gm: torch.fx.GraphModule) -> tuple[list[torch.fx.Node], int, torch.device]:
-    """The unit nodes that have a slot, the number of slots, and the units' device."""
+
+def slotted_units(gm: torch.fx.GraphModule, pass_name: str) -> tuple[list[torch.fx.Node], int, torch.device]:
+    """The unit nodes that have a slot, the number of slots, and the units' device.
+
+    Raises ``ValueError`` naming ``pass_name`` for a graph whose units never
+    got slots: an insert pass on it would silently rewrite nothing.
+    """
+    if SLOTS not in gm.meta:
+        raise ValueError(f"{pass_name}: run discover_units and assign_slots on this graph first "
+                         "(gnmr_fx.passes.run_passes runs every pass in order)")
     nodes = [n for n in gm.graph.nodes if n.meta.get("gnmr_unit") is not None and n.meta["gnmr_unit"].slot is not None]
     if not nodes:
         return [], 0, torch.device("cpu")
-    n_slots = 1 + max(n.meta["gnmr_unit"].slot for n in nodes)
-    return nodes, n_slots, device_of(nodes[0])
+    return nodes, gm.meta[SLOTS], device_of(nodes[0])
 
 
 def device_of(node: torch.fx.Node) -> torch.device:

@@ -6,7 +6,7 @@ Every slotted unit ``y = op(...)`` becomes::
     y_lp = low_path(op, ..., recipe=...)   # low path: the config's recipe
     y    = select_path(_gnmr_plan, slot, y_hp, y_lp)
 
-``_gnmr_plan`` is a bool buffer registered on ``gm`` (one entry per slot, on
+``_gnmr_plan`` (``passes.state.PLAN``) is a bool buffer registered on ``gm`` (one entry per slot, on
 the units' device). The controller writes it in place once per optimizer
 step, so a new plan changes no guard and compiles nothing.
 
@@ -20,18 +20,18 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from gnmr_fx.backends.host_dispatch import dual_linear, dual_matmul, kernel_for
 from gnmr_fx.backends.paths import high_path, low_path
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes.counters import counters
 from gnmr_fx.passes.graph_utils import device_of, get_attr_at_top, slotted_units
 from gnmr_fx.passes.nodes import select_path
-
-PLAN = "_gnmr_plan"
+from gnmr_fx.passes.state import PLAN, PLAN_HOST
 
 
 def insert_dual_path(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.GraphModule:
-    """Replace every slotted unit of ``gm`` by its two branches and a select."""
-    nodes, n_slots, device = slotted_units(gm)
+    """Replace every unit of ``gm`` that has a slot by its two branches and a select."""
+    nodes, n_slots, device = slotted_units(gm, "insert_dual_path")
     if not nodes:
         return gm
     if not hasattr(gm, PLAN):
@@ -88,8 +88,6 @@ def insert_dual_path(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.G
 
 def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: list, n_slots: int) -> list:
     """Rewrite the units that have a real kernel; return the other nodes."""
-    from gnmr_fx.backends.host_dispatch import PLAN_HOST, dual_linear, dual_matmul, kernel_for
-
     emulate = config.emulate
     chosen, rest = [], []
     for node in nodes:

@@ -30,13 +30,13 @@ class _GradSquaredNorm(torch.autograd.Function):
         return grad, grad.detach().float().pow(2).sum()
 
 
-def record_grad_norm(t: Tensor, probe: Tensor, slot: int) -> Tensor:
-    """Statistics node: pass ``t`` through; add ||dL/dt||^2 to ``probe.grad[slot]``.
+def grad_stats(t: Tensor, probe: Tensor, slot: int) -> Tensor:
+    """Grad-stats node: pass ``t`` through; add ||dL/dt||^2 to ``probe.grad[slot]``.
 
     >>> import torch
     >>> probe = torch.zeros(2, requires_grad=True)
     >>> w = torch.ones(3, requires_grad=True)
-    >>> (record_grad_norm(w, probe, 1) * 2).sum().backward()
+    >>> (grad_stats(w, probe, 1) * 2).sum().backward()
     >>> probe.grad.tolist()
     [0.0, 12.0]
     """

@@ -149,7 +149,7 @@ def test_report_reads_a_log_cut_mid_write(capsys, tmp_path):
 
 
 def test_report_reads_a_restart_appended_to_a_cut_line(tmp_path):
-    from gnmr_fx.telemetry import load_run
+    from gnmr_fx.tools.report import load_run
 
     # Steps 1-3, step 4 cut mid-write; the run restarts from its step-2
     # checkpoint and appends (header glued to the fragment) steps 3-5.
@@ -194,7 +194,7 @@ def test_inspect_and_demo_read_max_o_alike(flag, value):
 
 def test_demo_accepts_max_o_zero():
     from gnmr_fx.config import GNMRConfig
-    from gnmr_fx.demo import config_from_args
+    from gnmr_fx.benchmarks.demo import config_from_args
 
     cfg = config_from_args(build_parser().parse_args(["demo", "--max-o", "0", "--steps", "1"]))
     assert cfg.max_o == 0 and GNMRConfig(recipe=cfg.recipe, max_o=cfg.max_o).max_o == 0  # 0: no recovery
@@ -219,7 +219,7 @@ def test_overhead_units_are_parsed_at_parse_time():
 
 def test_doctests():
     import gnmr_fx.cli
-    import gnmr_fx.demo
+    import gnmr_fx.benchmarks.demo
 
-    for mod in (gnmr_fx.arguments, gnmr_fx.cli, gnmr_fx.demo):
+    for mod in (gnmr_fx.arguments, gnmr_fx.cli, gnmr_fx.benchmarks.demo):
         assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0, mod.__name__

@@ -9,8 +9,8 @@ import torch.fx
 
 import gnmr_fx
 from gnmr_fx.cli import main as cli
-from gnmr_fx.examples import load_spec
-from gnmr_fx.inspection import capture
+from gnmr_fx.tools.examples import load_spec
+from gnmr_fx.tools.capture import capture
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 import gnmr_fx
 from gnmr_fx import GNMRConfig
-from gnmr_fx.backends.recipes import quantization_sqnr
+from gnmr_fx.backends.recipes import sqnr
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,8 +164,8 @@ def test_moe_fp32_experts_high_path_is_exact_and_low_path_is_the_recipe():
         out[policy] = m(input_ids=ids).logits
         assert [n for n in gnmr_fx.runtime(m).unit_names if ".experts." in n] == EXPERT_UNITS
     assert torch.equal(out["always_high"], ref)
-    sqnr = quantization_sqnr(ref, out["always_low"])
-    assert 20.0 < sqnr < 60.0, sqnr
+    s = sqnr(ref, out["always_low"])
+    assert 20.0 < s < 60.0, s
 
 
 def test_moe_batched_mm_experts_are_bmm_units():

@@ -21,7 +21,7 @@ pytestmark = [
 
 import gnmr_fx  # noqa: E402
 from gnmr_fx.backends import fp8_kernels, host_dispatch  # noqa: E402
-from gnmr_fx.backends.fp8_kernels import sqnr  # noqa: E402
+from gnmr_fx.backends.recipes import sqnr  # noqa: E402
 from gnmr_fx.backends.paths import low_path  # noqa: E402
 from gnmr_fx.config import GNMRConfig  # noqa: E402
 from gnmr_fx.models import GPTConfig, TinyGPT  # noqa: E402
@@ -94,10 +94,7 @@ def _model_and_data(seed=0):
 
 
 def _set_plan(rt, high_mask):
-    rt.set_plan(high_mask)
-    # The same lock trick the benchmark uses: the controller keeps this plan.
-    rt.controller.lock = (high_mask.to(rt.controller.device).long() * 10**9)
-    host_dispatch.publish_plan(rt)
+    rt.pin(high_mask)  # as the benchmark does: the controller keeps this plan; publishes the host copy
 
 
 def test_real_kernels_chosen_automatically():
@@ -113,7 +110,7 @@ def test_no_host_sync_and_zero_recompiles_on_plan_flips():
     model, idx, tgt = _model_and_data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5), backend="inductor", optimizer=opt)
-    rt = host_dispatch.install(gnmr_fx.runtime(cm))
+    rt = gnmr_fx.runtime(cm)
     for _ in range(2):  # compile + warm up (compilation may sync)
         cm(idx, tgt).backward()
         opt.step()
@@ -150,7 +147,7 @@ def test_plan_changes_the_kernels_without_recompiling():
     ref = model.float()(idx).detach()
     model = model.to(torch.bfloat16)
     cm = gnmr_fx.compile(model, GNMRConfig(), backend="inductor")
-    rt = host_dispatch.install(gnmr_fx.runtime(cm))
+    rt = gnmr_fx.runtime(cm)
     from torch._dynamo.utils import counters
 
     with torch.no_grad():
@@ -172,13 +169,13 @@ def test_plan_lag_publishes_the_previous_steps_plan_without_syncs():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5, plan_lag=1), backend="aot_eager", optimizer=opt)
     rt = gnmr_fx.runtime(cm)
-    cm(idx, tgt).backward()  # compile; the runtime registers publish_plan
+    cm(idx, tgt).backward()  # compile
     opt.step()
     opt.zero_grad()
     n = rt.controller.num_units
     gen = torch.Generator().manual_seed(0)
     plans = [torch.rand(n, generator=gen) < 0.5 for _ in range(5)]
-    # Decide the plan of each step ourselves, before publish_plan runs.
+    # Decide the plan of each step ourselves, in a step callback: the runtime copies it to the host after them.
     rt.callbacks.insert(0, lambda r: setattr(r.controller, "plan", plans[r.controller.step % 5].to(r.controller.device)))
     rec = rt.records[0]
     seen = []

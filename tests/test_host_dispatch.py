@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 import gnmr_fx
 from gnmr_fx.backends import fp8_kernels, host_dispatch
-from gnmr_fx.backends.fp8_kernels import sqnr
+from gnmr_fx.backends.recipes import sqnr
 from gnmr_fx.backends.paths import low_path
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.models import GPTConfig, TinyGPT
 from gnmr_fx.passes import counters
+from gnmr_fx.passes.state import PLAN_HOST
 
 def _grads(fn, x, w, g):
     x = x.detach().requires_grad_()
@@ -98,14 +99,13 @@ def _compiled(backend="aot_eager", **cfg):
     model = TinyGPT(GPTConfig(n_layer=1, n_embd=64, block_size=32))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cm = gnmr_fx.compile(model, GNMRConfig(emulate=False, **cfg), backend=backend, optimizer=opt)
-    rt = gnmr_fx.runtime(cm)  # no install(): the runtime publishes the host plan itself
+    rt = gnmr_fx.runtime(cm)  # the runtime publishes the host plan itself
     idx = torch.randint(0, 256, (2, 32))
     return model, cm, rt, opt, idx
 
 
 def _force(rt, plan):
-    rt.controller.lock = plan.long() * 10**9  # keeps the plan through controller updates
-    rt.set_plan(plan)  # also publishes the host copy
+    rt.pin(plan)  # keeps the plan through controller updates; also publishes the host copy
 
 
 def test_compiled_host_dispatch_units_plans_and_statistics():
@@ -116,7 +116,8 @@ def test_compiled_host_dispatch_units_plans_and_statistics():
     cm(idx, idx).backward()
     opt.step()
     opt.zero_grad()
-    assert rt.callbacks.count(host_dispatch.publish_plan) == 1  # registered when the graph compiled
+    rec = rt.records[0]  # the step published the controller's plan to the host copy
+    assert torch.equal(rec.rewritten._gnmr_plan_host, rt.controller.plan[rec.unit_ids].cpu())
     kernels = {s.name: s.extra["kernel"] for r in rt.records for s in r.sites}
     assert kernels == {"blocks.0.attn.qkv": "fp8_e4m3:tensorwise", "blocks.0.attn.matmul": "emulated",
                        "blocks.0.attn.matmul_1": "emulated", "blocks.0.attn.proj": "fp8_e4m3:tensorwise",
@@ -158,7 +159,7 @@ def test_emulate_true_keeps_the_where_path():
     cm = gnmr_fx.compile(model, GNMRConfig(emulate=True), backend="eager")
     cm(torch.randint(0, 256, (2, 32)))
     rec = gnmr_fx.runtime(cm).records[0]
-    assert not hasattr(rec.rewritten, host_dispatch.PLAN_HOST)
+    assert not hasattr(rec.rewritten, PLAN_HOST)
     assert counters["insert_dual_path"]["host_dispatch_nodes"] == before
     assert {s.extra["kernel"] for s in rec.sites} == {"emulated"}
 

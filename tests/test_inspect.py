@@ -7,7 +7,7 @@ import torch
 
 import gnmr_fx
 from gnmr_fx.cli import main as cli
-from gnmr_fx.examples import load_spec
+from gnmr_fx.tools.examples import load_spec
 
 TINY_UNITS = [
     f"blocks.{i}.{u}" for i in range(2)
@@ -225,8 +225,9 @@ def test_cli_passes_the_keyword_inputs_a_spec_gives(tmp_path, monkeypatch, capsy
 def test_inspection_doctests():
     import doctest
 
-    import gnmr_fx.examples
-    import gnmr_fx.inspection
+    import gnmr_fx.tools.capture
+    import gnmr_fx.tools.examples
+    import gnmr_fx.tools.inspect
 
-    for mod in (gnmr_fx.inspection, gnmr_fx.examples):
+    for mod in (gnmr_fx.tools.capture, gnmr_fx.tools.inspect, gnmr_fx.tools.examples):
         assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0, mod.__name__

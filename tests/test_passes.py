@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gnmr_fx
 from gnmr_fx import GNMRConfig
-from gnmr_fx.backends.recipes import get_recipe, quantization_sqnr
+from gnmr_fx.backends.recipes import get_recipe, sqnr
 from gnmr_fx.models import GPTConfig, TinyGPT
 from gnmr_fx.passes import counters
 
@@ -213,13 +213,13 @@ class TestNumerics:
         # Logits SQNR (dB) of the whole model, all units low vs fp32.
         idx, _ = _batch()
         ref = _gpt()(idx)
-        sqnr = {}
+        db = {}
         for recipe in ("fp8_e4m3", "int8", "int4"):
             m = gnmr_fx.compile(_gpt(), GNMRConfig(recipe=recipe, policy="always_low"), backend="eager")
-            sqnr[recipe] = quantization_sqnr(ref, m(idx))
-        assert sqnr["int8"] >= 35.0, sqnr
-        assert sqnr["fp8_e4m3"] >= 22.0, sqnr
-        assert 8.0 <= sqnr["int4"] < sqnr["fp8_e4m3"] < sqnr["int8"], sqnr
+            db[recipe] = sqnr(ref, m(idx))
+        assert db["int8"] >= 35.0, db
+        assert db["fp8_e4m3"] >= 22.0, db
+        assert 8.0 <= db["int4"] < db["fp8_e4m3"] < db["int8"], db
 
 
 class _SyncCounter(TorchDispatchMode):
@@ -447,7 +447,7 @@ def test_grouped_mm_unit():
         assert gnmr_fx.controller(m).names == ["experts"]
         assert gnmr_fx.runtime(m).units[0].op_name == "grouped_mm"
     assert torch.equal(out["always_high"], ref(x, offs))
-    assert 20.0 < quantization_sqnr(ref(x, offs).float(), out["always_low"].float()) < 60.0
+    assert 20.0 < sqnr(ref(x, offs).float(), out["always_low"].float()) < 60.0
 
 
 def test_bf16_autocast_training():
@@ -507,3 +507,41 @@ def test_graph_shared_by_module_instances_gets_units_per_instance(backend):
     for i in range(3):  # each instance measured its own weight gradient
         assert norms[f"blocks.{i}.a"] == pytest.approx(ref.blocks[i].a.weight.grad.norm().item(), rel=1e-5)
         assert norms[f"blocks.{i}.b"] == pytest.approx(ref.blocks[i].b.weight.grad.norm().item(), rel=1e-5)
+
+
+class TestBareGraph:
+    """The passes run end to end on a bare GraphModule + config, with no runtime."""
+
+    @staticmethod
+    def _traced():
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        def f(x, w):
+            return F.linear(x, w) @ w
+
+        gm = torch.fx.symbolic_trace(f)
+        ShapeProp(gm).propagate(torch.randn(4, 8), torch.randn(3, 8))
+        return gm
+
+    def test_run_passes_rewrites_every_unit(self):
+        from gnmr_fx.passes import run_passes
+
+        before = counters["insert_dual_path"]["dual_path_nodes"]
+        gm = run_passes(self._traced(), GNMRConfig(recipe="int8"))
+        units = [n.meta["gnmr_dual"] for n in gm.graph.nodes if "gnmr_dual" in n.meta]
+        assert [(s.name, s.slot) for s in units] == [("linear", 0), ("matmul", 1)]
+        assert counters["insert_dual_path"]["dual_path_nodes"] - before == 2
+        assert gm._gnmr_plan.shape == (2,) and gm._gnmr_probe.shape == (2,)
+        x, w = torch.randn(4, 8), torch.randn(3, 8)
+        gm._gnmr_plan.fill_(True)  # all high: the graph as written
+        assert torch.equal(gm(x, w), F.linear(x, w) @ w)
+
+    @pytest.mark.parametrize("name", ["insert_grad_stats", "insert_dual_path", "assign_slots"])
+    def test_insert_passes_refuse_a_graph_without_slots(self, name):
+        import gnmr_fx.passes as passes
+
+        gm = self._traced()
+        if name != "assign_slots":
+            passes.discover_units(gm, GNMRConfig())
+        with pytest.raises(ValueError, match=f"{name}: run discover_units"):
+            getattr(passes, name)(gm, GNMRConfig())

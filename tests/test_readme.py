@@ -32,7 +32,7 @@ def test_readme_starts_with_install_and_test_commands():
 
 
 def test_demo_harness_tiny(tmp_path):
-    from gnmr_fx.demo import DemoConfig, format_results, run_demo
+    from gnmr_fx.benchmarks.demo import DemoConfig, format_results, run_demo
     from gnmr_fx.models import GPTConfig
 
     cfg = DemoConfig(steps=6, eval_every=3, eval_batches=1, batch_size=2,

@@ -11,7 +11,7 @@ from gnmr_fx.backends.recipes import (
     fake_quant_fp8,
     fake_quant_int,
     get_recipe,
-    quantization_sqnr,
+    sqnr,
     recipe_names,
     register_recipe,
 )
@@ -86,9 +86,9 @@ class TestSQNR:
         r = get_recipe(name)
         a_floor, w_floor, o_floor = SQNR_FLOORS[name]
         qa, qw = r.quantize_input(x, -1), r.quantize_weight(w, -1)
-        assert (s := quantization_sqnr(x, qa)) >= a_floor, f"{s} dB is too low"
-        assert (s := quantization_sqnr(w, qw)) >= w_floor, f"{s} dB is too low"
-        assert (s := quantization_sqnr(x @ w.t(), qa @ qw.t())) >= o_floor, f"{s} dB is too low"
+        assert (s := sqnr(x, qa)) >= a_floor, f"{s} dB is too low"
+        assert (s := sqnr(w, qw)) >= w_floor, f"{s} dB is too low"
+        assert (s := sqnr(x @ w.t(), qa @ qw.t())) >= o_floor, f"{s} dB is too low"
 
 
 class TestLowPath:

@@ -18,7 +18,7 @@ from gnmr_fx.backends.recipes import (
     fake_quant_mx,
     fake_quant_nvfp4,
     get_recipe,
-    quantization_sqnr,
+    sqnr,
     recipe_names,
 )
 
@@ -106,7 +106,7 @@ class TestFP8Blockwise:
         # The outlier's block is coarser: its small entries lose resolution.
         ref, out = w[128:, :128].clone(), q[128:, :128].clone()
         ref[150 - 128, 10] = out[150 - 128, 10] = 0.0
-        assert quantization_sqnr(ref, out) < quantization_sqnr(w[:128, :128], q[:128, :128]) - 10
+        assert sqnr(ref, out) < sqnr(w[:128, :128], q[:128, :128]) - 10
 
     def test_saturation_free_and_zero_safe(self):
         assert torch.equal(fake_quant_fp8_blockwise(torch.zeros(2, 128), -1), torch.zeros(2, 128))
@@ -187,22 +187,22 @@ class TestNVFP4:
 def test_sqnr_and_low_path(name):
     r = get_recipe(name)
     x = _randn(64, 256)
-    sqnr = quantization_sqnr(x, r.quantize_input(x, -1))
-    assert sqnr >= SQNR_FLOORS[name], f"{name}: {sqnr:.2f} dB is too low"
+    db = sqnr(x, r.quantize_input(x, -1))
+    assert db >= SQNR_FLOORS[name], f"{name}: {db:.2f} dB is too low"
     # A linear with K=100 (not a multiple of any block) and an attention-style
     # matmul run on the low path with finite gradients.
     a = _randn(3, 7, 100, seed=1).requires_grad_()
     w = (_randn(20, 100, seed=2) * 0.1).requires_grad_()
     y = low_path("linear", a, w, None, recipe=name, a_index=0, b_index=1, b_kdim=-1, b_is_weight=True)
     ref = torch.nn.functional.linear(a, w)
-    assert quantization_sqnr(ref, y) >= SQNR_FLOORS[name] - 6.0
+    assert sqnr(ref, y) >= SQNR_FLOORS[name] - 6.0
     y.square().sum().backward()
     assert torch.isfinite(a.grad).all() and torch.isfinite(w.grad).all()
     k = _randn(3, 9, 100, seed=3)
     z = low_path("matmul", a.detach(), k.transpose(-2, -1), recipe=name, a_index=0, b_index=1,
                  b_kdim=-2, b_is_weight=False)
     assert z.shape == (3, 7, 9)
-    assert quantization_sqnr(a.detach() @ k.transpose(-2, -1), z) >= SQNR_FLOORS[name] - 6.0
+    assert sqnr(a.detach() @ k.transpose(-2, -1), z) >= SQNR_FLOORS[name] - 6.0
 
 
 def test_fp8_blockwise_gradient_on_tiles():

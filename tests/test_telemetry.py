@@ -17,8 +17,9 @@ import torch
 
 import gnmr_fx
 from gnmr_fx.cli import main as cli
-from gnmr_fx.examples import train_with_fault
-from gnmr_fx.telemetry import TelemetryWriteError, load_run
+from gnmr_fx.benchmarks.fault_run import train_with_fault
+from gnmr_fx.telemetry import TelemetryWriteError
+from gnmr_fx.tools.report import load_run
 
 STEPS, FAULT, FAULT_UNIT = 40, (24, 29), "blocks.1.fc"
 
@@ -95,7 +96,7 @@ class TestTelemetryFile:
         assert run.n_triggers.sum() == run.n_triggers[i]
 
     def test_transfers_are_batched(self, fault_run):
-        writer = gnmr_fx.runtime(fault_run[1])._telemetry_w
+        writer = gnmr_fx.runtime(fault_run[1]).telemetry.writer
         # log_every=16: two full batches and the final flush, 40 lines.
         assert (writer.transfers, writer.lines_written) == (3, STEPS)
 
@@ -289,7 +290,7 @@ class TestWriteFailure:
         # The re-created file starts with the header its lines refer to; no line lost or doubled.
         assert lines[0]["header"] and lines[0]["units"] == ["0", "2"]
         assert [l["step"] for l in lines[1:]] == [3, 4, 5]
-        assert rt._telemetry_w.lines_written == 5
+        assert rt.telemetry.writer.lines_written == 5
         load_run(str(path))  # a valid run file
 
     @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -307,8 +307,9 @@ def test_a_copy_of_a_compiled_model_runs_uncompiled():
     assert len(rt.records) == 1 and rt.controller.step == 1
 
 
-@pytest.mark.parametrize("module", ["gnmr_fx.passes.ops", "gnmr_fx.passes.discover_units", "gnmr_fx.api",
-                                    "gnmr_fx.runtime", "gnmr_fx.backends.paths"])
+@pytest.mark.parametrize("module", ["gnmr_fx.backends.ops", "gnmr_fx.passes.discover_units", "gnmr_fx.api",
+                                    "gnmr_fx.runtime", "gnmr_fx.backends.paths", "gnmr_fx.backends.recipes",
+                                    "gnmr_fx.passes", "gnmr_fx.passes.assign_slots", "gnmr_fx.controller"])
 def test_docstring_examples(module):
     import doctest
     import importlib

@@ -31,11 +31,10 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
+from gnmr_fx.backends.ops import RECOVERABLE_OPS, op_of
 from gnmr_fx.passes.discover_units import _hashable
-from gnmr_fx.passes.insert_dual_path import PLAN
-from gnmr_fx.passes.insert_grad_stats import PROBE
-from gnmr_fx.passes.nodes import record_grad_norm, select_path
-from gnmr_fx.passes.ops import RECOVERABLE_OPS, op_of
+from gnmr_fx.passes.nodes import grad_stats, select_path
+from gnmr_fx.passes.state import PLAN, PROBE
 
 # Keyword arguments the pass adds to the low branch; the rest are the op's own.
 _LOW_KWARGS = ("recipe", "a_index", "b_index", "b_kdim", "b_is_weight")
@@ -174,7 +173,7 @@ def _is_select(node: torch.fx.Node) -> bool:
 
 
 def _is_stats(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and (node.target is record_grad_norm or "gnmr_stats_for" in node.meta)
+    return node.op == "call_function" and (node.target is grad_stats or "gnmr_grad_stats" in node.meta)
 
 
 def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]]:
@@ -245,7 +244,7 @@ def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]
     # Stats nodes: attach each to the unit it measures (by the name the pass recorded).
     by_unit = {it.unit: it for it in items if it.unit}
     for s in pending_stats:
-        owner = by_unit.get(s.meta.get("gnmr_stats_for"))
+        owner = by_unit.get(s.meta.get("gnmr_grad_stats"))
         if owner is not None:
             owner.members.setdefault("stats", s)
     return items, of
@@ -604,8 +603,9 @@ def _config(items: Sequence[str], flag: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gnmr_fx.examples import load_spec
-    from gnmr_fx.inspection import capture, print_or_quit
+    from gnmr_fx.tools.capture import capture
+    from gnmr_fx.tools.examples import load_spec
+    from gnmr_fx.tools.inspect import print_or_quit
 
     # User-input errors (spec, --config values) raise InputError: the CLI
     # prints one line and exits 2. Anything else is a bug and keeps its traceback.

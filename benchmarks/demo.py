@@ -3,7 +3,7 @@
 Arms (identical model init, data order and seed):
   always_high  every unit on the high path (the quality reference)
   always_low   every unit on the int4 stress recipe
-  gnmr         the int4 recipe, with GNMR recovering units under a budget
+  gnmr         the int4 recipe, with GNMR moving units to the high path under a budget
 
 About two minutes on 2 CPU cores with the defaults.
 """
@@ -36,7 +36,7 @@ class DemoConfig:
     batch_size: int = 16
     lr: float = 6e-3  # aggressive on purpose: low precision must be stressed
     recipe: str = "int4"
-    max_o: Union[int, float] = 0.1  # as GNMRConfig.max_o: units (0 = no recovery) or a FLOP fraction
+    max_o: Union[int, float] = 0.1  # as GNMRConfig.max_o: units (0 = every unit low) or a FLOP fraction
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 8
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--recipe", type=recipe_name, default=d.recipe, help=f"low-path recipe (default {d.recipe})")
     p.add_argument("--max-o", type=parse_max_o, default=d.max_o,
-                   help=f"GNMR budget: an integer is a count of units (0: no recovery), a decimal or "
+                   help=f"GNMR budget: an integer is a count of units (0: every unit low), a decimal or "
                         f"percentage a fraction of the FLOPs (0.05 or 5%%; default {d.max_o})")
     p.add_argument("--lr", type=positive_float, default=d.lr)
     p.add_argument("--json", type=output_file, default=None, help="also write the results to this JSON file")
@@ -72,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
     >>> parser = argparse.ArgumentParser()
     >>> add_arguments(parser)
-    >>> config_from_args(parser.parse_args(["--max-o", "0"])).max_o  # 0: no recovery
+    >>> config_from_args(parser.parse_args(["--max-o", "0"])).max_o  # 0: every unit low
     0
     """
     return DemoConfig(steps=args.steps, seed=args.seed, recipe=args.recipe, max_o=args.max_o, lr=args.lr)
@@ -184,9 +184,9 @@ def format_results(results: dict) -> str:
                                     "diverged", "wall"]) + "\n"
     top = arms["gnmr"]["top_units"]
     if top:
-        text += "\nUnits GNMR recovered most (gnmr arm):\n"
+        text += "\nUnits GNMR put on the high path most (gnmr arm):\n"
         text += tabulate([[t["unit"], t["high_steps"], t["triggers"], t["denied"]] for t in top],
                          headers=["unit", "steps on high path", "triggers", "denied"]) + "\n"
     else:
-        text += "\nGNMR recovered no unit in this run.\n"
+        text += "\nGNMR put no unit on the high path in this run.\n"
     return text

@@ -1,8 +1,13 @@
-"""Op tables shared by the passes: what counts as a recoverable unit.
+"""The op table: every op that can be a unit, and what the passes match around it.
 
-Ops are matched by their target objects. FX ``call_method`` nodes carry the
-method name as their target by construction, so those are mapped once, here,
-to the same function objects.
+One table, :data:`OPS`, names each recoverable op once: the function both
+branches call (``OpSpec.fn``) and where its two matmul operands sit. The
+passes look ops up by their target objects (:data:`RECOVERABLE_OPS`, built
+from the same specs); the branches (``backends.paths``) and the FX code the
+passes write look them up by name, since FX code generation cannot print a
+builtin function object as an argument. FX ``call_method`` nodes carry the
+method name as their target by construction, so those are mapped once, here
+(:data:`METHOD_OPS`), to the same function objects.
 """
 
 from __future__ import annotations
@@ -13,32 +18,43 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from gnmr_fx.backends.paths import BRANCH_OPS
+
+def transformers_grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """Hugging Face's grouped matmul for the dtypes ``torch._grouped_mm`` cannot
+    compile or differentiate (fp32: no CPU backward). transformers registers
+    the op when its MoE integration is imported; units that use it exist only
+    then, so looking it up at call time never imports transformers here."""
+    return torch.ops.transformers.grouped_mm_fallback(input, weight, offs=offs)
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    """Where the two matmul operands of a recoverable op sit in its args."""
+    """A recoverable op: the function the branches call and where its two
+    matmul operands sit in its args."""
 
     name: str  # short name used in unit names and by the branches ("matmul", ...)
+    fn: Callable[..., Tensor]  # the canonical function the high path calls
     a_index: int
     b_index: int
     b_kdim: int  # reduction dim of operand b
     min_rank: int = 2  # operands of lower rank are not recoverable
 
-    @property
-    def fn(self) -> Callable[..., Any]:
-        """The canonical function the high path calls."""
-        return BRANCH_OPS[self.name]
 
+LINEAR = OpSpec("linear", F.linear, 0, 1, -1)
+MATMUL = OpSpec("matmul", torch.matmul, 0, 1, -2)
+MM = OpSpec("mm", torch.mm, 0, 1, -2)
+BMM = OpSpec("bmm", torch.bmm, 0, 1, -2)
+ADDMM = OpSpec("addmm", torch.addmm, 1, 2, -2)
+BADDBMM = OpSpec("baddbmm", torch.baddbmm, 1, 2, -2)
+# Hugging Face MoE experts call ``transformers::grouped_mm_fallback`` (a
+# per-expert ``torch.mm`` loop behind one opaque op) instead of
+# ``torch._grouped_mm`` when the weights are not bf16: fp32 models' experts.
+GROUPED_MM_FALLBACK = OpSpec("grouped_mm_fallback", transformers_grouped_mm, 0, 1, -2)
 
-LINEAR = OpSpec("linear", 0, 1, -1)
-MATMUL = OpSpec("matmul", 0, 1, -2)
-MM = OpSpec("mm", 0, 1, -2)
-BMM = OpSpec("bmm", 0, 1, -2)
-ADDMM = OpSpec("addmm", 1, 2, -2)
-BADDBMM = OpSpec("baddbmm", 1, 2, -2)
+OPS: dict[str, OpSpec] = {s.name: s for s in (LINEAR, MATMUL, MM, BMM, ADDMM, BADDBMM, GROUPED_MM_FALLBACK)}
+"""Every recoverable op by name: the one op table."""
 
 RECOVERABLE_OPS: dict[Any, OpSpec] = {
     F.linear: LINEAR,
@@ -52,16 +68,13 @@ RECOVERABLE_OPS: dict[Any, OpSpec] = {
 # Grouped matmul (the kernel behind Hugging Face MoE experts), where this
 # torch has it: operands a [tokens, K] and b [groups, K, N].
 if hasattr(torch, "_grouped_mm"):
-    GROUPED_MM = OpSpec("grouped_mm", 0, 1, -2)
+    GROUPED_MM = OpSpec("grouped_mm", torch._grouped_mm, 0, 1, -2)
+    OPS[GROUPED_MM.name] = GROUPED_MM
     RECOVERABLE_OPS[torch._grouped_mm] = GROUPED_MM
 
 # Recoverable ops that another library registers with torch.library when it
 # is imported, as (namespace, name, spec). They are looked up by object when a
 # graph is rewritten (``library_ops``), so gnmr_fx never imports the library.
-# Hugging Face MoE experts call ``transformers::grouped_mm_fallback`` (a
-# per-expert ``torch.mm`` loop behind one opaque op) instead of
-# ``torch._grouped_mm`` when the weights are not bf16: fp32 models' experts.
-GROUPED_MM_FALLBACK = OpSpec("grouped_mm_fallback", 0, 1, -2)
 LIBRARY_OPS: tuple[tuple[str, str, OpSpec], ...] = (("transformers", "grouped_mm_fallback", GROUPED_MM_FALLBACK),)
 
 METHOD_OPS: dict[str, Any] = {
@@ -89,7 +102,7 @@ NOT_RECOVERABLE_OPS: dict[Any, str] = {
 }
 
 # View-like ops a weight may pass through before the matmul (e.g. ``x @ w.t()``);
-# all preserve the Frobenius norm, so tapping the view measures ||dL/dW||.
+# all preserve the Frobenius norm, so statistics recorded on the view measure ||dL/dW||.
 VIEW_FUNCTIONS = (torch.t, torch.transpose, torch.permute, torch.reshape, torch.squeeze, torch.unsqueeze)
 VIEW_METHODS = ("t", "transpose", "permute", "view", "reshape", "contiguous", "to", "squeeze", "unsqueeze", "float", "half", "bfloat16")
 

@@ -43,17 +43,14 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.fx
 
-from gnmr_fx.backends.paths import BRANCH_OPS
+from gnmr_fx.backends.ops import OPS
 from gnmr_fx.backends.paths import high_path as high_path_fn
-from gnmr_fx.backends.host_dispatch import PLAN_HOST
 from gnmr_fx.backends.recipes import FP8_E4M3_MAX, cast_fp8, get_recipe
+from gnmr_fx.backends.recipes import SCALE_EPS as _EPS
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.inspection import as_inputs, capture, unwrap
-from gnmr_fx.passes.insert_dual_path import PLAN
-from gnmr_fx.passes.insert_grad_stats import PROBE
-from gnmr_fx.passes.nodes import record_grad_norm, select_path
-
-_EPS = 1e-12  # the recipes' scale floor (backends.recipes._EPS)
+from gnmr_fx.passes.nodes import grad_stats, select_path
+from gnmr_fx.passes.state import PLAN, PLAN_HOST, PROBE
+from gnmr_fx.tools.capture import as_inputs, capture, unwrap
 ONNX_FORMATS = ("int8", "fp8_e4m3")
 
 PlanLike = Union[None, str, torch.Tensor, Sequence[bool], Mapping[str, bool]]
@@ -160,7 +157,7 @@ def low_path_qdq(
     args = list(args)
     args[a_index] = q(args[a_index], -1)
     args[b_index] = q(args[b_index], b_kdim)
-    return BRANCH_OPS[op](*args, **kwargs)
+    return OPS[op].fn(*args, **kwargs)
 
 
 def _unsupported(recipe: str) -> str:
@@ -185,7 +182,7 @@ def freeze_plan(gm: torch.fx.GraphModule, high: Mapping[str, bool]) -> torch.fx.
     """
     g = gm.graph
     for node in list(g.nodes):
-        if node.op == "call_function" and node.target is record_grad_norm:
+        if node.op == "call_function" and node.target is grad_stats:
             node.replace_all_uses_with(node.args[0])
             g.erase_node(node)
     for sel in list(g.nodes):
@@ -422,7 +419,7 @@ def export_onnx(
 
 
 # --------------------------------------------------------------------------
-# python -m gnmr_fx.onnx_export SPEC OUT.onnx: export, then check with onnxruntime
+# python -m gnmr_fx.tools.export SPEC OUT.onnx: export, then check with onnxruntime
 # --------------------------------------------------------------------------
 
 
@@ -470,8 +467,7 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
     import onnxruntime as ort
 
     from gnmr_fx.api import compile as gnmr_compile
-    from gnmr_fx.backends.host_dispatch import publish_plan
-    from gnmr_fx.backends.recipes import quantization_sqnr
+    from gnmr_fx.backends.recipes import sqnr
     from gnmr_fx.runtime import runtime_of
 
     sess = ort.InferenceSession(export.path, ort_session_options(export), providers=["CPUExecutionProvider"])
@@ -487,13 +483,12 @@ def verify_with_onnxruntime(export: OnnxExport, model: torch.nn.Module, example_
             # host-side plan until the next step publishes one.
             cm(*example_inputs)
             rt.set_plan(torch.tensor([export.plan[n] == "high" for n in rt.controller.names]))
-            publish_plan(rt)  # units with a real kernel (GPU fp8) read a host copy of the plan
             ref = cm(*example_inputs)
     ref = (ref if isinstance(ref, torch.Tensor) else ref[0]).detach().float().cpu()
     ops = collections.Counter(n.op_type for n in onnx.load(export.path).graph.node)
     return {
         "max_abs_err": float((got - ref).abs().max()),
-        "sqnr_db": quantization_sqnr(ref, got),
+        "sqnr_db": sqnr(ref, got),
         "ops": {k: ops[k] for k in ("QuantizeLinear", "DequantizeLinear", "MatMul", "Gemm")},
     }
 
@@ -502,9 +497,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
     import sys
 
-    from gnmr_fx.examples import load_spec
+    from gnmr_fx.tools.examples import load_spec
 
-    p = argparse.ArgumentParser(prog="python -m gnmr_fx.onnx_export",
+    p = argparse.ArgumentParser(prog="python -m gnmr_fx.tools.export",
                                 description="export a model with a frozen GNMR plan; check it with onnxruntime")
     p.add_argument("spec", metavar="SPEC", help="built-in example (tiny_gpt, hf_gpt2) or package.module:factory")
     p.add_argument("out", metavar="OUT.onnx")

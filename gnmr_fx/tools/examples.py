@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import importlib
 import inspect as pyinspect
-import os
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from gnmr_fx.arguments import InputError
-
-if TYPE_CHECKING:
-    from gnmr_fx.config import GNMRConfig
 
 ExampleFactory = Callable[[], tuple[torch.nn.Module, tuple]]
 
@@ -169,113 +165,3 @@ def _factory(spec: str) -> Callable[[], Any]:
     except ValueError:
         pass  # no signature to read (some builtins): calling it will tell
     return factory
-
-
-# --------------------------------------------------------------------------
-# A short training run with an injected fault (for `gnmr-fx report`)
-# --------------------------------------------------------------------------
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity in forward; multiplies the gradient by ``k`` in backward."""
-
-    @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(k)
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (k,) = ctx.saved_tensors
-        return grad * k, None
-
-
-def inject_grad_fault(module: torch.nn.Module) -> torch.Tensor:
-    """Make ``module``'s weight gradient ``k`` times too large, and nothing else.
-
-    Returns ``k`` (a 0-d tensor, 1.0 = no fault); set it in place to switch
-    the fault on or off without recompiling. The output gradient is scaled
-    by ``k`` and the input gradient by ``1/k``, so only this unit's dL/dW
-    (what GNMR measures) changes: a fault confined to one unit.
-    """
-    k = torch.ones(())
-    module.register_buffer("_fault_k", k, persistent=False)
-    module.register_forward_pre_hook(lambda m, args: (_GradScale.apply(args[0], 1.0 / m._fault_k), *args[1:]))
-    module.register_forward_hook(lambda m, args, out: _GradScale.apply(out, m._fault_k))
-    return module._fault_k
-
-
-def train_with_fault(
-    log: Optional[str],
-    *,
-    steps: int = 80,
-    fault_unit: str = "blocks.1.fc",
-    fault_steps: tuple[int, int] = (40, 46),
-    scale: float = 30.0,
-    config: Optional["GNMRConfig"] = None,
-    seed: int = 0,
-    on_step: Optional[Callable[[Any], None]] = None,
-) -> torch.nn.Module:
-    """Train TinyGPT for ``steps`` steps (eager backend, CPU-sized) with the
-    weight gradient of ``fault_unit`` multiplied by ``scale`` during
-    ``fault_steps`` = [start, stop). Telemetry (with the loss) goes to ``log``.
-
-    Returns the compiled model; ``gnmr_fx.controller(model)`` has the state.
-    ``on_step(runtime)`` is called after every controller update.
-    """
-    import gnmr_fx
-    from gnmr_fx.config import GNMRConfig
-    from gnmr_fx.models import GPTConfig, TinyGPT
-
-    config = config or GNMRConfig(recipe="int8", max_o=2, warmup_steps=10, lock_steps=8, log_every=16)
-    torch.manual_seed(seed)
-    gcfg = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
-    model = TinyGPT(gcfg)
-    k = inject_grad_fault(model.get_submodule(fault_unit))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    cm = gnmr_fx.compile(model, config, backend="eager", optimizer=opt, log=log)
-    rt = gnmr_fx.runtime(cm)
-    if on_step is not None:
-        rt.callbacks.append(on_step)
-    import gnmr_fx.models as _models
-
-    with open(_models.__file__, "rb") as f:  # offline text: this package's own source
-        data = torch.tensor(list(f.read()), dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        k.fill_(scale if fault_steps[0] <= step < fault_steps[1] else 1.0)
-        ix = torch.randint(0, data.numel() - gcfg.block_size - 1, (8,), generator=g)
-        x = torch.stack([data[i: i + gcfg.block_size] for i in ix])
-        y = torch.stack([data[i + 1: i + 1 + gcfg.block_size] for i in ix])
-        loss = cm(x, y)
-        loss.backward()
-        rt.log_metrics(loss=loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    rt.flush()
-    return cm
-
-
-def _main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m gnmr_fx.examples",
-                                description="write the telemetry of a short TinyGPT run with an injected fault")
-    p.add_argument("log", help="telemetry file to write (JSON lines)")
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--fault-unit", default="blocks.1.fc")
-    p.add_argument("--fault-start", type=int, default=40)
-    p.add_argument("--fault-stop", type=int, default=46)
-    p.add_argument("--scale", type=float, default=30.0)
-    a = p.parse_args(argv)
-    if os.path.exists(a.log):
-        os.remove(a.log)  # the writer appends; a fresh run wants a fresh file
-    train_with_fault(a.log, steps=a.steps, fault_unit=a.fault_unit,
-                     fault_steps=(a.fault_start, a.fault_stop), scale=a.scale)
-    print(f"wrote {a.log}: {a.steps} steps, fault x{a.scale:g} on {a.fault_unit} "
-          f"at steps [{a.fault_start}, {a.fault_stop})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
