@@ -8,6 +8,7 @@ the GNMR backend (``gnmr_fx.backend``) on every graph Dynamo captures.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import types
 from typing import TYPE_CHECKING, Any, Callable
@@ -58,12 +59,18 @@ def compile_module(module: torch.nn.Module, backend: "GNMRBackend") -> "Compiled
 
     code = gnmr_forward.__code__.replace(co_name=f"gnmr_forward_{next(_COMPILES)}")
     fresh = types.FunctionType(code, gnmr_forward.__globals__, code.co_name, None, gnmr_forward.__closure__)
-    call = CompiledCall(backend.runtime, torch.compile(fresh, backend=backend, isolate_recompiles=True), forward)
+    call = CompiledCall(backend.runtime, torch.compile(fresh, backend=backend, **ISOLATE), forward)
     module.forward = call
     return call
 
 
 _COMPILES = itertools.count()
+# torch.compile(isolate_recompiles=...) is torch 2.13+. Older torch (the
+# 2.11 of the GPU image) still gets a code object per compile; only frames
+# resumed after a graph break inside forward then share their cache across
+# compiles of one class, and a compile that would overflow it raises
+# (CompiledCall) instead of running uncompiled.
+ISOLATE = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 class CompiledCall:
