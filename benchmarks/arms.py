@@ -21,14 +21,14 @@ static_tuned@k       the k units (or the FLOP budget) that help most when kept
 high_first@n         every unit high for the first n steps (an int) or that
                      fraction of the run (5%, 0.1), then every unit low
                      ("train the unstable start in high precision")
-random@k             random units recovered: every free budget slot gets a
+random@k             random units high: every free budget slot gets a
                      random unit locked high for ``lock_steps`` steps
 gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
                      units, a float is a fraction of the units' FLOPs)
 ===================  =====================================================
 
 static and random always fill their whole budget, so at equal budget they
-spend at least as much high-path compute as GNMR (which recovers only when a
+spend at least as much high-path compute as GNMR (which goes high only when a
 unit triggers): a conservative comparison for GNMR.
 
 The plan drivers run as ``GNMRRuntime.callbacks``, i.e. after the controller's
@@ -194,8 +194,8 @@ def high_first_steps(budget: Union[int, float], steps: int) -> int:
     return min(steps, budget if isinstance(budget, int) else round(budget * steps))
 
 
-class RandomRecovery:
-    """Random units recovered at the same budget and lock as GNMR.
+class RandomPlan:
+    """Random units on the high path at the same budget and lock as GNMR.
 
     Each step every lock counts down; every free slot is given to a unit drawn
     uniformly from the units not held, locked high for ``lock_steps`` steps.

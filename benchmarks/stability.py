@@ -47,10 +47,9 @@ import torch
 from gnmr_fx.benchmarks.arms import (
     GlobalClip,
     HighFirst,
-    RandomRecovery,
+    RandomPlan,
     StaticPlan,
     ZClip,
-    arm_name,
     budget_units,
     high_first_steps,
     parse_arm,
@@ -429,7 +428,7 @@ def run_task(task: dict) -> dict:
         elif arm.kind == "high_first":
             driver = HighFirst(len(names), high_first_steps(arm.budget, steps))
         elif arm.kind == "random":
-            driver = RandomRecovery(len(names), k, cfg.lock_steps, seed)
+            driver = RandomPlan(len(names), k, cfg.lock_steps, seed)
         # Per-step records stay on the device; the host reads them at eval
         # points only, so the loop adds no device-to-host sync per step.
         rec_loss = torch.full((steps,), float("nan"), device=device)

@@ -197,7 +197,7 @@ def test_demo_accepts_max_o_zero():
     from gnmr_fx.benchmarks.demo import config_from_args
 
     cfg = config_from_args(build_parser().parse_args(["demo", "--max-o", "0", "--steps", "1"]))
-    assert cfg.max_o == 0 and GNMRConfig(recipe=cfg.recipe, max_o=cfg.max_o).max_o == 0  # 0: no recovery
+    assert cfg.max_o == 0 and GNMRConfig(recipe=cfg.recipe, max_o=cfg.max_o).max_o == 0  # 0: no unit ever high
 
 
 def test_arm_budgets_use_the_same_parser():

@@ -390,7 +390,7 @@ class TestCheckpoint:
         buf = io.BytesIO()
         torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
         plans_a, losses_a = self._train(model, opt, m, 10, 6)
-        assert sum(int(p.sum()) for p in plans_a) > 0  # recovery happened
+        assert sum(int(p.sum()) for p in plans_a) > 0  # some unit went high
 
         torch._dynamo.reset()
         model_b = _gpt(seed=123)  # different init: everything must come from the checkpoint

@@ -103,7 +103,7 @@ def test_arms_and_budgets():
     costs = torch.tensor([4.0, 1.0, 1.0, 4.0])
     assert arms.budget_units(0.25, costs) == 2  # 25% of 10 FLOPs buys the two cheap units
     assert arms.StaticPlan(5, 3).plan.tolist() == [True, True, False, False, True]
-    rnd = arms.RandomRecovery(6, 2, lock_steps=3, seed=0)
+    rnd = arms.RandomPlan(6, 2, lock_steps=3, seed=0)
     held = [rnd.plan.clone()]
     for _ in range(6):
         rnd._draw()
