@@ -133,6 +133,7 @@ class GNMRRuntime:
         root.__dict__[_STATE_PREFIX.rstrip(".")] = StateView(rt)
         root.register_state_dict_post_hook(_state_dict_hook)
         root.register_load_state_dict_pre_hook(_load_state_dict_hook)
+        _skip_state_on_save(root)
         return rt
 
     def _index_root(self, root: torch.nn.Module) -> None:
@@ -785,6 +786,23 @@ class StateView:
         if name not in state:
             raise AttributeError(f"the GNMR controller state has no entry {name!r}")
         return state[name]
+
+
+def _skip_state_on_save(root: torch.nn.Module) -> None:
+    """Keep the controller state out of weights saved for inference.
+
+    The controller state is training state: it belongs in a training
+    checkpoint (``model.state_dict()``), not in a folder of weights that a
+    fresh, uncompiled model loads. Hugging Face ``save_pretrained`` (and so
+    ``Trainer.save_model``) drops the keys a model lists in
+    ``_keys_to_ignore_on_save``; listing the ``_gnmr.*`` keys there makes the
+    saved folder load with ``from_pretrained`` with no unexpected key.
+    """
+    if not hasattr(root, "save_pretrained") or not hasattr(root, "_keys_to_ignore_on_save"):
+        return
+    keys = {_STATE_PREFIX + k for k in ("names", "step", *STATE_KEYS)}
+    # An instance attribute: the class's value (shared by every instance) stays as it was.
+    root._keys_to_ignore_on_save = set(root._keys_to_ignore_on_save or ()) | keys
 
 
 def _state_dict_hook(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

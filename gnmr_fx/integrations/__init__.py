@@ -1,0 +1,8 @@
+"""Glue between gnmr_fx and the tools users train with.
+
+Each module imports its library on import and is never imported by the rest
+of gnmr_fx, so the library stays an optional extra:
+
+* :mod:`gnmr_fx.integrations.transformers`: ``GNMRCallback`` for Hugging
+  Face ``transformers.Trainer`` (``pip install "gnmr-fx[hf]"``).
+"""
