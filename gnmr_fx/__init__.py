@@ -20,6 +20,7 @@ _LAZY = {
     "inspect": ("gnmr_fx.inspection", "inspect"),
     "diff": ("gnmr_fx.diffing", "diff"),
     "export_onnx": ("gnmr_fx.onnx_export", "export_onnx"),
+    "generate": ("gnmr_fx.generation", "generate"),
 }
 
 
@@ -41,6 +42,7 @@ __all__ = [
     "diff",
     "distributed",
     "export_onnx",
+    "generate",
     "inspect",
     "get_recipe",
     "recipes",
