@@ -31,11 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-
-try:
-    from torch.fx.experimental.symbolic_shapes import optimization_hint as _size_hint
-except ImportError:  # torch before 2.10: the same function under its earlier name
-    from torch.fx.experimental.symbolic_shapes import hint_int as _size_hint
 import torch.fx
 
 from gnmr_fx.config import GNMRConfig
@@ -49,6 +44,11 @@ from gnmr_fx.passes.ops import (
     library_ops,
     op_of,
 )
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _size_hint
+except ImportError:  # older torch: the same function under its earlier name
+    from torch.fx.experimental.symbolic_shapes import hint_int as _size_hint
 
 # A frame variable (a local or a global) and the subscripts applied to it
 # directly: ``L['self']``, ``L['args'][0]``, ``G['model']``, or the object of

@@ -183,6 +183,9 @@ def test_model_compiled_in_place_by_the_user(tmp_path):
     assert trainer.model is model and gnmr_fx.controller(model).step == 3
     with pytest.raises(ValueError, match="already compiled with a different GNMRConfig"):
         _train(tmp_path, model=model, callback=GNMRCallback(GNMRConfig(recipe="int8"), backend="eager"), max_steps=1)
+    wrapper = gnmr_fx.compile(_gpt2(), CFG, backend="eager")  # not in place: saves as _orig_mod.*
+    with pytest.raises(ValueError, match=r"got a torch.compile wrapper .* inplace=True"):
+        _train(tmp_path, model=wrapper, max_steps=1)
 
 
 def test_torch_compile_in_training_arguments_is_refused(tmp_path):

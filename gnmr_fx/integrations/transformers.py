@@ -181,6 +181,14 @@ class GNMRCallback(TrainerCallback):
         return out
 
     def _compile(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> GNMRRuntime:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            # Its state dict is the model's under "_orig_mod.": Trainer.save_model
+            # would write weights that from_pretrained cannot load.
+            raise ValueError(
+                "GNMRCallback: the Trainer got a torch.compile wrapper (state keys _orig_mod.*, which "
+                "save_model would write); give it the model itself, uncompiled or compiled with "
+                "gnmr_fx.compile(model, config, inplace=True)"
+            )
         rt = _existing_runtime(model)
         if rt is None:
             gnmr_compile(model, self.config, backend=self.backend, optimizer=optimizer,
