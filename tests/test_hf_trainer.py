@@ -209,3 +209,14 @@ def test_module_doctests():
     import gnmr_fx.integrations.transformers as integration
 
     assert doctest.testmod(integration, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_bf16_mixed_precision_after_an_inplace_compile(tmp_path):
+    # accelerate's mixed precision replaces model.forward with an autocast
+    # wrapper of the *original* forward function: the callback compiles the
+    # forward the Trainer calls, keeping the model's runtime.
+    model = gnmr_fx.compile(_gpt2(), CFG, backend="eager", inplace=True)
+    rt = gnmr_fx.runtime(model)
+    trainer, _ = _train(tmp_path, model=model, max_steps=2, gradient_accumulation_steps=1, save_steps=100, bf16=True)
+    assert gnmr_fx.runtime(trainer.model) is rt and rt.controller.step == 2
+    assert len(rt.unit_names) == 9  # 2 x (c_attn, c_proj, c_fc, mlp c_proj) + lm_head: sdpa attention

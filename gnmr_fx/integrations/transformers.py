@@ -56,7 +56,7 @@ except ImportError as e:  # an optional extra: say how to get it
 from gnmr_fx import distributed
 from gnmr_fx.api import compile as gnmr_compile
 from gnmr_fx.api import runtime as runtime_of
-from gnmr_fx.backends.compile_backend import COMPILERS
+from gnmr_fx.backends.compile_backend import COMPILERS, CompiledCall
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.runtime import GNMRRuntime
 
@@ -190,19 +190,24 @@ class GNMRCallback(TrainerCallback):
                 "gnmr_fx.compile(model, config, inplace=True)"
             )
         rt = _existing_runtime(model)
-        if rt is None:
+        if rt is not None and rt.config != self.config:
+            raise ValueError(
+                "GNMRCallback: the model is already compiled with a different GNMRConfig; pass the same "
+                "config, or give the Trainer an uncompiled model"
+            )
+        forward = getattr(model, "forward", None)
+        if rt is not None and isinstance(forward, CompiledCall) and forward.runtime is rt:
+            # Compiled in place already: by the user, or by an earlier train()
+            # of this Trainer (which made a new optimizer).
+            rt.attach_optimizer(optimizer)
+        else:
+            # Uncompiled, or compiled before accelerate replaced the forward
+            # (mixed precision wraps ``model.forward.__func__``, the original
+            # function): compile the forward the Trainer calls now. A model
+            # compiled before keeps its runtime, units and controller.
             gnmr_compile(model, self.config, backend=self.backend, optimizer=optimizer,
                          on_inactive=self.on_inactive, inplace=True)
             rt = runtime_of(model)
-        else:
-            # Compiled already: by the user in place, or by an earlier
-            # train() of this Trainer (which made a new optimizer).
-            if rt.config != self.config:
-                raise ValueError(
-                    "GNMRCallback: the model is already compiled with a different GNMRConfig; pass the same "
-                    "config, or give the Trainer an uncompiled model"
-                )
-            rt.attach_optimizer(optimizer)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             distributed.enable(model)  # every rank decides from the same statistics
