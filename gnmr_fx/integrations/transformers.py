@@ -166,7 +166,7 @@ class GNMRCallback(TrainerCallback):
 
     # ----------------------------------------------------------- helpers
     def scalars(self) -> dict[str, float]:
-        """The GNMR scalars of a training log (one host read of the controller)."""
+        """The GNMR scalars of a training log (read on the host: a few scalar copies per log, not per step)."""
         ctl = self.runtime.controller
         triggers, denied = int(ctl.n_triggers.sum()), int(ctl.n_denied.sum())
         out = {
