@@ -36,6 +36,7 @@ _EXPORTS: dict[str, tuple[str, Any]] = {
     "get_recipe": ("gnmr_fx.backends.recipes", "get_recipe"),
     "recipes": ("gnmr_fx.backends.recipes", "recipe_names"),
     "register_recipe": ("gnmr_fx.backends.recipes", "register_recipe"),
+    "generate": ("gnmr_fx.tools.generate", "generate"),
 }
 
 

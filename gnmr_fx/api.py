@@ -22,6 +22,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     example_inputs: Optional[Sequence] = None,
     log: Optional[str] = None,
     on_inactive: str = "raise",
+    inplace: bool = False,
 ) -> torch.nn.Module:
     """Compile ``model`` with GNMR: one line in an existing training loop.
 
@@ -45,13 +46,20 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
             forward) or the graphs hold no recoverable op. The error says
             which; ``"warn"`` warns once instead, for models where that is
             expected. The check runs once (no per-step cost).
+        inplace: return ``model`` itself instead of a ``torch.compile``
+            wrapper. Its forward is compiled either way; in place, the object
+            the user holds stays the one to call, with its own state-dict
+            keys (plus ``_gnmr.*``) and methods (Hugging Face
+            ``save_pretrained``, ``generate``), as libraries that inspect or
+            save the model (``transformers.Trainer``) expect.
 
     Returns:
         the module to call: ``torch.compile``'s wrapper of ``model`` (state
-        keys ``_orig_mod.*``), or, for a ``DistributedDataParallel`` model,
-        the DDP wrapper itself with its module compiled in place (DDP's
-        forward and gradient hooks stay outside the graphs; state keys
-        ``module.*``).
+        keys ``_orig_mod.*``); with ``inplace=True``, ``model`` itself (state
+        keys as before, plus ``_gnmr.*``); or, for a
+        ``DistributedDataParallel`` model, the DDP wrapper itself with its
+        module compiled in place (DDP's forward and gradient hooks stay
+        outside the graphs; state keys ``module.*``).
 
     >>> import torch, gnmr_fx
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -63,6 +71,11 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     ['0', '2']
     >>> gnmr_fx.controller(model).step
     1
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 2))
+    >>> gnmr_fx.compile(net, gnmr_fx.GNMRConfig(recipe="int8"), backend="eager", inplace=True) is net
+    True
+    >>> sorted(k for k in net.state_dict() if not k.startswith("_gnmr."))
+    ['0.bias', '0.weight']
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"gnmr_fx.compile expects an nn.Module, got {type(model).__name__}")
@@ -87,7 +100,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     # hooks of the model and of its wrappers (DDP's forward, FSDP2's
     # all-gather) run as written around the compiled forward.
     compile_module(root, GNMRBackend(rt, backend))
-    if ddp:
+    if ddp or inplace:
         compiled = model
     else:
         # torch.compile's wrapper keeps the interface (and the state-dict

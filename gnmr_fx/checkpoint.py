@@ -29,6 +29,24 @@ def attach_state(root: torch.nn.Module, runtime: "GNMRRuntime") -> None:
     expose_state(root, runtime)
     root.register_state_dict_post_hook(_state_dict_hook)
     root.register_load_state_dict_pre_hook(_load_state_dict_hook)
+    skip_state_on_save(root)
+
+
+def skip_state_on_save(root: torch.nn.Module) -> None:
+    """Keep the controller state out of weights saved for inference.
+
+    The controller state is training state: it belongs in a training
+    checkpoint (``model.state_dict()``), not in a folder of weights that a
+    fresh, uncompiled model loads. Hugging Face ``save_pretrained`` (and so
+    ``Trainer.save_model``) drops the keys a model lists in
+    ``_keys_to_ignore_on_save``; listing the ``_gnmr.*`` keys there makes the
+    saved folder load with ``from_pretrained`` with no unexpected key.
+    """
+    if not hasattr(root, "save_pretrained") or not hasattr(root, "_keys_to_ignore_on_save"):
+        return
+    keys = {STATE_PREFIX + k for k in ("names", "step", *STATE_KEYS)}
+    # An instance attribute: the class's value (shared by every instance) stays as it was.
+    root._keys_to_ignore_on_save = set(root._keys_to_ignore_on_save or ()) | keys
 
 
 def expose_state(root: torch.nn.Module, runtime: "GNMRRuntime") -> None:

@@ -91,6 +91,10 @@ class CompiledCall:
         # (``split_source_path``).
         self.__self__ = getattr(forward, "__self__", None)
         self.__func__ = getattr(forward, "__func__", None)
+        # inspect.signature follows __wrapped__: callers that read the
+        # forward's parameters (transformers.Trainer keeps only the dataset
+        # columns the model accepts) see the model's, not (*args, **kwargs).
+        self.__wrapped__ = forward
 
     def __deepcopy__(self, memo: dict) -> Callable:
         # A copy of a compiled module is an uncompiled module: its forward is

@@ -45,6 +45,11 @@ from gnmr_fx.backends.ops import (
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes.counters import counters
 
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _size_hint
+except ImportError:  # older torch: the same function under its earlier name
+    from torch.fx.experimental.symbolic_shapes import hint_int as _size_hint
+
 # A frame variable (a local or a global) and the subscripts applied to it
 # directly: ``L['self']``, ``L['args'][0]``, ``G['model']``, or the object of
 # a bound method (``L['forward'].__self__``: a compiled function that calls
@@ -128,10 +133,10 @@ def discover_units(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.Gra
         raw_key = ("w" if weight else "a", base, spec.name, file, line)
         occurrence = seen_keys[raw_key]
         seen_keys[raw_key] += 1
-        a_shape = tuple(_example(a).shape)
-        b_shape = tuple(_example(b).shape)
-        out_shape = tuple(_example(node).shape)
-        flops = 2 * math.prod(out_shape) * int(a_shape[-1])
+        a_shape = _sizes(_example(a))
+        b_shape = _sizes(_example(b))
+        out_shape = _sizes(_example(node))
+        flops = 2 * math.prod(out_shape) * a_shape[-1]
         node.meta["gnmr_unit"] = UnitSite(
             key=raw_key + (occurrence,),
             base=base,
@@ -170,6 +175,17 @@ def _example(node: Any) -> Any:
             if v is not None:
                 return v
     raise ValueError(f"no shape information on {node}; capture the graph with Dynamo or run ShapeProp first")
+
+
+def _sizes(example: Any) -> tuple[int, ...]:
+    """A node's sizes as ints: the hint of a symbolic size, never a guard on it.
+
+    ``int()`` on a symbolic size (a graph Dynamo made dynamic, e.g. the KV
+    cache length in ``generate``) would install a guard that specializes the
+    graph to that size: one recompile per new length until the recompile
+    limit. Shapes here only name and cost units, so the example's value is enough.
+    """
+    return tuple(_size_hint(d, fallback=1) if isinstance(d, torch.SymInt) else int(d) for d in example.shape)
 
 
 def _unsupported(node: torch.fx.Node, spec: OpSpec) -> Optional[str]:

@@ -9,14 +9,13 @@ import torch
 import gnmr_fx
 from gnmr_fx.backends.recipes import sqnr
 from gnmr_fx.tools.examples import load_spec
-from gnmr_fx.tools.export import _copy_without_gnmr
+from gnmr_fx.tools.export import _copy_without_gnmr, ort_session_options
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx.numpy_helper")
 ort = pytest.importorskip("onnxruntime")
 
-# export_onnx uses the TorchScript exporter on purpose (see gnmr_fx/tools/export.py).
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) translates through it
 
 CFG = gnmr_fx.GNMRConfig(recipe="int8")
 HIGH = ("blocks.0.fc", "head")
@@ -36,10 +35,10 @@ def mixed(tiny, tmp_path_factory):
     return gnmr_fx.export_onnx(model, inputs, path, plan={u: True for u in HIGH}, config=CFG)
 
 
-def _run(path, inputs):
-    opts = ort.SessionOptions()
+def _run(export, inputs):
+    opts = ort_session_options(export)  # the plan's numerics (see its docstring)
     opts.intra_op_num_threads = 1  # tiny graphs; the CPU is shared
-    s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(export.path, opts, providers=["CPUExecutionProvider"])
     feed = {i.name: x.numpy() for i, x in zip(s.get_inputs(), inputs)}
     return torch.from_numpy(s.run(None, feed)[0])
 
@@ -63,7 +62,7 @@ class TestTinyGPT:
         model, inputs = tiny
         ex = mixed
         assert ex.high_units == list(HIGH) and len(ex.low_units) == 11
-        got = _run(ex.path, inputs)
+        got = _run(ex, inputs)
         ref = _gnmr_reference(model, inputs, HIGH)
         with torch.no_grad():
             fp32 = model(*inputs)
@@ -78,7 +77,7 @@ class TestTinyGPT:
         ex = gnmr_fx.export_onnx(model, inputs, tmp_path / "h.onnx", plan="high", config=CFG)
         with torch.no_grad():
             ref = model(*inputs)
-        assert (_run(ex.path, inputs) - ref).abs().max() <= 1e-5
+        assert (_run(ex, inputs) - ref).abs().max() <= 1e-5
         ops = _ops(ex.path)
         assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 0
         assert ops["MatMul"] + ops["Gemm"] == 13  # one per unit
@@ -157,7 +156,7 @@ def test_hf_gpt2_int8(tmp_path):
     ops = _ops(ex.path)
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 18
     ref = _gnmr_reference(model, inputs, ()).logits
-    assert sqnr(ref, _run(ex.path, inputs)) >= 100.0
+    assert sqnr(ref, _run(ex, inputs)) >= 100.0
 
 
 def test_fp8_e4m3_per_tensor(tiny, tmp_path):
@@ -176,8 +175,10 @@ def test_fp8_e4m3_per_tensor(tiny, tmp_path):
     v = verify_with_onnxruntime(ex, model, inputs, cfg)
     assert v["sqnr_db"] >= 100.0 and v["ops"]["QuantizeLinear"] == v["ops"]["DequantizeLinear"] == 24
     graph = onnx.load(ex.path).graph
-    consts = {o: n for n in graph.node if n.op_type == "Constant" for o in n.output}
-    zps = [consts[n.input[2]].attribute[0].t.data_type for n in graph.node if n.op_type == "QuantizeLinear"]
+    # Zero points: Constant nodes, or initializers once the exporter's optimizer lifted them.
+    dtypes = {o: n.attribute[0].t.data_type for n in graph.node if n.op_type == "Constant" for o in n.output}
+    dtypes.update({i.name: i.data_type for i in graph.initializer})
+    zps = [dtypes[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
     assert set(zps) == {onnx.TensorProto.FLOAT8E4M3FN}
     with pytest.raises(ValueError, match="opset 17 cannot express recipe 'fp8_e4m3_onnx_test'"):
         gnmr_fx.export_onnx(model, inputs, tmp_path / "x.onnx", config=cfg, opset=17)
