@@ -80,6 +80,14 @@ REAL_RECIPES: dict[str, Fp8Spec] = {
 }
 
 
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
+_CPU_ROWWISE = _torch_at_least(2, 13)
+
+
 def real_kernel_problem(recipe: str, device: torch.device) -> Optional[str]:
     """Why ``recipe`` cannot run as real kernels on ``device`` (None if it can).
 
@@ -103,7 +111,12 @@ def real_kernel_problem(recipe: str, device: torch.device) -> Optional[str]:
         return None
     if device.type == "cpu":
         # torch has CPU _scaled_mm kernels (oneDNN); they are correct but not
-        # faster than fp32, so automatic selection never picks them.
+        # faster than fp32, so automatic selection never picks them. Before
+        # torch 2.13 they are per-tensor only (rowwise scales trip an internal
+        # assert), so rowwise is refused there rather than crashing.
+        if spec.rowwise and not _CPU_ROWWISE:
+            return (f"rowwise fp8 _scaled_mm needs torch 2.13+ on the CPU (this is {torch.__version__}); "
+                    "use recipe='fp8_e4m3' (tensorwise) or emulate=True")
         return None
     return f"real fp8 kernels run on CUDA (sm_89+) or CPU, not {device.type}; use emulate=True"
 
