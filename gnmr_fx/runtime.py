@@ -36,7 +36,7 @@ from gnmr_fx.units import Unit, UnitTable
 # Modules whose weights feed lookups or ops that are never units.
 _NOT_MATMUL_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.conv._ConvNd)
 # GNMRConfig fields the passes bake into the graphs (the rest only steer the controller).
-_COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate")
+_COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate", "dispatch")
 PlanLike = Union[torch.Tensor, Sequence[bool]]
 
 
