@@ -124,8 +124,8 @@ class GNMRConfig:
     plan entry is read on the host (the plan itself on a CPU; on a GPU the
     host copy the runtime publishes once per optimizer step, as for real
     kernels) and only the chosen branch runs: a ``torch.cond``, so the
-    always-high model costs what the plain model costs (1.0x on the CPU
-    instead of 2.05x, benchmarks/PERF.md). ``select``: both branches run and
+    always-high model costs about what the plain model costs (1.03x on the
+    CPU instead of 2.00x, benchmarks/PERF.md). ``select``: both branches run and
     a branch-free ``torch.where`` on the device plan picks one: twice the
     matmul work, but no host copy of the plan and no host control flow in
     the graph (what CUDA graphs need). Units with real kernels always read
