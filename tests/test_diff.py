@@ -121,6 +121,15 @@ class TestDiffCLI:
         assert {(e["detail"]["before"]["recipe"], e["detail"]["after"]["recipe"]) for e in d["entries"]} == {
             ("int8", "fp8_e4m3")}
 
+    def test_dispatch_change_is_one_entry_per_unit(self, capsys):
+        assert cli(["diff", "tiny_gpt", "--config-a", "recipe=int8", "--config-b", "recipe=int8", "dispatch=select",
+                    "--format", "json"]) == 1
+        d = json.loads(capsys.readouterr().out)["diffs"][0]
+        assert len(d["entries"]) == 13 and {e["kind"] for e in d["entries"]} == {"replaced"}
+        e = d["entries"][0]
+        assert e["before"].endswith("-> dispatch_path; stats on weight")
+        assert e["after"].endswith("-> select_path; stats on weight")
+
     def test_color_always(self, capsys):
         cli(["diff", "tiny_gpt", "--color", "always"])
         assert "\x1b[32m+" in capsys.readouterr().out
