@@ -400,6 +400,19 @@ class TestDispatch:
         assert torch.equal(out["eager"][0], out["aot_eager"][0])
         torch.testing.assert_close(out["aot_eager"][1], out["eager"][1], rtol=1e-6, atol=1e-6)
 
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
+    def test_named_high_path_dtype(self, dispatch):
+        # high_path="bf16": the high branch runs in bf16 and returns the unit's dtype.
+        from gnmr_fx.backends.paths import high_path
+
+        lin = nn.Linear(16, 8)
+        x = torch.randn(4, 16)
+        cfg = GNMRConfig(recipe="int8", policy="always_high", high_path="bf16", dispatch=dispatch)
+        m = gnmr_fx.compile(copy.deepcopy(lin), cfg, backend="aot_eager")
+        y = m(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, high_path("linear", x, lin.weight, lin.bias, high="bf16"), rtol=0, atol=1e-6)
+
     def test_gpu_units_read_the_host_copy(self):
         # Units on a device other than the CPU read _gnmr_plan_host, the copy the
         # runtime publishes once per optimizer step (a "meta" graph stands in for a GPU one).
