@@ -43,8 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gnmr_fx
 from gnmr_fx.backends.paths import low_path
 from gnmr_fx.models import GPTConfig, TinyGPT
+from gnmr_fx.runtime import GNMRRuntime
 
 ARMS = ("plain", "fake_quant", "high", "low", "high_select", "low_select")
 # Arm -> (GNMR policy, dispatch); the other arms are models without GNMR.
@@ -122,8 +124,6 @@ def _graph_count() -> int:
 
 def build_arms(args: argparse.Namespace, device: torch.device) -> list[Arm]:
     """One model (and AdamW) per compiled graph; GNMR arms of one dispatch share theirs."""
-    import gnmr_fx
-
     cfg = GPTConfig(block_size=args.context, n_layer=args.layers, n_head=args.heads, n_embd=args.embd)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.context), generator=gen).to(device)
@@ -168,7 +168,7 @@ def build_arms(args: argparse.Namespace, device: torch.device) -> list[Arm]:
     return arms
 
 
-def _policy_setter(rt: "gnmr_fx.GNMRRuntime", policy: str) -> Callable[[], None]:  # noqa: F821
+def _policy_setter(rt: GNMRRuntime, policy: str) -> Callable[[], None]:
     def apply() -> None:
         if rt.config.policy != policy:
             rt.reset_controller(rt.config.replace(policy=policy))  # writes the plan; compiles nothing
