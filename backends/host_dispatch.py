@@ -1,11 +1,10 @@
 """Host dispatch: real low-precision kernels with a host-resident plan.
 
-The emulated dual path computes both branches and selects with
-``torch.where`` on a device plan: no sync, but twice the GEMM work. With
-real fp8 kernels that would erase the speed-up, so units that have a real
-kernel are rewritten instead into :func:`dual_linear`, whose GEMMs are the
-custom op ``gnmr::select_mm``. The op reads the unit's plan entry from a
-**CPU** bool buffer (``_gnmr_plan_host`` on the rewritten graph) and runs
+Units that have a real kernel are rewritten into :func:`dual_linear`, whose
+GEMMs are the custom op ``gnmr::select_mm`` (emulated units read the same
+host plan through a ``torch.cond``, ``passes.nodes.dispatch_path``, or,
+with ``GNMRConfig.dispatch="select"``, compute both branches). The op reads
+the unit's plan entry from a **CPU** bool buffer (``_gnmr_plan_host`` on the rewritten graph) and runs
 exactly one branch: ``torch._scaled_mm`` on the fp8 operands (low path) or
 the GEMM as written (high path). Reading a CPU tensor never waits for the
 GPU, and the branch is chosen at run time inside an opaque op, so a new plan

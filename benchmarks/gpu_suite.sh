@@ -2,6 +2,10 @@
 # The lent-GPU run of issue #4, in one call: install, GPU tests (SQNR, no
 # syncs, zero recompiles), then `gnmr-fx bench perf` with the given args.
 #   bash benchmarks/gpu_suite.sh --sizes 1b,8b,70b --profile
+# Issue 13 (emulated recipes, one branch per unit): EMULATION="<args>" also
+# runs `gnmr-fx bench emulation --device cuda <args>`; SKIP_PERF=1 skips perf:
+#   SKIP_TESTS=1 SKIP_PERF=1 EMULATION="--recipes mxfp4,nvfp4 --layers 6 --embd 384 --heads 6 \
+#     --context 256 --batch 32 --autocast bf16 --limit 1.1" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (the device tool's folder) or /tmp/gnmr_out.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -22,4 +26,11 @@ if [ -z "$SKIP_TESTS" ]; then
   GNMR_SQNR_LOG="$OUT/sqnr.jsonl" timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 \
     | tee "$OUT/test_gpu.log" | grep -vE '^\s*$' | tail -40
 fi
-python3 -m gnmr_fx.cli bench perf "$@" --out "$OUT/perf.json" --md "$OUT/perf.md" 2>&1 | tee "$OUT/perf.log"
+if [ -n "$EMULATION" ]; then
+  # shellcheck disable=SC2086  # EMULATION is a list of arguments
+  python3 -m gnmr_fx.cli bench emulation --device cuda $EMULATION --out "$OUT/emulation.json" \
+    --md "$OUT/emulation.md" 2>&1 | tee "$OUT/emulation.log"
+fi
+if [ -z "$SKIP_PERF" ]; then
+  python3 -m gnmr_fx.cli bench perf "$@" --out "$OUT/perf.json" --md "$OUT/perf.md" 2>&1 | tee "$OUT/perf.log"
+fi

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "perf": ("gnmr_fx.benchmarks.perf", "throughput of bf16 / fp8 / fp8+GNMR (GPU)"),
     "stability": ("gnmr_fx.benchmarks.stability", "does GNMR keep low-precision training on track"),
     "overhead": ("gnmr_fx.benchmarks.overhead", "controller cost per step vs number of units (CPU)"),
+    "emulation": ("gnmr_fx.benchmarks.emulation", "step time of emulated recipes under GNMR vs plain and fake-quant models"),
     "regimes": ("gnmr_fx.benchmarks.regime_table", "regime-search table from committed GPU stability results"),
 }
 # OS errors about a path the user gave (a missing input, an unwritable --out):
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module, _prog=p.prog)
         _add_args(module, p)
-    bench = sub.add_parser("bench", help="run a benchmark (perf, stability, overhead)")
+    bench = sub.add_parser("bench", help="run a benchmark (perf, stability, overhead, emulation, regimes)")
     bsub = bench.add_subparsers(dest="benchmark", required=True)
     for name, (module, help_) in BENCHMARKS.items():
         p = bsub.add_parser(name, help=help_, description=help_)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 UnitFilter = Union[Callable[[str, Any], bool], Sequence[str], None]
 
 POLICIES = ("gnmr", "always_low", "always_high")
+DISPATCHES = ("host", "select")
 
 # Upper bounds of the integer fields. Their job is to turn a typo (2**40, a
 # step count pasted into the wrong field) into a ValueError naming the field
@@ -118,9 +119,21 @@ class GNMRConfig:
     elsewhere; True: always emulate; False: demand real kernels, and raise
     naming the alternative where the recipe or device has none."""
 
+    dispatch: str = "host"
+    """How an emulated unit picks its path. ``host`` (default): the unit's
+    plan entry is read on the host (the plan itself on a CPU; on a GPU the
+    host copy the runtime publishes once per optimizer step, as for real
+    kernels) and only the chosen branch runs: a ``torch.cond``, so the
+    always-high model costs about what the plain model costs (1.03x on the
+    CPU instead of 2.00x, benchmarks/PERF.md). ``select``: both branches run and
+    a branch-free ``torch.where`` on the device plan picks one: twice the
+    matmul work, but no host copy of the plan and no host control flow in
+    the graph (what CUDA graphs need). Units with real kernels always read
+    the host plan."""
+
     plan_lag: int = 0
-    """Steps by which units with real kernels (which read a host copy of the
-    plan) follow it. 0: the plan is copied to the host at the end of every
+    """Steps by which the units that read the host copy of the plan (real
+    kernels; emulated units under ``dispatch="host"`` on a GPU) follow it. 0: the plan is copied to the host at the end of every
     optimizer step, a transfer that waits for the step's GPU work (2-3% of
     the step measured on an H100). 1: the copy is asynchronous and those
     units switch one step late; the controller's decisions are unchanged."""
@@ -160,6 +173,7 @@ class GNMRConfig:
         # Not a membership test: 1 == True in Python, and kernel_for tests
         # `is True` / `is False`, so emulate=1 would select real kernels.
         _check(self.emulate is None or isinstance(self.emulate, bool), "emulate", "None, True or False", self.emulate)
+        _check_choice(self.dispatch, "dispatch", DISPATCHES)
         _check(_is_int(self.plan_lag) and self.plan_lag in (0, 1), "plan_lag", "the int 0 or 1", self.plan_lag)
         object.__setattr__(self, "unit_filter", _checked_unit_filter(self.unit_filter))
         object.__setattr__(self, "log", _checked_log(self.log))

@@ -12,7 +12,7 @@ Per optimizer step the runtime does, with no host sync:
   gather ``probe.grad`` of every graph (one ``index_add_`` per graph, not
   per unit) -> ``controller.update`` -> write each graph's plan buffer in
   place (one ``copy_`` per graph) -> the step callbacks -> copy the plan to
-  the host buffers of real-kernel units (one small transfer for all graphs).
+  the host buffers (``_gnmr_plan_host``: one small transfer for all graphs).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from gnmr_fx.units import Unit, UnitTable
 # Modules whose weights feed lookups or ops that are never units.
 _NOT_MATMUL_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag, torch.nn.modules.conv._ConvNd)
 # GNMRConfig fields the passes bake into the graphs (the rest only steer the controller).
-_COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate")
+_COMPILED_FIELDS = ("recipe", "high_path", "unit_filter", "emulate", "dispatch")
 PlanLike = Union[torch.Tensor, Sequence[bool]]
 
 
@@ -91,7 +91,7 @@ class GNMRRuntime:
         self._step_queued = False
         self._filter_checked = False
         self.callbacks: list[Callable[["GNMRRuntime"], None]] = []
-        self.plan_lag = config.plan_lag  # host-plan lag of real-kernel units (see GNMRConfig)
+        self.plan_lag = config.plan_lag  # lag of the units that read the host plan (see GNMRConfig)
         self._plan_pipe: list = []  # plan_lag=1: host copies in flight
         # What step() does (configure_step): the perf benchmark switches parts off to time them.
         self._step_update = True
@@ -528,7 +528,7 @@ class GNMRRuntime:
 
         ``update=False``: :meth:`step` does nothing (no statistics read, no
         controller update, no plan write). ``host_copy=False``: the plan is
-        not copied to the host buffers of real-kernel units after each step
+        not copied to the host buffers (``_gnmr_plan_host``) after each step
         (they keep the plan they have).
         """
         self._step_update = bool(update)
@@ -542,7 +542,7 @@ class GNMRRuntime:
         end of a step) with ``plan_lag == 1`` on a GPU copies asynchronously
         into pinned memory and gives the host buffers the *previous* step's
         plan, whose copy finished long ago: the host never waits for the
-        step's work to drain, and real-kernel units follow the plan one
+        step's work to drain, and the units that read them follow the plan one
         optimizer step late. Otherwise the host gets this plan now, and a
         write to every graph drops any copy in flight.
         """

@@ -30,7 +30,7 @@ def run_passes(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.GraphMo
     >>> _ = ShapeProp(gm).propagate(torch.randn(4, 8), torch.randn(3, 8))
     >>> gm = run_passes(gm, GNMRConfig(recipe="int8"))
     >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
-    ['linear', 'low_path', 'select_path', 'grad_stats']
+    ['dispatch_path', 'grad_stats']
     """
     for rewrite in PASSES:
         gm = rewrite(gm, config)

@@ -1,18 +1,31 @@
-"""insert_dual_path: rewrite each unit into a guarded dual-path node.
+"""insert_dual_path: rewrite each unit into a dual-path node that runs its planned branch.
 
-Every slotted unit ``y = op(...)`` becomes::
+Every slotted unit ``y = op(...)`` becomes, by ``GNMRConfig.dispatch``:
 
-    y_hp = op(...)                         # high path: the op as written
-    y_lp = low_path(op, ..., recipe=...)   # low path: the config's recipe
-    y    = select_path(_gnmr_plan, slot, y_hp, y_lp)
+* ``host`` (default): one node that runs only the branch its plan entry picks::
 
-``_gnmr_plan`` (``passes.state.PLAN``) is a bool buffer registered on ``gm`` (one entry per slot, on
-the units' device). The controller writes it in place once per optimizer
-step, so a new plan changes no guard and compiles nothing.
+      y = dispatch_path(..., plan=plan, slot=slot, op=..., recipe=..., high=...)
+
+  ``plan`` is on the CPU: ``_gnmr_plan`` itself for CPU units, the host copy
+  ``_gnmr_plan_host`` (``passes.state.PLAN_HOST``) for units on a GPU.
+  Traced, the node is a ``torch.cond`` (``passes.nodes.dispatch_path``).
+* ``select``: both branches and a branch-free select on the device plan::
+
+      y_hp = op(...)                         # high path: the op as written
+      y_lp = low_path(op, ..., recipe=...)   # low path: the config's recipe
+      y    = select_path(_gnmr_plan, slot, y_hp, y_lp)
+
+Units with a real low-precision kernel on their device become one
+``dual_linear`` / ``dual_matmul`` (``backends.host_dispatch``) whatever
+``dispatch`` says. ``_gnmr_plan`` (``passes.state.PLAN``) is a bool buffer
+registered on ``gm`` (one entry per slot, on the units' device). The runtime
+writes it (and the host copy) in place once per optimizer step, so a new
+plan changes no guard and compiles nothing.
 
 Guarantees: the graph lints; no output aliases a new input; with an all-high
 plan the result equals the original graph exactly (the high path *is* the
-original call and the low path gets an exactly-zero gradient).
+original call; the low path computes nothing under ``host`` and gets an
+exactly-zero gradient under ``select``).
 """
 
 from __future__ import annotations
@@ -25,22 +38,29 @@ from gnmr_fx.backends.paths import high_path, low_path
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.passes.counters import counters
 from gnmr_fx.passes.graph_utils import device_of, get_attr_at_top, slotted_units
-from gnmr_fx.passes.nodes import select_path
+from gnmr_fx.passes.nodes import dispatch_path, select_path
 from gnmr_fx.passes.state import PLAN, PLAN_HOST
 
 
 def insert_dual_path(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.GraphModule:
-    """Replace every unit of ``gm`` that has a slot by its two branches and a select."""
+    """Replace every unit of ``gm`` that has a slot by a dual path (see the module docstring)."""
     nodes, n_slots, device = slotted_units(gm, "insert_dual_path")
     if not nodes:
         return gm
     if not hasattr(gm, PLAN):
         gm.register_buffer(PLAN, torch.zeros(n_slots, dtype=torch.bool, device=device))
     nodes = _insert_host_dispatch(gm, config, nodes, n_slots)
-    if not nodes:
-        gm.graph.lint()
-        gm.recompile()
-        return gm
+    if nodes and config.dispatch == "host":
+        _insert_dispatch_path(gm, config, nodes, n_slots, device)
+    elif nodes:
+        _insert_select(gm, config, nodes)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _insert_select(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: list) -> None:
+    """``dispatch="select"``: both branches, then ``select_path`` on the device plan."""
     plan = get_attr_at_top(gm, PLAN)
     for node in nodes:
         site = node.meta["gnmr_unit"]
@@ -73,17 +93,42 @@ def insert_dual_path(gm: torch.fx.GraphModule, config: GNMRConfig) -> torch.fx.G
         node.replace_all_uses_with(sel)
         gm.graph.erase_node(node)
         counters["insert_dual_path"]["dual_path_nodes"] += 1
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+
+
+def _insert_dispatch_path(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: list, n_slots: int,
+                          device: torch.device) -> None:
+    """``dispatch="host"``: one ``dispatch_path`` node per emulated unit, on a CPU plan."""
+    # CPU units read the plan itself (it is on the host already); GPU units
+    # the host copy, which the runtime publishes once per optimizer step.
+    plan = get_attr_at_top(gm, PLAN if device.type == "cpu" else _plan_host(gm, config, n_slots))
+    for node in nodes:
+        site = node.meta["gnmr_unit"]
+        kw = {**node.kwargs, "plan": plan, "slot": site.slot, "op": site.spec.name, "recipe": config.recipe,
+              "high": config.high_path, "b_is_weight": site.weight is not None}
+        with gm.graph.inserting_before(node):
+            dual = gm.graph.call_function(dispatch_path, node.args, kw)
+        dual.meta.update({k: v for k, v in node.meta.items() if k != "gnmr_unit"})
+        dual.meta["gnmr_dual"] = site
+        dual.meta["gnmr_branch"] = ("host", site.name)
+        node.replace_all_uses_with(dual)
+        gm.graph.erase_node(node)
+        counters["insert_dual_path"]["dispatch_path_nodes"] += 1
+
+
+def _plan_host(gm: torch.fx.GraphModule, config: GNMRConfig, n_slots: int) -> str:
+    """The name of ``gm``'s host plan buffer, registered on first use."""
+    if not hasattr(gm, PLAN_HOST):
+        # On the CPU whatever the units' device: the dual ops read it on the
+        # host. Initial value = the controller's initial plan for the policy.
+        gm.register_buffer(PLAN_HOST, torch.full((n_slots,), config.policy == "always_high", dtype=torch.bool))
+    return PLAN_HOST
 
 
 # ---------------------------------------------------------------------------
-# Host dispatch (real low-precision kernels). A separate path: units that
-# have a real kernel on their device leave the torch.where path above and
-# become one ``dual_linear`` call that reads a host-resident plan, so only
-# one branch runs (see gnmr_fx.backends.host_dispatch). Units without one
-# stay on the torch.where path, unchanged.
+# Host dispatch of real low-precision kernels: units that have a real kernel
+# on their device become one ``dual_linear`` call whose GEMMs read the host
+# plan (see gnmr_fx.backends.host_dispatch); the fp8 casts stay traced code.
+# The other units are emulated and go through one of the two paths above.
 # ---------------------------------------------------------------------------
 
 def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: list, n_slots: int) -> list:
@@ -97,11 +142,7 @@ def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: l
         (chosen if kernel else rest).append(node)
     if not chosen:
         return nodes
-    if not hasattr(gm, PLAN_HOST):
-        # On the CPU whatever the units' device: the dual ops read it on the
-        # host. Initial value = the controller's initial plan for the policy.
-        gm.register_buffer(PLAN_HOST, torch.full((n_slots,), config.policy == "always_high", dtype=torch.bool))
-    plan_host = get_attr_at_top(gm, PLAN_HOST)
+    plan_host = get_attr_at_top(gm, _plan_host(gm, config, n_slots))
     for node in chosen:
         site = node.meta["gnmr_unit"]
         a, b = node.args[site.spec.a_index], node.args[site.spec.b_index]

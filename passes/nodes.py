@@ -6,10 +6,16 @@ forward and backward graphs, so they cost no host sync and no recompile.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from gnmr_fx.backends.ops import OPS
+from gnmr_fx.backends.paths import high_path, low_path
 
 
 class _GradSquaredNorm(torch.autograd.Function):
@@ -51,3 +57,67 @@ def select_path(plan: Tensor, slot: int, y_hp: Tensor, y_lp: Tensor) -> Tensor:
     branch receives an exactly-zero gradient.
     """
     return torch.where(plan[slot], y_hp, y_lp)
+
+
+def dispatch_path(*args: Any, plan: Tensor, slot: int, op: str, recipe: str, high: str, b_is_weight: bool,
+                  **kwargs: Any) -> Tensor:
+    """One emulated unit that runs only the branch ``plan[slot]`` picks (True = high).
+
+    ``args`` / ``kwargs`` are the op's own; ``plan`` is a bool tensor on the
+    CPU (the plan itself for CPU units, the runtime's host copy for GPU
+    units), so reading it never waits for a device. Traced (AOTAutograd, for
+    ``aot_eager`` and Inductor) it is a ``torch.cond`` whose two branches are
+    compiled and whose predicate is read on the host at run time: a new plan
+    changes no guard and compiles nothing, and backward runs the branch
+    forward ran. Run eagerly it is the same choice as a Python ``if``: what
+    cond's own eager kernel does, without the joint graph its autograd
+    re-traces at every backward. The unselected branch computes nothing and
+    gets no gradient.
+
+    >>> import torch, torch.nn.functional as F
+    >>> x, w = torch.randn(4, 8), torch.randn(3, 8)
+    >>> plan = torch.tensor([True, False])
+    >>> kw = dict(op="linear", recipe="int8", high="native", b_is_weight=True)
+    >>> torch.equal(dispatch_path(x, w, plan=plan, slot=0, **kw), F.linear(x, w))
+    True
+    >>> torch.equal(dispatch_path(x, w, plan=plan, slot=1, **kw), F.linear(x, w))
+    False
+    """
+    spec = OPS[op]
+    high_fn = _branch(high_path, args, kwargs, op, high=high)
+    low_fn = _branch(low_path, args, kwargs, op, recipe=recipe, a_index=spec.a_index, b_index=spec.b_index,
+                     b_kdim=spec.b_kdim, b_is_weight=b_is_weight)
+    pred = plan[slot]
+    operands = tuple(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor))
+    if is_fake(pred):  # traced: both branches go into the graph, the choice stays a run-time one
+        return torch.ops.higher_order.cond(pred, high_fn, low_fn, _unaliased(operands))[0]
+    return (high_fn if pred else low_fn)(*operands)[0]
+
+
+def _unaliased(operands: tuple) -> tuple:
+    """``operands`` with a copy of each one that shares storage with an earlier
+    one: ``torch.cond`` refuses operands that alias each other, and the q
+    and k of an attention matmul are views of one qkv output. The copy (k of
+    ``q @ k^T``) is activation-sized, small next to the product."""
+    seen, out = set(), []
+    for t in operands:
+        key = StorageWeakRef(t.untyped_storage())
+        out.append(t.clone() if key in seen else t)
+        seen.add(key)
+    return tuple(out)
+
+
+def _branch(fn: Callable[..., Tensor], args: tuple, kwargs: dict, op: str, **fixed: Any) -> Callable:
+    """``fn(op, *args, **kwargs, **fixed)`` as a function of the tensors in args/kwargs
+    (what ``torch.cond`` passes its branches), returning a 1-tuple."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    where = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
+
+    def branch(*tensors: Tensor) -> tuple[Tensor]:
+        filled = list(leaves)
+        for i, t in zip(where, tensors):
+            filled[i] = t
+        a, kw = pytree.tree_unflatten(filled, spec)
+        return (fn(op, *a, **kw, **fixed),)
+
+    return branch

@@ -10,7 +10,8 @@ A rewritten graph owns up to three tensors, as attributes of the
   is never read in forward: the grad-stats nodes send each unit's squared
   gradient norm into ``probe.grad[slot]``.
 * ``_gnmr_plan_host`` (:data:`PLAN_HOST`): the plan's copy on the CPU, read
-  by the host-dispatched units (real low-precision kernels) only.
+  by units with real low-precision kernels and by emulated units on a GPU
+  under ``dispatch="host"`` (emulated CPU units read ``_gnmr_plan`` itself).
 
 A unit's *slot* is its position in its graph's plan and probe (set by
 ``assign_slots``). Inspect, diff and export read these attributes; the

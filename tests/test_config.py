@@ -26,6 +26,7 @@ BAD = {
     "lock_steps": [True, 10.0, "10", [10], None, 0, MAX_STEPS + 1, 2**63],
     "max_lock_steps": [True, 50.0, "50", [50], None, 0, MAX_STEPS + 1, 2**63],
     "emulate": [1, 0, 1.0, "True", [True]],
+    "dispatch": [["host"], 1, None, True, "cond", "where", "HOST"],
     "plan_lag": [True, False, 1.0, "1", [1], None, 2, -1],
     "unit_filter": [{"blocks.*": 1}, {"blocks.*"}, frozenset(["head"]), iter(["head"]), 3, True,
                     "blocks.*", [1], [], [None]],
@@ -54,6 +55,7 @@ def test_messages_say_what_is_allowed():
     cases = {
         "emulate": (1, "GNMRConfig.emulate must be None, True or False (got 1)"),
         "plan_lag": (1.0, "GNMRConfig.plan_lag must be the int 0 or 1 (got 1.0)"),
+        "dispatch": ("cond", "GNMRConfig.dispatch must be one of ('host', 'select') (got 'cond')"),
         "delta_window": (2**40, "GNMRConfig.delta_window must be an int in [1, 10000] (got 1099511627776)"),
         "lock_steps": (2**63, "GNMRConfig.lock_steps must be an int in [1, 1000000] (got 9223372036854775808)"),
         "log_every": (True, "GNMRConfig.log_every must be an int in [1, 10000] (got True)"),
@@ -87,6 +89,7 @@ def test_good_values_are_kept():
     assert cfg.log == "runs/a.jsonl" and isinstance(cfg.log, str)
     assert GNMRConfig(max_o=0).max_o == 0 and GNMRConfig(max_o=0.25).budget_is_fraction
     assert GNMRConfig(emulate=True).emulate is True and GNMRConfig().emulate is None
+    assert GNMRConfig().dispatch == "host" and GNMRConfig(dispatch="select").dispatch == "select"
     # replace() validates again and accepts what __post_init__ stored.
     assert cfg.replace(beta=0.9).unit_filter == ("blocks.*",)
     with pytest.raises(ValueError, match=r"^GNMRConfig\.lock_steps "):

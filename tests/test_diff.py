@@ -13,10 +13,10 @@ from gnmr_fx.tools.examples import load_spec
 from gnmr_fx.tools.capture import capture
 
 
-@pytest.fixture(scope="module")
-def tiny_record():
+@pytest.fixture(scope="module", params=["host", "select"])
+def tiny_record(request):
     model, inputs = load_spec("tiny_gpt")
-    rt = capture(model, inputs, gnmr_fx.GNMRConfig(recipe="int8"))
+    rt = capture(model, inputs, gnmr_fx.GNMRConfig(recipe="int8", dispatch=request.param))
     return rt
 
 
@@ -46,13 +46,19 @@ class TestDiffAPI:
         e = d.replaced[0]
         assert e.before.startswith("blocks_0_attn_qkv = torch._C._nn.linear(")
         det = e.detail["after"]
-        assert (det["select"], det["high"], det["low"], det["stats"]) == (
-            "blocks_0_attn_qkv", "blocks_0_attn_qkv_hp", "blocks_0_attn_qkv_lp", "blocks_0_attn_qkv_stats")
+        dispatch = tiny_record.config.dispatch
+        if dispatch == "select":
+            assert (det["select"], det["high"], det["low"], det["stats"]) == (
+                "blocks_0_attn_qkv", "blocks_0_attn_qkv_hp", "blocks_0_attn_qkv_lp", "blocks_0_attn_qkv_stats")
+        else:
+            assert (det["node"], det["stats"]) == ("blocks_0_attn_qkv", "blocks_0_attn_qkv_stats")
         assert (det["recipe"], det["high_path"]) == ("int8", "native")
+        node = "select_path" if dispatch == "select" else "dispatch_path"
+        assert e.after == f"dual path linear: high [native] | low [int8] -> {node}; stats on weight"
         # Unified diff: only unit lines (and the two GNMR attributes) change.
         changed = [l for l in d.unified if l[:1] in "+-" and l[:3] not in ("+++", "---")]
         assert sum(l.startswith("-") for l in changed) == 13 + 4  # 13 units + 4 readers of weightless stats
-        assert sum("select_path(" in l for l in changed) == 13
+        assert sum(f"{node}(" in l for l in changed) == 13
 
     def test_matching_ignores_node_names(self):
         a, b = _traced(), _traced()
@@ -99,7 +105,8 @@ class TestDiffCLI:
         assert cli(["diff", "tiny_gpt", "--config", "recipe=int8", "--color", "never"]) == 1
         out = capsys.readouterr().out
         assert "13 replaced, 2 added, 0 removed" in out
-        assert "+blocks_0_fc = select_path(_gnmr_plan, 4, blocks_0_fc_hp, blocks_0_fc_lp)" in out
+        assert ("+blocks_0_fc = dispatch_path(layer_norm_1, blocks_0_fc_stats, blocks.0.fc.bias, plan=_gnmr_plan, "
+                "slot=4, op='linear', recipe='int8', high='native', b_is_weight=True)") in out
         assert "\x1b[" not in out  # piped: plain text
 
     def test_identical_configs_exit_0(self, capsys):
@@ -113,6 +120,15 @@ class TestDiffCLI:
         assert len(d["entries"]) == 13 and {e["kind"] for e in d["entries"]} == {"replaced"}
         assert {(e["detail"]["before"]["recipe"], e["detail"]["after"]["recipe"]) for e in d["entries"]} == {
             ("int8", "fp8_e4m3")}
+
+    def test_dispatch_change_is_one_entry_per_unit(self, capsys):
+        assert cli(["diff", "tiny_gpt", "--config-a", "recipe=int8", "--config-b", "recipe=int8", "dispatch=select",
+                    "--format", "json"]) == 1
+        d = json.loads(capsys.readouterr().out)["diffs"][0]
+        assert len(d["entries"]) == 13 and {e["kind"] for e in d["entries"]} == {"replaced"}
+        e = d["entries"][0]
+        assert e["before"].endswith("-> dispatch_path; stats on weight")
+        assert e["after"].endswith("-> select_path; stats on weight")
 
     def test_color_always(self, capsys):
         cli(["diff", "tiny_gpt", "--color", "always"])

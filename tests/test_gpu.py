@@ -106,10 +106,13 @@ def test_real_kernels_chosen_automatically():
     assert kernels["blocks.0.attn.matmul"] == "emulated"  # batched: no real kernel
 
 
-def test_no_host_sync_and_zero_recompiles_on_plan_flips():
+# emulate=None: real fp8 kernels (dual_linear) where they exist; True: every
+# unit emulated, dispatched on the same host plan (dispatch_path, torch.cond).
+@pytest.mark.parametrize("emulate", [None, True], ids=["real", "emulated"])
+def test_no_host_sync_and_zero_recompiles_on_plan_flips(emulate):
     model, idx, tgt = _model_and_data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5), backend="inductor", optimizer=opt)
+    cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5, emulate=emulate), backend="inductor", optimizer=opt)
     rt = gnmr_fx.runtime(cm)
     for _ in range(2):  # compile + warm up (compilation may sync)
         cm(idx, tgt).backward()
@@ -164,10 +167,12 @@ def test_plan_changes_the_kernels_without_recompiling():
     assert s_high > s_low + 3.0, (s_low, s_high)
 
 
-def test_plan_lag_publishes_the_previous_steps_plan_without_syncs():
+@pytest.mark.parametrize("emulate", [None, True], ids=["real", "emulated"])
+def test_plan_lag_publishes_the_previous_steps_plan_without_syncs(emulate):
     model, idx, tgt = _model_and_data(seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5, plan_lag=1), backend="aot_eager", optimizer=opt)
+    cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5, plan_lag=1, emulate=emulate), backend="aot_eager",
+                         optimizer=opt)
     rt = gnmr_fx.runtime(cm)
     cm(idx, tgt).backward()  # compile
     opt.step()
@@ -191,3 +196,51 @@ def test_plan_lag_publishes_the_previous_steps_plan_without_syncs():
     for (step, host), (prev_step, _) in zip(seen[1:], seen):
         # After step t the host holds the plan decided at step t-1.
         assert torch.equal(host, plans[prev_step % 5][rec.unit_ids.cpu()]), step
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "nvfp4_sr"])
+def test_emulated_dispatch_runs_the_model_or_the_recipe(recipe):
+    """GPU units emulated under dispatch="host": all-high is the model as
+    written, all-low the recipe applied by hand, both through torch.cond on
+    the host plan; training steps on either path (stochastic rounding of
+    gradients for *_sr) with no sync and no recompile when the plan flips."""
+    from torch._dynamo.utils import counters
+
+    from gnmr_fx.benchmarks.emulation import FakeQuantGPT
+    from gnmr_fx.passes.nodes import dispatch_path
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128)
+    ref = TinyGPT(cfg).cuda()
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    model = TinyGPT(cfg).cuda()
+    model.load_state_dict(ref.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the runtime steps (and copies the plan) in opt.step()
+    cm = gnmr_fx.compile(model, GNMRConfig(recipe=recipe, policy="always_high"), backend="inductor", optimizer=opt)
+    rt = gnmr_fx.runtime(cm)
+    cm(idx, idx).backward()  # compile the training graph
+    opt.step()
+    opt.zero_grad()
+    rec = rt.records[0]
+    assert {n.target for n in rec.rewritten.graph.nodes if "gnmr_dual" in n.meta} == {dispatch_path}
+    loss = {}
+    graphs = counters["stats"]["unique_graphs"]
+    for policy in ("always_low", "always_high", "always_low"):
+        rt.reset_controller(rt.config.replace(policy=policy))  # publishes the host plan
+        assert bool(rec.plan_host.all()) == (policy == "always_high")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss[policy] = cm(idx, idx)
+            loss[policy].backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+        opt.zero_grad()
+    assert counters["stats"]["unique_graphs"] == graphs, "a plan flip recompiled"
+    with torch.no_grad():
+        torch.testing.assert_close(loss["always_high"], ref(idx, idx), rtol=1e-5, atol=1e-5)
+        # fp4 grids are coarse: a last-bit difference between Inductor and eager can move an
+        # element to the next grid point, so the low path is compared as a loss, to 1e-3.
+        torch.testing.assert_close(loss["always_low"], FakeQuantGPT(ref, recipe)(idx, idx), rtol=1e-3, atol=1e-3)

@@ -72,6 +72,14 @@ class TestTinyGPT:
         assert (got - ref).abs().max() <= 1e-4
         assert 25.0 <= sqnr(fp32, got) <= 60.0, sqnr(fp32, got)
 
+    def test_select_dispatch_exports_the_same_graph(self, tiny, mixed, tmp_path):
+        # freeze_plan keeps one branch of a dispatch_path unit (the default) or of a select.
+        model, inputs = tiny
+        cfg = gnmr_fx.GNMRConfig(recipe="int8", dispatch="select")
+        ex = gnmr_fx.export_onnx(model, inputs, tmp_path / "s.onnx", plan={u: True for u in HIGH}, config=cfg)
+        assert _ops(ex.path) == _ops(mixed.path)
+        assert torch.equal(_run(ex.path, inputs), _run(mixed.path, inputs))
+
     def test_all_high_within_1e5(self, tiny, tmp_path):
         model, inputs = tiny
         ex = gnmr_fx.export_onnx(model, inputs, tmp_path / "h.onnx", plan="high", config=CFG)
@@ -197,7 +205,7 @@ def host_dispatch_graph(recipe):
 
     torch.manual_seed(0)
     model, x = torch.nn.Linear(16, 8), torch.randn(4, 16)
-    rt = capture(model, (x,), gnmr_fx.GNMRConfig(recipe="int8"), keep_inputs=True)
+    rt = capture(model, (x,), gnmr_fx.GNMRConfig(recipe="int8", dispatch="select"), keep_inputs=True)
     rec = rt.records[0]
     gm = torch.fx.GraphModule(rec.rewritten, copy.deepcopy(rec.rewritten.graph))
     gm.register_buffer(PLAN_HOST, torch.zeros(1, dtype=torch.bool))

@@ -135,10 +135,11 @@ class TestDiscover:
         m2(idx)
         assert gnmr_fx.runtime(m2).unit_names == TINY_GPT_UNITS
 
-    def test_counters(self):
+    @pytest.mark.parametrize("dispatch,counter", [("host", "dispatch_path_nodes"), ("select", "dual_path_nodes")])
+    def test_counters(self, dispatch, counter):
         counters.clear()
-        _check(_gpt(), _batch()[:1], TINY_GPT_UNITS)
-        assert counters["insert_dual_path"]["dual_path_nodes"] == 13
+        _check(_gpt(), _batch()[:1], TINY_GPT_UNITS, GNMRConfig(dispatch=dispatch))
+        assert dict(counters["insert_dual_path"]) == {counter: 13}
         assert counters["insert_grad_stats"]["stats_nodes"] == 13
 
 
@@ -179,15 +180,19 @@ def _run(model, compiled, policy_plan, batch, steps=1):
     return losses, grads
 
 
+DISPATCHES = ["host", "select"]
+
+
 class TestNumerics:
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
     @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-    def test_all_high_equals_uncompiled(self, backend):
+    def test_all_high_equals_uncompiled(self, backend, dispatch):
         ref_model = _gpt()
         model = copy.deepcopy(ref_model)
         batch = _batch()
         ref_loss = ref_model(*batch)
         ref_loss.backward()
-        m = gnmr_fx.compile(model, GNMRConfig(policy="always_high", recipe="int4"), backend=backend)
+        m = gnmr_fx.compile(model, GNMRConfig(policy="always_high", recipe="int4", dispatch=dispatch), backend=backend)
         loss = m(*batch)
         loss.backward()
         pairs = [(p.grad, q.grad) for p, q in zip(ref_model.parameters(), model.parameters())]
@@ -200,11 +205,13 @@ class TestNumerics:
             for a, b in pairs:
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
     @pytest.mark.parametrize("recipe", ["fp8_e4m3", "fp8_rowwise", "int8", "int4"])
-    def test_all_low_is_exactly_the_recipe(self, recipe):
+    def test_all_low_is_exactly_the_recipe(self, recipe, dispatch):
         lin = nn.Linear(64, 32)
         x = torch.randn(16, 64)
-        m = gnmr_fx.compile(copy.deepcopy(lin), GNMRConfig(recipe=recipe, policy="always_low"), backend="eager")
+        cfg = GNMRConfig(recipe=recipe, policy="always_low", dispatch=dispatch)
+        m = gnmr_fx.compile(copy.deepcopy(lin), cfg, backend="eager")
         r = get_recipe(recipe)
         expected = F.linear(r.quantize_input(x, -1), r.quantize_weight(lin.weight, -1), lin.bias)
         assert torch.equal(m(x), expected)
@@ -223,23 +230,37 @@ class TestNumerics:
 
 
 class _SyncCounter(TorchDispatchMode):
-    """Counts host reads of tensor values (a device-to-host sync on GPU)."""
+    """Counts host reads of tensor values (a device-to-host sync on GPU), and
+    those of ``host_plans``: the CPU plans that dispatch="host" reads by design
+    (on a GPU, the host copy; on the CPU, the plan itself)."""
 
-    def __init__(self):
+    def __init__(self, host_plans=()):
         super().__init__()
         self.syncs = 0
+        self.plan_reads = 0
+        self.host_plans = {t.untyped_storage().data_ptr() for t in host_plans}
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        # Otherwise Dynamo skips compiled frames while the mode is on, and the
+        # model would run uncompiled: the mode would not see GNMR's graph.
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
+            if args[0].untyped_storage().data_ptr() in self.host_plans:
+                self.plan_reads += 1
+            else:
+                self.syncs += 1
         return func(*args, **(kwargs or {}))
 
 
 class TestRecompiles:
-    def test_plan_flips_cause_zero_recompiles_eager(self):
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
+    def test_plan_flips_cause_zero_recompiles_eager(self, dispatch):
         model = _gpt()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        m = gnmr_fx.compile(model, GNMRConfig(recipe="int8"), backend="eager", optimizer=opt)
+        m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", dispatch=dispatch), backend="eager", optimizer=opt)
         rt = gnmr_fx.runtime(m)
         batch = _batch()
         m(*batch).backward()
@@ -255,55 +276,163 @@ class TestRecompiles:
         assert len(rt.records) == 1
         assert len(set(losses)) > 1  # the plan really changed the numerics
 
-    def test_no_host_reads_in_forward_backward_or_step(self):
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
+    def test_no_host_reads_in_forward_backward_or_step(self, dispatch):
         model = _gpt()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", warmup_steps=1), backend="eager", optimizer=opt)
+        cfg = GNMRConfig(recipe="int8", warmup_steps=1, dispatch=dispatch)
+        m = gnmr_fx.compile(model, cfg, backend="eager", optimizer=opt)
         batch = _batch()
         m(*batch).backward()  # compile outside the counted region
         opt.step()
-        with _SyncCounter() as mode:
+        rec = gnmr_fx.runtime(m).records[0]
+        with _SyncCounter(host_plans=[rec.plan]) as mode:
             for _ in range(3):
                 m(*batch).backward()
                 gnmr_fx.runtime(m).step()
         assert mode.syncs == 0
+        # host: each unit reads its plan entry once per forward (the CPU plan); select: never.
+        assert mode.plan_reads == (3 * 13 if dispatch == "host" else 0)
 
 
 @pytest.fixture(scope="module")
 def inductor_vs_eager():
-    """One inductor compile (slow on CPU), shared by the tests that need it."""
+    """The inductor compiles (slow on CPU), one per dispatch, shared by the tests that need them."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     results = {}
     plan = torch.zeros(13, dtype=torch.bool)
     plan[::2] = True
-    for backend in ("eager", "aot_eager", "inductor"):
-        model = _gpt()
-        m = gnmr_fx.compile(model, GNMRConfig(recipe="fp8_e4m3"), backend=backend, example_inputs=_batch())
-        losses, grads = _run(model, m, plan, _batch())
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        flipped = []
-        for k in range(3):  # flip the plan on the compiled model
-            gnmr_fx.runtime(m).set_plan(torch.roll(plan, k + 1))
-            flipped.append(float(m(*_batch())))
-        recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-        results[backend] = (losses[0], grads, recompiles, flipped)
+    for dispatch in DISPATCHES:
+        for backend in ("eager", "aot_eager", "inductor"):
+            model = _gpt()
+            cfg = GNMRConfig(recipe="fp8_e4m3", dispatch=dispatch)
+            m = gnmr_fx.compile(model, cfg, backend=backend, example_inputs=_batch())
+            losses, grads = _run(model, m, plan, _batch())
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            flipped = []
+            for k in range(3):  # flip the plan on the compiled model
+                gnmr_fx.runtime(m).set_plan(torch.roll(plan, k + 1))
+                flipped.append(float(m(*_batch())))
+            recompiles = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+            results[backend, dispatch] = (losses[0], grads, recompiles, flipped)
     return results
 
 
 class TestCompilers:
-    def test_backends_agree(self, inductor_vs_eager):
-        ref_loss, ref_grads, _, ref_flipped = inductor_vs_eager["eager"]
-        for backend in ("aot_eager", "inductor"):
-            loss, grads, _, flipped = inductor_vs_eager[backend]
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
+    def test_backends_agree(self, inductor_vs_eager, dispatch):
+        # Every backend and dispatch against one reference: eager, branch-free select.
+        ref_loss, ref_grads, _, ref_flipped = inductor_vs_eager["eager", "select"]
+        for backend in ("eager", "aot_eager", "inductor"):
+            loss, grads, _, flipped = inductor_vs_eager[backend, dispatch]
             torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(flipped, ref_flipped, rtol=1e-4, atol=1e-4)
             for name in ref_grads:
                 torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-4, msg=name)
 
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
     @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
-    def test_zero_recompiles_when_plan_flips(self, inductor_vs_eager, backend):
-        assert inductor_vs_eager[backend][2] == 0
+    def test_zero_recompiles_when_plan_flips(self, inductor_vs_eager, backend, dispatch):
+        assert inductor_vs_eager[backend, dispatch][2] == 0
+
+
+_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def _op_counts(step):
+    """Matmul kernels (forward and backward) and fake-quant roundings one training step runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    names = [e.name for e in prof.events()]
+    return sum(names.count(g) for g in _GEMMS), names.count("aten::round")
+
+
+class TestDispatch:
+    """dispatch="host": one branch per unit, chosen by reading the CPU plan."""
+
+    @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+    def test_only_the_planned_branch_runs(self, backend):
+        batch = _batch()
+        plain = torch.compile(_gpt(), backend=backend)
+        plain(*batch).backward()  # compile outside the profile
+        counts = {"plain": _op_counts(lambda: plain(*batch).backward())}
+        for dispatch in DISPATCHES:
+            model = _gpt()
+            m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", dispatch=dispatch), backend=backend)
+            m(*batch).backward()  # compile outside the profile
+            for plan in ("high", "low"):
+                gnmr_fx.runtime(m).force_plan([plan == "high"] * 13)
+                counts[dispatch, plan] = _op_counts(lambda: m(*batch).backward())
+        gemms, rounds = counts["plain"]
+        assert gemms > 0 and rounds == 0
+        # host: the plain model's matmuls, and roundings only on the low path
+        # (traced, backward rounds the operands again: cond saves only its inputs).
+        assert counts["host", "high"] == (gemms, 0), counts
+        assert counts["host", "low"][0] == gemms, counts
+        assert counts["host", "low"][1] == (1 if backend == "eager" else 2) * counts["select", "low"][1], counts
+        # select: both branches, whatever the plan; 2 roundings (a and b) per unit.
+        assert counts["select", "high"] == counts["select", "low"] == (2 * gemms, 2 * 13), counts
+
+    def test_aliased_operands_traced_as_eager(self):
+        # q and k of the attention matmul are views of one qkv output
+        # (operands torch.cond refuses to alias): traced and eager agree.
+        class QK(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.qkv = nn.Linear(8, 16)
+
+            def forward(self, x):
+                q, k = self.qkv(x).split(8, dim=-1)
+                return q @ k.transpose(-2, -1)
+
+        torch.manual_seed(0)
+        x = torch.randn(2, 5, 8)
+        out = {}
+        for backend in ("eager", "aot_eager"):
+            mod = QK()
+            torch.manual_seed(0)
+            mod.load_state_dict(QK().state_dict())
+            m = gnmr_fx.compile(mod, GNMRConfig(recipe="int4", policy="always_low", max_o=0), backend=backend)
+            y = m(x)
+            y.square().sum().backward()
+            out[backend] = (y.detach(), mod.qkv.weight.grad.clone())
+        assert torch.equal(out["eager"][0], out["aot_eager"][0])
+        torch.testing.assert_close(out["aot_eager"][1], out["eager"][1], rtol=1e-6, atol=1e-6)
+
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
+    def test_named_high_path_dtype(self, dispatch):
+        # high_path="bf16": the high branch runs in bf16 and returns the unit's dtype.
+        from gnmr_fx.backends.paths import high_path
+
+        lin = nn.Linear(16, 8)
+        x = torch.randn(4, 16)
+        cfg = GNMRConfig(recipe="int8", policy="always_high", high_path="bf16", dispatch=dispatch)
+        m = gnmr_fx.compile(copy.deepcopy(lin), cfg, backend="aot_eager")
+        y = m(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, high_path("linear", x, lin.weight, lin.bias, high="bf16"), rtol=0, atol=1e-6)
+
+    def test_gpu_units_read_the_host_copy(self):
+        # Units on a device other than the CPU read _gnmr_plan_host, the copy the
+        # runtime publishes once per optimizer step (a "meta" graph stands in for a GPU one).
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        from gnmr_fx.passes import run_passes
+        from gnmr_fx.passes.nodes import dispatch_path
+
+        def f(x, w):
+            return F.linear(x, w) @ w
+
+        for device, plan in (("cpu", "_gnmr_plan"), ("meta", "_gnmr_plan_host")):
+            gm = torch.fx.symbolic_trace(f)
+            FakeTensorProp(gm).propagate(torch.empty(4, 8, device=device), torch.empty(3, 8, device=device))
+            gm = run_passes(gm, GNMRConfig(recipe="int8", policy="always_high"))
+            duals = [n for n in gm.graph.nodes if "gnmr_dual" in n.meta]
+            assert [n.target for n in duals] == [dispatch_path, dispatch_path]
+            assert {n.kwargs["plan"].target for n in duals} == {plan}
+            assert hasattr(gm, "_gnmr_plan_host") == (device == "meta")
+        assert gm._gnmr_plan_host.device.type == "cpu" and gm._gnmr_plan_host.tolist() == [True, True]
 
 
 class TestGraphBreak:
@@ -328,21 +457,28 @@ class TestGraphBreak:
 
 
 class TestStatistics:
-    def test_weight_unit_records_weight_grad_norm(self):
+    # The grad-stats node sits outside the dual path, so it sees the unit's
+    # gradient whichever branch ran (and however it was dispatched).
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
+    @pytest.mark.parametrize("policy", ["always_high", "always_low"])
+    @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+    def test_weight_unit_records_weight_grad_norm(self, backend, policy, dispatch):
         lin = nn.Linear(8, 4)
-        m = gnmr_fx.compile(lin, GNMRConfig(policy="always_high"), backend="eager")
+        m = gnmr_fx.compile(lin, GNMRConfig(policy=policy, dispatch=dispatch, recipe="int4"), backend=backend)
         m(torch.randn(3, 8)).sin().sum().backward()  # no optimizer: one update per backward
         norm = float(gnmr_fx.controller(m).norm[0])
         assert norm == pytest.approx(lin.weight.grad.norm().item(), rel=1e-6)
         assert gnmr_fx.runtime(m).records[0].probe.grad is None  # read and cleared
 
-    def test_weightless_unit_records_output_grad_norm(self):
+    @pytest.mark.parametrize("dispatch", DISPATCHES)
+    @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+    def test_weightless_unit_records_output_grad_norm(self, backend, dispatch):
         class MM(nn.Module):
             def forward(self, a, b):
                 return a @ b
 
         a, b = torch.randn(3, 4, requires_grad=True), torch.randn(4, 5, requires_grad=True)
-        m = gnmr_fx.compile(MM(), GNMRConfig(policy="always_high"), backend="eager")
+        m = gnmr_fx.compile(MM(), GNMRConfig(policy="always_high", dispatch=dispatch), backend=backend)
         y = m(a, b)
         gy = torch.randn_like(y)
         y.backward(gy)
@@ -526,11 +662,11 @@ class TestBareGraph:
     def test_run_passes_rewrites_every_unit(self):
         from gnmr_fx.passes import run_passes
 
-        before = counters["insert_dual_path"]["dual_path_nodes"]
+        before = counters["insert_dual_path"]["dispatch_path_nodes"]
         gm = run_passes(self._traced(), GNMRConfig(recipe="int8"))
         units = [n.meta["gnmr_dual"] for n in gm.graph.nodes if "gnmr_dual" in n.meta]
         assert [(s.name, s.slot) for s in units] == [("linear", 0), ("matmul", 1)]
-        assert counters["insert_dual_path"]["dual_path_nodes"] - before == 2
+        assert counters["insert_dual_path"]["dispatch_path_nodes"] - before == 2
         assert gm._gnmr_plan.shape == (2,) and gm._gnmr_probe.shape == (2,)
         x, w = torch.randn(4, 8), torch.randn(3, 8)
         gm._gnmr_plan.fill_(True)  # all high: the graph as written

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 
 import pytest
 import torch
 
-from gnmr_fx.benchmarks import overhead, perf
+from gnmr_fx.benchmarks import emulation, overhead, perf
 
 
 def _args(module, argv):
@@ -62,3 +63,45 @@ def test_overhead_bench_constant_ops(tmp_path):
     ops = [r["ops_per_update"] for r in res["rows"]]
     assert ops[0] == ops[1] > 0, ops  # the update's op count does not grow with units
     assert res["constant_ops"] is True
+
+
+def test_emulation_harness_writes_its_table(tmp_path):
+    out, md = tmp_path / "emulation.json", tmp_path / "emulation.md"
+    args = _args(emulation, ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "16", "--batch", "2",
+                             "--steps", "1", "--rounds", "2", "--warmup", "0", "--backend", "eager",
+                             "--check", "--limit", "1e-9", "--out", str(out), "--md", str(md)])
+    assert emulation.run(args) == 1  # --check: no arm runs in a billionth of its reference's time
+    res = json.loads(out.read_text())
+    assert {"command", "environment", "model", "backend", "rows", "targets"} <= set(res)
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert list(rows) == list(emulation.ARMS)
+    for arm, r in rows.items():
+        assert r["n_steps"] == 2 and r["recompiles"] == 0, r
+        assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0
+        assert r["vs"] == emulation.REFERENCE.get(arm)
+        assert r["ratio"] is None if arm == "plain" else (math.isfinite(r["ratio"]) and r["ratio"] > 0), r
+    assert [(t["arm"], t["vs"], t["met"]) for t in res["targets"]] == [("high", "plain", False),
+                                                                       ("low", "fake_quant", False)]
+    assert "command: `gnmr-fx bench emulation --arms plain,fake_quant,high,low" in md.read_text()
+
+
+@pytest.mark.parametrize("dispatch", ["host", "select"])
+def test_fake_quant_reference_is_what_always_low_computes(dispatch):
+    # The benchmark's by-hand reference and GNMR's always_low: the same numbers, bitwise (eager).
+    import copy
+
+    import gnmr_fx
+    from gnmr_fx.models import GPTConfig, TinyGPT
+
+    torch.manual_seed(0)
+    gpt = TinyGPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 256, (2, 16))
+    ref = emulation.FakeQuantGPT(copy.deepcopy(gpt), "int4")
+    m = gnmr_fx.compile(gpt, gnmr_fx.GNMRConfig(recipe="int4", policy="always_low", dispatch=dispatch),
+                        backend="eager")
+    loss, ref_loss = m(idx, idx), ref(idx, idx)
+    loss.backward()
+    ref_loss.backward()
+    assert torch.equal(loss, ref_loss)
+    for p, q in zip(gpt.parameters(), ref.gpt.parameters()):
+        assert torch.equal(p.grad, q.grad)

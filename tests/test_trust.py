@@ -309,7 +309,8 @@ def test_a_copy_of_a_compiled_model_runs_uncompiled():
 
 @pytest.mark.parametrize("module", ["gnmr_fx.backends.ops", "gnmr_fx.passes.discover_units", "gnmr_fx.api",
                                     "gnmr_fx.runtime", "gnmr_fx.backends.paths", "gnmr_fx.backends.recipes",
-                                    "gnmr_fx.passes", "gnmr_fx.passes.assign_slots", "gnmr_fx.controller"])
+                                    "gnmr_fx.passes", "gnmr_fx.passes.assign_slots", "gnmr_fx.passes.nodes",
+                                    "gnmr_fx.controller"])
 def test_docstring_examples(module):
     import doctest
     import importlib

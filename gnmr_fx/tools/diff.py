@@ -33,13 +33,14 @@ from torch.fx.node import map_aggregate
 
 from gnmr_fx.backends.ops import RECOVERABLE_OPS, op_of
 from gnmr_fx.passes.discover_units import _hashable
-from gnmr_fx.passes.nodes import grad_stats, select_path
-from gnmr_fx.passes.state import PLAN, PROBE
+from gnmr_fx.passes.nodes import dispatch_path, grad_stats, select_path
+from gnmr_fx.passes.state import GNMR_STATE
 
 # Keyword arguments the pass adds to the low branch; the rest are the op's own.
 _LOW_KWARGS = ("recipe", "a_index", "b_index", "b_kdim", "b_is_weight")
-# ... and the ones it gives a host-dispatch node (backends.host_dispatch).
-_HOST_KWARGS = ("plan", "slot", "recipe", "high")
+# ... and the ones it gives a node that reads the host plan (dispatch_path,
+# backends.host_dispatch).
+_HOST_KWARGS = ("plan", "slot", "recipe", "high", "op", "b_is_weight")
 
 GraphLike = Union[torch.fx.GraphModule, torch.fx.Graph]
 
@@ -59,7 +60,7 @@ class _Item:
     node: torch.fx.Node  # for a dual-path unit: its select node
     sig: tuple  # what it computes, independent of names
     args: Any  # args/kwargs with nodes replaced by _Ref(item index)
-    form: tuple  # ("plain",) or ("dual", recipe, high_path) for units, () otherwise
+    form: tuple  # ("plain",) or (kind, recipe, high_path) for units, () otherwise; kind: dual, dispatch, host
     unit: Optional[str] = None
     members: dict = field(default_factory=dict)  # role -> node ("high", "low", "stats")
 
@@ -219,13 +220,14 @@ def _items(graph: torch.fx.Graph) -> tuple[list[_Item], dict[torch.fx.Node, int]
             high = "native" if hp.target is site.spec.fn else hp.kwargs.get("high", "?")
             form = ("dual", lp.kwargs.get("recipe"), high)
         elif "gnmr_dual" in node.meta:
-            # Host dispatch (real low-precision kernels): one node that reads a
-            # host-resident plan and runs one branch; its args are the op's.
+            # One node that reads a host-resident plan and runs one branch
+            # (dispatch_path; real kernels: dual_linear); its args are the op's.
             site = node.meta["gnmr_dual"]
             kwargs = {k: v for k, v in node.kwargs.items() if k not in _HOST_KWARGS}
             sig = ("unit", site.spec.name)
             args = map_aggregate((node.args, kwargs), ref)
-            form = ("host", node.kwargs.get("recipe"), node.kwargs.get("high", "native"))
+            kind = "dispatch" if node.target is dispatch_path else "host"
+            form = (kind, node.kwargs.get("recipe"), node.kwargs.get("high", "native"))
         else:
             target = op_of(node)
             spec = RECOVERABLE_OPS.get(target) if node.op in ("call_function", "call_method") and _hashable(target) else None
@@ -452,7 +454,7 @@ def _name_members(items: list[_Item], names: dict[torch.fx.Node, str]) -> None:
 def _same_node_name_ok(node: torch.fx.Node, graph_a: torch.fx.Graph) -> bool:
     # The GNMR state attributes (plan, probe) have no counterpart, and their
     # names cannot be confused with anything in the other graph.
-    return node.op == "get_attr" and node.target in (PLAN, PROBE)
+    return node.op == "get_attr" and node.target in GNMR_STATE
 
 
 # --------------------------------------------------------------------------
@@ -512,17 +514,17 @@ def diff(a: GraphLike, b: GraphLike, *, label_a: str = "a", label_b: str = "b", 
 def _describe(it: _Item, names: dict) -> str:
     if it.form and it.form[0] == "host":
         return f"host-dispatch {it.sig[1]} ({_fn_name(it.node.target)}): high [{it.form[2]}] | low [{it.form[1]}]"
-    if it.form and it.form[0] == "dual":
+    if it.form and it.form[0] in ("dual", "dispatch"):
         # Node names are in the detail and the unified diff; the table says what the unit became.
         stats = it.members.get("stats")
         on = "-" if stats is None else ("output" if stats.args[0] is it.node else "weight")
-        return (f"dual path {it.sig[1]}: high [{it.form[2]}] | low [{it.form[1]}] -> select_path; "
-                f"stats on {on}")
+        how = "select_path" if it.form[0] == "dual" else "dispatch_path"
+        return f"dual path {it.sig[1]}: high [{it.form[2]}] | low [{it.form[1]}] -> {how}; stats on {on}"
     return _render(it.node, names)
 
 
 def _unit_detail(it: _Item, names: dict) -> dict:
-    if it.form and it.form[0] == "host":
+    if it.form and it.form[0] in ("host", "dispatch"):
         d = {"node": names[it.node], "recipe": it.form[1], "high_path": it.form[2], "code": _render(it.node, names)}
         if "stats" in it.members:
             d["stats"] = names[it.members["stats"]]

@@ -180,11 +180,12 @@ def freeze_plan(gm: torch.fx.GraphModule, high: Mapping[str, bool]) -> torch.fx.
 
 
 def _freeze_host_dispatch(g: torch.fx.Graph, node: torch.fx.Node, site: Any, high: bool) -> None:
-    """A host-dispatch unit (``dual_linear`` / ``dual_matmul``: the op's own
-    args plus plan kwargs) becomes the plain op or its QDQ low branch."""
+    """A unit that reads the host plan (``dispatch_path``, ``dual_linear`` /
+    ``dual_matmul``: the op's own args plus plan kwargs) becomes the plain op
+    or its QDQ low branch."""
     kw = dict(node.kwargs)
     recipe, high_path = kw.pop("recipe"), kw.pop("high", "native")
-    for k in ("plan", "slot"):
+    for k in ("plan", "slot", "op", "b_is_weight"):
         kw.pop(k, None)
     spec = site.spec
     with g.inserting_before(node):
