@@ -78,7 +78,7 @@ class TestTinyGPT:
         cfg = gnmr_fx.GNMRConfig(recipe="int8", dispatch="select")
         ex = gnmr_fx.export_onnx(model, inputs, tmp_path / "s.onnx", plan={u: True for u in HIGH}, config=cfg)
         assert _ops(ex.path) == _ops(mixed.path)
-        assert torch.equal(_run(ex.path, inputs), _run(mixed.path, inputs))
+        assert torch.equal(_run(ex, inputs), _run(mixed, inputs))
 
     def test_all_high_within_1e5(self, tiny, tmp_path):
         model, inputs = tiny
