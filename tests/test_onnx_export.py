@@ -229,7 +229,7 @@ def host_dispatch_graph(recipe):
 @pytest.mark.parametrize("high", [True, False])
 def test_freeze_host_dispatch_unit(high):
     from gnmr_fx.backends.recipes import fake_quant_int
-    from gnmr_fx.tools.export import freeze_plan
+    from gnmr_fx.passes.freeze_plan import freeze_plan
 
     model, x, rec, gm = host_dispatch_graph("int8")
     freeze_plan(gm, {"weight": high})

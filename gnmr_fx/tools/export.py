@@ -15,7 +15,9 @@ then onnxscript), the exporter PyTorch maintains: it converts what the
 deprecated TorchScript exporter cannot, such as
 ``scaled_dot_product_attention(enable_gqa=True)`` in grouped-query attention
 (Hugging Face Llama, Mistral, Qwen2). Each rounded operand is a custom op
-with its own ONNX translation (:mod:`gnmr_fx.onnx_qdq`).
+with its own ONNX translation (:mod:`gnmr_fx.backends.onnx_qdq`, which also
+holds the recipes written as QDQ; the plan is frozen by
+:func:`gnmr_fx.passes.freeze_plan.freeze_plan`).
 
 How the ``int8`` recipe maps to QDQ. The recipe is symmetric int8 with one
 scale per row along the reduction dim K: per token for activations, per
@@ -44,163 +46,15 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.fx
 
-from gnmr_fx.backends.ops import OPS
-from gnmr_fx.backends.paths import high_path as high_path_fn
-from gnmr_fx.backends.recipes import FP8_E4M3_MAX, cast_fp8, get_recipe
-from gnmr_fx.backends.recipes import SCALE_EPS as _EPS
+from gnmr_fx.backends.onnx_qdq import MIN_OPSET, QDQ, onnx_translations, unsupported_message
+from gnmr_fx.backends.recipes import get_recipe
 from gnmr_fx.config import GNMRConfig
-from gnmr_fx.passes.nodes import grad_stats, select_path
-from gnmr_fx.passes.state import PLAN, PLAN_HOST, PROBE
+from gnmr_fx.passes.freeze_plan import freeze_plan
 from gnmr_fx.tools.capture import as_inputs, capture, unwrap
-from gnmr_fx.backends.onnx_qdq import MIN_OPSET, onnx_translations, qdq_fp8_e4m3_op, qdq_int8_op
-ONNX_FORMATS = ("int8", "fp8_e4m3")
-
-PlanLike = Union[None, str, torch.Tensor, Sequence[bool], Mapping[str, bool]]
-
-
-# --------------------------------------------------------------------------
-# QDQ building blocks
-# --------------------------------------------------------------------------
-
-
-def qdq_int8(t: torch.Tensor, kdim: int) -> torch.Tensor:
-    """int8 fake quantization with one scale per row along ``kdim``, as QDQ.
-
-    >>> import torch
-    >>> from gnmr_fx.backends.recipes import fake_quant_int
-    >>> x = torch.randn(2, 3, 8)
-    >>> torch.equal(qdq_int8(x, -1), fake_quant_int(x, bits=8, kdim=-1))
-    True
-    """
-    kdim, last = kdim % t.dim(), t.dim() - 1
-    x = t if t.dtype == torch.float32 else t.float()
-    x = x.movedim(kdim, last) if kdim != last else x
-    moved_shape = x.shape
-    x2d = x.reshape(-1, moved_shape[-1])
-    scale = (x2d.detach().abs().amax(dim=1) / 127.0).clamp_min(_EPS)
-    y = qdq_int8_op(x2d, scale).reshape(moved_shape)
-    y = y.movedim(last, kdim) if kdim != last else y
-    return y if y.dtype == t.dtype else y.to(t.dtype)
-
-
-def qdq_fp8_e4m3(t: torch.Tensor, kdim: int) -> torch.Tensor:
-    """fp8 e4m3 fake quantization with one dynamic scale per tensor, as QDQ.
-
-    >>> import torch
-    >>> from gnmr_fx.backends.recipes import fake_quant_fp8
-    >>> x = torch.randn(4, 8)
-    >>> torch.equal(qdq_fp8_e4m3(x, -1), fake_quant_fp8(x, kdim=None))
-    True
-    """
-    x = t if t.dtype == torch.float32 else t.float()
-    # max(), not amax(): onnxscript's aten.amax needs a dim (same value, NaN included).
-    scale = (x.detach().abs().max() / FP8_E4M3_MAX).clamp_min(_EPS)
-    y = qdq_fp8_e4m3_op(x, scale)
-    return y if y.dtype == t.dtype else y.to(t.dtype)
-
-
-# Recipe.onnx -> QDQ writer.
-_QDQ = {"int8": qdq_int8, "fp8_e4m3": qdq_fp8_e4m3}
 # torch.onnx.export(dynamo=True) writes opset 18 and up (its torch library's opset).
 _EXPORTER_MIN_OPSET = 18
 
-
-def low_path_qdq(
-    op: str,
-    *args: Any,
-    recipe: str,
-    a_index: int,
-    b_index: int,
-    b_kdim: int,
-    b_is_weight: bool,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """The low branch of a unit written with QDQ pairs (same signature as
-    ``backends.paths.low_path``, so the frozen graph calls it in place)."""
-    fmt = get_recipe(recipe).onnx
-    if fmt not in _QDQ:
-        raise ValueError(_unsupported(recipe))
-    q = _QDQ[fmt]
-    args = list(args)
-    args[a_index] = q(args[a_index], -1)
-    args[b_index] = q(args[b_index], b_kdim)
-    return OPS[op].fn(*args, **kwargs)
-
-
-def _unsupported(recipe: str) -> str:
-    return (
-        f"recipe {recipe!r} cannot be expressed as ONNX QuantizeLinear/DequantizeLinear "
-        f"(export supports recipes whose Recipe.onnx is one of {ONNX_FORMATS}: int8 per-token/per-channel, "
-        f"fp8 e4m3 per-tensor); export with GNMRConfig(recipe='int8'), or put the low units on the "
-        f"high path with plan='high'"
-    )
-
-
-# --------------------------------------------------------------------------
-# Freezing the plan into the rewritten graph
-# --------------------------------------------------------------------------
-
-
-def freeze_plan(gm: torch.fx.GraphModule, high: Mapping[str, bool]) -> torch.fx.GraphModule:
-    """Rewrite a GNMR graph for inference under a fixed plan (in place).
-
-    ``high`` maps unit name -> True for the high path. Statistics nodes and
-    selects are removed; each unit keeps exactly one branch.
-    """
-    g = gm.graph
-    for node in list(g.nodes):
-        if node.op == "call_function" and node.target is grad_stats:
-            node.replace_all_uses_with(node.args[0])
-            g.erase_node(node)
-    for sel in list(g.nodes):
-        site = sel.meta.get("gnmr_dual")
-        if site is None:
-            continue
-        if sel.target is not select_path:
-            _freeze_host_dispatch(g, sel, site, high[site.name])
-            continue
-        _plan, _slot, hp, lp = sel.args
-        if high[site.name]:
-            keep = hp
-        else:
-            with g.inserting_before(sel):
-                keep = g.call_function(low_path_qdq, lp.args, dict(lp.kwargs))
-            keep.meta.update(lp.meta)
-        sel.replace_all_uses_with(keep)
-        g.erase_node(sel)
-        for branch in (hp, lp):
-            if branch is not keep and not branch.users:
-                g.erase_node(branch)
-    for node in list(g.nodes):
-        if node.op == "get_attr" and node.target in (PLAN, PROBE, PLAN_HOST) and not node.users:
-            g.erase_node(node)
-    g.lint()
-    gm.recompile()
-    return gm
-
-
-def _freeze_host_dispatch(g: torch.fx.Graph, node: torch.fx.Node, site: Any, high: bool) -> None:
-    """A unit that reads the host plan (``dispatch_path``, ``dual_linear`` /
-    ``dual_matmul``: the op's own args plus plan kwargs) becomes the plain op
-    or its QDQ low branch."""
-    kw = dict(node.kwargs)
-    recipe, high_path = kw.pop("recipe"), kw.pop("high", "native")
-    for k in ("plan", "slot", "op", "b_is_weight"):
-        kw.pop(k, None)
-    spec = site.spec
-    with g.inserting_before(node):
-        if high and high_path == "native":
-            new = g.call_function(spec.fn, tuple(node.args), kw)
-        elif high:
-            new = g.call_function(high_path_fn, (spec.name, *node.args), {**kw, "high": high_path})
-        else:
-            new = g.call_function(low_path_qdq, (spec.name, *node.args), {
-                **kw, "recipe": recipe, "a_index": spec.a_index, "b_index": spec.b_index,
-                "b_kdim": spec.b_kdim, "b_is_weight": site.weight is not None,
-            })
-    new.meta.update({k: v for k, v in node.meta.items() if k != "gnmr_dual"})
-    node.replace_all_uses_with(new)
-    g.erase_node(node)
+PlanLike = Union[None, str, torch.Tensor, Sequence[bool], Mapping[str, bool]]
 
 
 class _FrozenModel(torch.nn.Module):
@@ -362,8 +216,8 @@ def export_onnx(
         fmt = get_recipe(config.recipe).onnx
         need = _EXPORTER_MIN_OPSET
         if not all(high.values()):
-            if fmt not in _QDQ:
-                raise ValueError(_unsupported(config.recipe))
+            if fmt not in QDQ:
+                raise ValueError(unsupported_message(config.recipe))
             if opset is not None and opset < MIN_OPSET[fmt]:
                 raise ValueError(f"opset {opset} cannot express recipe {config.recipe!r} ({fmt}); "
                                  f"use opset >= {max(need, MIN_OPSET[fmt])}")
