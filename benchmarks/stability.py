@@ -171,6 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ones), stop running ones at the deadline, and report what finished")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="fp32, or bf16 autocast for the forward (default: the preset's)")
+    parser.add_argument("--dispatch", choices=["host", "select"], default="host",
+                        help="GNMRConfig.dispatch of every arm: host (one branch runs, the library default) "
+                             "or select (both branches, torch.where)")
     parser.add_argument("--steps", type=positive_int, default=None, help="override the preset's steps per run")
     parser.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: the preset's)")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker")
@@ -209,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = max(1, args.jobs if args.jobs is not None else preset.jobs)
     tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, lr=lr if lr is not None else s.lr,
                   preset=preset_name, preset_obj=_preset_dict(preset), arms=[a.name for a in arms],
-                  device=device, backend=backend, threads=args.threads, out=str(out),
+                  device=device, backend=backend, threads=args.threads, out=str(out), dispatch=args.dispatch,
                   split="tune" if args.tuning else "val")
              for seed in args.seeds for s in scenarios.values() for lr in (args.lrs or [None])]
     # Seed-major, so a deadline cuts whole later seeds rather than whole
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": {
             "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
             "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
-            "lrs": args.lrs, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
+            "lrs": args.lrs, "dispatch": args.dispatch, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
             "threads_per_job": args.threads, "split": "tune (tuning run)" if args.tuning else "train / val",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
@@ -386,7 +389,7 @@ def run_task(task: dict) -> dict:
     if s.faults:
         injector = FaultInjector(model, fault_schedule(model, p, seed))
     base = gnmr_fx.GNMRConfig(recipe=s.recipe, unit_filter=s.unit_filter, threshold=s.threshold,
-                              delta_threshold=s.delta_threshold)
+                              delta_threshold=s.delta_threshold, dispatch=task.get("dispatch", "host"))
     ex = random_batch(train, p.batch, p.model.block_size, torch.Generator().manual_seed(0))
     # bf16: the forward runs under autocast with fp32 master weights (how users
     # train); the high path is then the bf16 matmul, the low path the recipe.
