@@ -10,7 +10,10 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gnmr_out}
 NAME=$1; shift
 mkdir -p "$OUT"
-python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v "Running pip as"
+# benchmarks/gpu_call.sh installs once for all its benches (GNMR_INSTALLED=1).
+if [ -z "$GNMR_INSTALLED" ]; then
+  python3 -m pip install --no-deps --no-build-isolation -q -e . 2>&1 | grep -v "Running pip as"
+fi
 python3 -c "import gnmr_fx" || exit 1
 # MPS uses its default pipe directory, so every CUDA process of the call
 # (two benchmark commands run side by side, say) shares the one server.
