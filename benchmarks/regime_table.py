@@ -4,7 +4,10 @@ Reads every ``results.json.gz`` under the given folders (what
 ``benchmarks/gpu_stability.sh`` brings back, committed under
 ``benchmarks/results/gpu/``), and prints, per (scenario variant, LR), the
 final validation loss of always_high and always_low per seed, the paired gap
-(same seed: low minus high, in % of high), and every other arm that ran.
+(same seed: low minus high, in % of high); then, for every regime that
+counts, one table with every arm that ran there (paired gap, the share of
+always_low's gap it closes, divergences, spikes, % unit-steps and % FLOPs
+high, wall time) and, with ``--plots``, its quality-vs-cost frontier.
 
 A regime *counts* (the evidence issue's rule) when always_high is healthy at
 that LR (it did not diverge and its final val is within ``--healthy`` % (10) of the best always_high of
@@ -33,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", nargs="*", default=[], metavar="FOLDER:VARIANT",
                         help="leave out one scenario variant of one folder (a run known to be broken), "
                              "e.g. search2:e-mxfp8")
-    parser.add_argument("--md", default=None, help="also write the table as markdown to this file")
+    parser.add_argument("--md", default=None, help="also write the tables as markdown to this file")
+    parser.add_argument("--plots", default=None, metavar="DIR",
+                        help="write frontier_<variant>_lr<LR>.png (gap vs %% FLOPs high) for every regime that counts")
 
 
 def load_runs(folders: list[str], exclude: tuple = ()) -> list[dict]:
@@ -41,21 +46,40 @@ def load_runs(folders: list[str], exclude: tuple = ()) -> list[dict]:
     file's date, less the ``folder:variant`` pairs in ``exclude``."""
     runs = []
     for folder in folders:
-        for name in ("results.json.gz", "results.json"):
-            path = Path(folder) / name
-            if not path.is_file():
-                continue
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt") as f:
-                doc = json.load(f)
-            for sc in doc["scenarios"].values():
-                if f"{Path(folder).name}:{sc['config']['key']}" in exclude:
+        # A folder holds one bench's results, or (a device call of
+        # benchmarks/gpu_call.sh) one sub-folder per bench: source "call/bench".
+        dirs = sorted({p.parent for pat in ("results.json.gz", "results.json") for p in Path(folder).rglob(pat)})
+        for d in dirs:
+            source = d.relative_to(Path(folder).parent).as_posix()
+            for name in ("results.json.gz", "results.json"):
+                path = d / name
+                if not path.is_file():
                     continue
-                for r in sc["runs"]:
-                    runs.append(dict(r, source=Path(folder).name, variant=sc["config"]["key"],
-                                     date=doc["meta"]["date_utc"]))
-            break
+                opener = gzip.open if name.endswith(".gz") else open
+                with opener(path, "rt") as f:
+                    doc = json.load(f)
+                for sc in doc["scenarios"].values():
+                    if f"{source}:{sc['config']['key']}" in exclude:
+                        continue
+                    for r in sc["runs"]:
+                        runs.append(dict(r, source=source, variant=sc["config"]["key"],
+                                         date=doc["meta"]["date_utc"]))
+                break
+    _check_unique(runs)
     return runs
+
+
+def _check_unique(runs: list[dict]) -> None:
+    """One run per (variant, LR, arm, seed): a repeat would be counted twice."""
+    seen: dict = {}
+    for r in runs:
+        key = (r["variant"], r["lr"], r["arm"], r["seed"])
+        if key in seen:
+            from gnmr_fx.arguments import InputError
+
+            raise InputError(f"{r['variant']} LR {r['lr']:g} {r['arm']} seed {r['seed']} is in both "
+                             f"{seen[key]} and {r['source']}: leave one out with --exclude")
+        seen[key] = r["source"]
 
 
 def regime_rows(runs: list[dict], min_gap: float, healthy: float) -> list[dict]:
@@ -108,20 +132,100 @@ def _fmt_arm(vals: list) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
+    """The regime-search table: one row per (variant, LR); the other arms'
+    numbers are in :func:`format_arm_table` (one table per regime)."""
     from tabulate import tabulate
 
-    arm_names = sorted({a for r in rows for a in r["arms"]} - {"always_low"})
-    head = ["variant", "LR", "seeds", "always_high val", "healthy", "always_low gap %", "counts"] + \
-        [f"{a} gap %" for a in arm_names] + ["raw results"]
+    head = ["variant", "LR", "seeds", "always_high val", "healthy", "always_low gap %", "counts", "other arms",
+            "raw results"]
     table = []
     for r in rows:
+        others = sorted(set(r["arms"]) - {"always_low"})
         table.append([r["variant"], f"{r['lr']:g}", ",".join(map(str, r["seeds"])), f"{r['high']:.3f}",
                       "yes" if r["healthy"] else "no",
                       _fmt_arm(r["arms"]["always_low"]) if "always_low" in r["arms"] else "-",
-                      "**yes**" if r["counts"] else "no"]
-                     + [_fmt_arm(r["arms"][a]) if a in r["arms"] else "-" for a in arm_names]
-                     + [", ".join(r["sources"])])
+                      "**yes**" if r["counts"] else "no", len(others),
+                      ", ".join(sorted({src.split("/")[0] for src in r["sources"]}))])
     return tabulate(table, headers=head, tablefmt="github")
+
+
+def arm_stats(runs: list[dict], variant: str, lr: float) -> list[dict]:
+    """Per arm of one regime, over the seeds that have an always_high run:
+    the paired gap (% of always_high), the share of always_low's gap the arm
+    closes (same seed), divergences, spikes, % unit-steps and % FLOPs on
+    the high path, wall time; sorted by % FLOPs high."""
+    rs = [r for r in runs if r["variant"] == variant and r["lr"] == lr]
+    high = {r["seed"]: r["final_val"] for r in rs if r["arm"] == "always_high" and r["final_val"] is not None}
+    low = {r["seed"]: r["final_val"] for r in rs if r["arm"] == "always_low" and r["final_val"] is not None}
+    out = []
+    for arm in sorted({r["arm"] for r in rs}):
+        mine = [r for r in rs if r["arm"] == arm and r["seed"] in high]
+        if not mine:
+            continue
+        gaps, closed = [], []
+        for r in mine:
+            h = high[r["seed"]]
+            if r["final_val"] is None or not math.isfinite(r["final_val"]):
+                continue
+            gaps.append(100.0 * (r["final_val"] - h) / h)
+            if r["seed"] in low and low[r["seed"]] > h:
+                closed.append(100.0 * (low[r["seed"]] - r["final_val"]) / (low[r["seed"]] - h))
+        out.append({
+            "arm": arm, "n": len(mine), "seeds": sorted(r["seed"] for r in mine), "gaps": gaps, "closed": closed,
+            "diverged": sum(bool(r["diverged"]) for r in mine),
+            "spikes": statistics.fmean(r.get("spikes", 0) or 0 for r in mine),
+            "unit_steps_high": statistics.fmean(r.get("high_unit_steps_pct", 0.0) or 0.0 for r in mine),
+            "flops_high": statistics.fmean(r.get("flop_high_pct", 0.0) or 0.0 for r in mine),
+            "wall_s": statistics.fmean(r.get("wall_s", 0.0) or 0.0 for r in mine),
+        })
+    out.sort(key=lambda a: (a["flops_high"], a["arm"]))
+    return out
+
+
+def _mean_sd(xs: list) -> str:
+    if not xs:
+        return "-"
+    m = statistics.fmean(xs)
+    return f"{m:+.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{m:+.1f}"
+
+
+def format_arm_table(stats: list[dict]) -> str:
+    from tabulate import tabulate
+
+    head = ["arm", "seeds", "val gap % (mean ± sd)", "closes % of low's gap", "diverged", "spikes",
+            "% unit-steps high", "% FLOPs high", "wall s (shared GPU)"]
+    table = [[a["arm"], ",".join(map(str, a["seeds"])), _mean_sd(a["gaps"]),
+              "-" if a["arm"] in ("always_high", "always_low") else _mean_sd(a["closed"]),
+              f"{a['diverged']}/{a['n']}", f"{a['spikes']:.1f}", f"{a['unit_steps_high']:.2f}",
+              f"{a['flops_high']:.2f}", f"{a['wall_s']:.0f}"] for a in stats]
+    return tabulate(table, headers=head, tablefmt="github")
+
+
+def plot_frontier(stats: list[dict], title: str, path: Path) -> None:
+    """Quality gap vs high-path FLOPs, one point per arm (mean, sd bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for a in stats:
+        if not a["gaps"]:
+            continue
+        m = statistics.fmean(a["gaps"])
+        sd = statistics.stdev(a["gaps"]) if len(a["gaps"]) > 1 else 0.0
+        x = max(a["flops_high"], 0.1)  # log axis: always_low (0%) drawn at 0.1%
+        style = "o" if a["arm"].startswith("gnmr") else "s"
+        ax.errorbar([x], [m], yerr=[sd], fmt=style, capsize=3, label=f"{a['arm']} (n={len(a['gaps'])})")
+    ax.set_xscale("log")
+    ax.set_xlabel("% of the units' FLOPs on the high path (always_low drawn at 0.1)")
+    ax.set_ylabel("final val loss gap to always_high, %")
+    ax.set_title(title)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,7 +234,21 @@ def run(args: argparse.Namespace) -> int:
         from gnmr_fx.arguments import InputError
 
         raise InputError(f"no results.json(.gz) under {' '.join(args.folders)}")
-    text = format_rows(regime_rows(runs, args.min_gap, args.healthy))
+    rows = regime_rows(runs, args.min_gap, args.healthy)
+    parts = [format_rows(rows)]
+    for r in rows:
+        # Every regime that counts and ran arms beyond the two references.
+        if not r["counts"] or not set(r["arms"]) - {"always_low"}:
+            continue
+        stats = arm_stats(runs, r["variant"], r["lr"])
+        title = f"{r['variant']} at LR {r['lr']:g}"
+        parts.append(f"### {title}\n\n{format_arm_table(stats)}")
+        if args.plots:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+            png = Path(args.plots) / f"frontier_{r['variant']}_lr{r['lr']:g}.png"
+            plot_frontier(stats, title, png)
+            parts[-1] += f"\n\n![{title}]({png.name})"
+    text = "\n\n".join(parts)
     print(text)
     if args.md:
         Path(args.md).write_text(text + "\n")

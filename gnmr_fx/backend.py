@@ -211,8 +211,13 @@ def _lift_state(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[st
     # A graph may take no input at all (a resumed frame of constants).
     last = next(reversed(exec_gm.graph.find_nodes(op="placeholder")), None)
     names = []
+    lifted: dict = {}
     for node in list(exec_gm.graph.find_nodes(op="get_attr")):
         if node.target not in GNMR_STATE:
+            continue
+        if node.target in lifted:  # one input per tensor, however many nodes read it
+            node.replace_all_uses_with(lifted[node.target])
+            exec_gm.graph.erase_node(node)
             continue
         if last is None:
             with exec_gm.graph.inserting_before(next(iter(exec_gm.graph.nodes))):
@@ -224,6 +229,7 @@ def _lift_state(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[st
         node.replace_all_uses_with(ph)
         exec_gm.graph.erase_node(node)
         last = ph
+        lifted[node.target] = ph
         names.append(node.target)
     for name in names:
         delattr(exec_gm, name)

@@ -29,7 +29,14 @@ def device_of(node: torch.fx.Node) -> torch.device:
 
 
 def get_attr_at_top(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
-    """A ``get_attr`` node for ``name`` right after the first placeholder, so every use follows it."""
+    """The ``get_attr`` node for ``name``: the graph's existing one, else a new
+    one right after the first placeholder, so every use follows it. One node
+    per attribute, so lifting the GNMR tensors to inputs gives one input each
+    (a graph with real-kernel and emulated GPU units reads the host plan from
+    both passes)."""
+    existing = [n for n in gm.graph.find_nodes(op="get_attr") if n.target == name]
+    if existing:
+        return existing[0]
     first = next(iter(gm.graph.find_nodes(op="placeholder")), None) or next(iter(gm.graph.nodes))
     with gm.graph.inserting_after(first):
         return gm.graph.get_attr(name)

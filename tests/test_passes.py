@@ -1,6 +1,7 @@
 """The GNMR passes on real captured graphs: discovery, exactness, recompiles, stats."""
 
 import copy
+import importlib
 import io
 import subprocess
 import sys
@@ -433,6 +434,57 @@ class TestDispatch:
             assert {n.kwargs["plan"].target for n in duals} == {plan}
             assert hasattr(gm, "_gnmr_plan_host") == (device == "meta")
         assert gm._gnmr_plan_host.device.type == "cpu" and gm._gnmr_plan_host.tolist() == [True, True]
+
+    def test_real_and_emulated_gpu_units_share_one_host_plan_input(self, monkeypatch):
+        # A GPU graph whose linear has a real kernel and whose batched matmul is
+        # emulated reads the host plan from both rewrites. It must stay one
+        # get_attr node and become one graph input (two broke every real-kernel
+        # model on the H200: "no attribute '_gnmr_plan_host'").
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        from gnmr_fx.backend import _lift_state
+        from gnmr_fx.backends.host_dispatch import dual_linear
+        from gnmr_fx.passes import run_passes
+        from gnmr_fx.passes.nodes import dispatch_path
+
+        idp = importlib.import_module("gnmr_fx.passes.insert_dual_path")  # the module, not the pass
+        monkeypatch.setattr(idp, "kernel_for", lambda op, a, b, recipe, device, emulate:
+                            "fp8_e4m3:tensorwise" if op == "linear" else None)
+
+        def f(x, w, q, k):
+            return F.linear(x, w).sum() + torch.bmm(q, k).sum()
+
+        gm = torch.fx.symbolic_trace(f)
+        args = [torch.empty(s, device="meta") for s in ((4, 8), (16, 8), (2, 3, 5), (2, 5, 3))]
+        FakeTensorProp(gm).propagate(*args)
+        gm = run_passes(gm, GNMRConfig(recipe="fp8_e4m3", policy="always_high", dispatch="host"))
+        duals = [n for n in gm.graph.nodes if "gnmr_dual" in n.meta]
+        assert sorted(str(n.target) for n in duals) == sorted(str(t) for t in (dual_linear, dispatch_path))
+        reads = [n for n in gm.graph.find_nodes(op="get_attr") if n.target == "_gnmr_plan_host"]
+        assert len(reads) == 1 and {n.kwargs["plan"] for n in duals} == {reads[0]}
+        exec_gm, names = _lift_state(gm)
+        assert sorted(names) == ["_gnmr_plan_host", "_gnmr_probe"]
+        placeholders = [n.target for n in exec_gm.graph.find_nodes(op="placeholder")]
+        assert placeholders[-2:] == names and not exec_gm.graph.find_nodes(op="get_attr")
+
+    def test_lift_state_gives_one_input_per_tensor_read_twice(self):
+        from gnmr_fx.backend import _lift_state
+
+        gm = torch.fx.symbolic_trace(lambda x: x)
+        gm.register_buffer("_gnmr_plan", torch.ones(2, dtype=torch.bool))
+        x = next(iter(gm.graph.find_nodes(op="placeholder")))
+        out = next(iter(gm.graph.find_nodes(op="output")))
+        with gm.graph.inserting_after(x):
+            a, b = gm.graph.get_attr("_gnmr_plan"), gm.graph.get_attr("_gnmr_plan")
+        with gm.graph.inserting_before(out):
+            s = gm.graph.call_function(torch.add, (a, b))
+        out.args = ((x, s),)
+        gm.recompile()
+        exec_gm, names = _lift_state(gm)
+        assert names == ["_gnmr_plan"]
+        plan = torch.tensor([True, False])
+        y, z = exec_gm(torch.zeros(1), plan)
+        assert torch.equal(z, plan + plan)
 
 
 class TestGraphBreak:

@@ -163,6 +163,41 @@ def test_regime_table_counts_only_healthy_high_and_clear_low_gap(tmp_path):
     assert rows[1]["low_gap"] == pytest.approx(5.0)
     assert "1 diverged" in regime_table.format_rows(rows)
     assert regime_table.load_runs([str(tmp_path / "r")], ("r:x",)) == []
+    # The per-regime arm table: paired with the same seed's always_high.
+    stats = {a["arm"]: a for a in regime_table.arm_stats(regime_table.load_runs([str(tmp_path / "r")]), "x", 1e-3)}
+    assert set(stats) == {"always_high", "always_low"} and stats["always_low"]["gaps"] == [pytest.approx(5.0)]
+
+
+def test_regime_table_reads_call_folders_and_refuses_a_run_counted_twice(tmp_path):
+    import gzip
+    import json
+
+    from gnmr_fx.arguments import InputError
+    from gnmr_fx.benchmarks import regime_table
+
+    def write(folder, runs):
+        folder.mkdir(parents=True)
+        with gzip.open(folder / "results.json.gz", "wt") as f:
+            json.dump({"meta": {"date_utc": "today"}, "scenarios": {"x": {"config": {"key": "x"}, "runs": runs}}}, f)
+
+    def run(arm, seed, val, flops=0.0):
+        return {"arm": arm, "seed": seed, "lr": 1e-3, "final_val": val, "diverged": False, "flop_high_pct": flops,
+                "spikes": 0, "high_unit_steps_pct": flops, "wall_s": 1.0}
+
+    # A device call of gpu_call.sh: one sub-folder per bench.
+    write(tmp_path / "call" / "high", [run("always_high", 0, 1.0), run("always_high", 1, 1.0)])
+    write(tmp_path / "call" / "low", [run("always_low", 0, 1.2), run("always_low", 1, 1.4)])
+    write(tmp_path / "call" / "g", [run("gnmr@2", 0, 1.1, 1.0), run("gnmr@2", 1, 1.4, 2.0)])
+    runs = regime_table.load_runs([str(tmp_path / "call")])
+    assert {r["source"] for r in runs} == {"call/high", "call/low", "call/g"}
+    stats = {a["arm"]: a for a in regime_table.arm_stats(runs, "x", 1e-3)}
+    assert stats["gnmr@2"]["gaps"] == [pytest.approx(10.0), pytest.approx(40.0)]
+    assert stats["gnmr@2"]["closed"] == [pytest.approx(50.0), pytest.approx(0.0)]
+    assert stats["gnmr@2"]["flops_high"] == pytest.approx(1.5)
+    assert "+25.0 ± 35.4" in regime_table.format_arm_table(list(stats.values()))
+    write(tmp_path / "again", [run("gnmr@2", 1, 1.3)])
+    with pytest.raises(InputError, match="seed 1 is in both call/g and again"):
+        regime_table.load_runs([str(tmp_path / "call"), str(tmp_path / "again")])
 
 
 def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
