@@ -25,6 +25,8 @@ random@k             random units high: every free budget slot gets a
                      random unit locked high for ``lock_steps`` steps
 gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
                      units, a float is a fraction of the units' FLOPs)
+gnmr@m+high_first@n  GNMR with a high start: every unit high for the first
+                     n steps (``GNMRConfig.high_start_steps``), then GNMR
 ===================  =====================================================
 
 static and random always fill their whole budget, so at equal budget they
@@ -57,6 +59,8 @@ class ArmSpec:
     name: str
     kind: str
     budget: Union[int, float] = 0
+    high_start: Union[int, float] = 0
+    """gnmr arms: the high start (steps, or a fraction of the run); 0 none."""
 
     def __post_init__(self) -> None:
         if self.kind not in ARM_KINDS:
@@ -88,7 +92,7 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
 
 _BUDGET_KINDS = ("static", "static_tuned", "random", "high_first", "gnmr")
 ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static_tuned@K, random@K, "
-             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%")
+             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N")
 
 
 def parse_arm(name: str) -> ArmSpec:
@@ -98,10 +102,23 @@ def parse_arm(name: str) -> ArmSpec:
     :class:`~gnmr_fx.arguments.InputError` naming the valid forms.
 
     >>> parse_arm("gnmr@10%")
-    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1)
+    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0)
     >>> parse_arm("gnmr@0.05").name
     'gnmr@5%'
+    >>> parse_arm("gnmr@2+high_first@0.05")
+    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05)
     """
+    base, plus, start = name.partition("+high_first@")
+    if plus:
+        spec = parse_arm(base)
+        if spec.kind != "gnmr":
+            raise InputError(f"arm {name!r}: a high start (+high_first@N) goes with gnmr arms only; "
+                             "high_first@N alone is every unit high, then every unit low")
+        try:
+            n = parse_max_o(start)
+        except InputError as e:
+            raise InputError(f"arm {name!r}: {e}") from None
+        return ArmSpec(f"{spec.name}+{arm_name('high_first', n)}", "gnmr", spec.budget, n)
     kind, at, b = name.partition("@")
     if kind.startswith("low+") and not at and kind[4:] in ("clip", "zclip"):
         return ArmSpec(name, kind[4:])

@@ -420,7 +420,8 @@ def run_task(task: dict) -> dict:
     def train_arm(arm_label: str, arm, steps: int, lr: float, data_seed: int, init_sd: dict,
                   validate: bool = True) -> dict:
         model.load_state_dict(init_sd)
-        cfg = base.replace(policy=arm.policy, max_o=arm.budget if arm.kind == "gnmr" else 0)
+        cfg = base.replace(policy=arm.policy, max_o=arm.budget if arm.kind == "gnmr" else 0,
+                           high_start_steps=high_first_steps(arm.high_start, steps) if arm.high_start else 0)
         ctl = rt.reset_controller(cfg)  # a fresh controller per arm on the shared compiled graphs
         driver = None
         k = budget_units(arm.budget, costs) if arm.kind in ("static", "random") else 0

@@ -113,6 +113,17 @@ class GNMRConfig:
     steps; after the release the unit learns the new level in warm-up and no
     longer triggers on it."""
 
+    high_start_steps: int = 0
+    """The first optimizer steps during which every unit runs on the high
+    path, whatever the policy and *outside* the ``max_o`` budget (0: off).
+    The controller observes those steps (its history starts from high-path
+    gradients); from step ``high_start_steps`` on, the policy alone sets the
+    plan. The H200 runs of the evidence issue found regimes (int4 activations,
+    MXFP4 with stochastic-rounding gradients) whose damage is done in the
+    first steps, where no gradient-norm statistic can see it yet
+    (benchmarks/RESULTS.md). Off by default until GNMR with a high start has
+    its own GPU runs. At most ``MAX_STEPS``."""
+
     emulate: Optional[bool] = None
     """Low-path kernels. None: real fp8 kernels (``torch._scaled_mm``) where
     the GPU has them (sm_89+ tensorwise, sm_90+ rowwise) and emulation
@@ -170,6 +181,7 @@ class GNMRConfig:
         _check_int(self.warmup_steps, "warmup_steps", 0, MAX_STEPS)
         _check_int(self.lock_steps, "lock_steps", 1, MAX_STEPS)
         _check_int(self.max_lock_steps, "max_lock_steps", 1, MAX_STEPS)
+        _check_int(self.high_start_steps, "high_start_steps", 0, MAX_STEPS)
         # Not a membership test: 1 == True in Python, and kernel_for tests
         # `is True` / `is False`, so emulate=1 would select real kernels.
         _check(self.emulate is None or isinstance(self.emulate, bool), "emulate", "None, True or False", self.emulate)

@@ -148,7 +148,7 @@ class GNMRController:
             [self.hist, torch.full((self.config.delta_window, k), float("inf"), device=d)], dim=1
         )
         self.pinned = pad(self.pinned, False)
-        if self.config.policy == "always_high":
+        if self.config.policy == "always_high" or self.in_high_start(self.step):
             self.plan[start:] = True
         return list(range(start, start + k))
 
@@ -268,6 +268,8 @@ class GNMRController:
         else:
             lock = torch.zeros_like(lock)
             plan = torch.full_like(cand, cfg.policy == "always_high")
+        if self.in_high_start(self.step + 1):  # the plan is for the next step
+            plan = torch.ones_like(plan)
 
         self.lock = lock
         self.plan = plan
@@ -327,7 +329,17 @@ class GNMRController:
             raise ValueError(f"pin mask must have shape ({self.num_units},), got {tuple(mask.shape)}")
         self.pinned = mask.clone()
         if self.config.policy == "gnmr":
-            self.plan = (self.lock > 0) | self.pinned
+            self.plan = (self.lock > 0) | self.pinned | self.in_high_start(self.step)
+
+    def in_high_start(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) runs every unit high:
+        ``GNMRConfig.high_start_steps`` (a host int test, no device read).
+
+        >>> c = GNMRController(2, GNMRConfig(high_start_steps=2, policy="always_low"))
+        >>> [c.plan.tolist()] + [c.update(torch.ones(2)).tolist() for _ in range(2)]
+        [[True, True], [True, True], [False, False]]
+        """
+        return step < self.config.high_start_steps
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -388,6 +400,8 @@ class GNMRController:
         else:
             self.lock = torch.zeros_like(self.lock)
             self.plan = torch.full_like(self.plan, self.config.policy == "always_high")
+        if self.in_high_start(self.step):
+            self.plan = torch.ones_like(self.plan)
         if fit_budget:
             warn_released(self.config, self.release_over_budget())
         return missing
@@ -415,7 +429,7 @@ class GNMRController:
         drop = held & ~keep
         self.lock = self.lock.masked_fill(drop, 0)
         self.streak = self.streak.masked_fill(drop, 0)
-        self.plan = (self.lock > 0) | self.pinned
+        self.plan = (self.lock > 0) | self.pinned | self.in_high_start(self.step)
         dropped = drop.cpu()
         return [self.names[i] for i in order.tolist() if dropped[i]]
 

@@ -25,6 +25,7 @@ BAD = {
     "warmup_steps": [True, 20.0, "20", [20], None, -1, MAX_STEPS + 1, 2**63],
     "lock_steps": [True, 10.0, "10", [10], None, 0, MAX_STEPS + 1, 2**63],
     "max_lock_steps": [True, 50.0, "50", [50], None, 0, MAX_STEPS + 1, 2**63],
+    "high_start_steps": [True, 100.0, "100", [100], None, -1, MAX_STEPS + 1, 2**63],
     "emulate": [1, 0, 1.0, "True", [True]],
     "dispatch": [["host"], 1, None, True, "cond", "where", "HOST"],
     "plan_lag": [True, False, 1.0, "1", [1], None, 2, -1],

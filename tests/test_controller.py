@@ -256,6 +256,39 @@ class TestPolicies:
         assert ctl.triggered.tolist() == [True, True, False]
 
 
+class TestHighStart:
+    @pytest.mark.parametrize("policy", ["gnmr", "always_low"])
+    def test_every_unit_high_for_the_first_steps_then_the_policy(self, policy):
+        ctl = GNMRController(4, GNMRConfig(policy=policy, high_start_steps=3, warmup_steps=2, max_o=1))
+        plans = [ctl.plan.clone()] + _steady(ctl, 6)
+        # Steps 0, 1, 2 run high (the initial plan and the plans of two updates), outside max_o=1.
+        assert [bool(p.all()) for p in plans[:3]] == [True] * 3
+        assert not any(bool(p.any()) for p in plans[3:])
+        assert int(ctl.n_high_steps.sum()) == 4 * 2  # the two plans the updates set
+        # The controller learned its history during the start: a spike after it triggers.
+        plan = ctl.update(torch.tensor([1.0, 30.0, 1.0, 1.0]))
+        assert ctl.triggered.tolist() == [False, True, False, False]
+        assert plan.tolist() == ([False, True, False, False] if policy == "gnmr" else [False] * 4)
+
+    def test_units_added_during_the_start_join_it_and_resume_keeps_it(self):
+        cfg = GNMRConfig(high_start_steps=4, max_o=1)
+        a = GNMRController(["x"], cfg)
+        _steady(a, 1)
+        a.add_units(["y"])
+        assert a.plan.tolist() == [True, True]
+        _steady(a, 1)
+        b = GNMRController(["x", "y"], cfg)
+        b.load_state_dict(a.state_dict())  # step 2 < 4: still high
+        assert b.plan.tolist() == [True, True] and b.step == 2
+        c = GNMRController(["x", "y"], cfg.replace(high_start_steps=2))
+        c.load_state_dict(a.state_dict())  # the live config: the start is over
+        assert c.plan.tolist() == [False, False]
+
+    def test_off_by_default(self):
+        assert GNMRConfig().high_start_steps == 0
+        assert GNMRController(3, GNMRConfig()).plan.tolist() == [False] * 3
+
+
 class TestCheckpoint:
     def test_state_dict_round_trip_gives_identical_decisions(self):
         cfg = GNMRConfig(warmup_steps=5, max_o=2, lock_steps=3)

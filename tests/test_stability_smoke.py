@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gnmr_fx.benchmarks import arms, data, stability
+from gnmr_fx.arguments import InputError
 
 RUN_KEYS = {"scenario", "arm", "seed", "steps", "lr", "train_loss", "val", "wall_s", "plans", "final_val",
             "best_val", "final_train", "spikes", "diverged", "high_unit_steps_pct", "flop_high_pct", "triggers"}
@@ -205,7 +206,7 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     stability.add_arguments(parser)
     args = parser.parse_args(["--preset", "smoke", "--scenarios", "e", "--seeds", "0", "--no-plots",
                               "--arms", "always_high", "static_tuned@2", "high_first@50%", "high_first@1",
-                              "--out", str(tmp_path)])
+                              "gnmr@1+high_first@2", "--out", str(tmp_path)])
     assert stability.run(args) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     runs = {r["arm"]: r for r in doc["scenarios"]["e"]["runs"]}
@@ -219,11 +220,19 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     every = list(range(len(units)))
     assert runs["high_first@50%"]["plans"] == [every] * 3 + [[]] * 3
     assert runs["high_first@1"]["plans"] == [every] + [[]] * 5
+    # GNMR with a high start: every unit for 2 steps, then at most max_o=1 unit.
+    hs = runs["gnmr@1+high_first@2"]["plans"]
+    assert hs[:2] == [every] * 2 and all(len(p) <= 1 for p in hs[2:])
 
 
 def test_pick_by_gain_and_high_first_parse():
     assert arms.parse_arm("static_tuned@10%").budget == 0.1
     assert arms.parse_arm("high_first@200").budget == 200
+    spec = arms.parse_arm("gnmr@10%+high_first@0.05")
+    assert (spec.name, spec.kind, spec.budget, spec.high_start) == ("gnmr@10%+high_first@5%", "gnmr", 0.1, 0.05)
+    for bad, msg in (("static@2+high_first@5%", "gnmr arms only"), ("gnmr@2+high_first@x", "gnmr@2\\+high_first@x")):
+        with pytest.raises(InputError, match=msg):
+            arms.parse_arm(bad)
     assert arms.high_first_steps(0.1, 2000) == 200 and arms.high_first_steps(5000, 2000) == 2000
     gain = torch.tensor([0.0, 0.2, 0.1])
     assert arms.pick_by_gain(gain, torch.ones(3), 3).tolist() == [False, True, True]  # no gain, never bought
