@@ -209,14 +209,16 @@ def plot_frontier(stats: list[dict], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for a in stats:
+    colors = plt.get_cmap("tab20").colors
+    for i, a in enumerate(stats):
         if not a["gaps"]:
             continue
         m = statistics.fmean(a["gaps"])
         sd = statistics.stdev(a["gaps"]) if len(a["gaps"]) > 1 else 0.0
         x = max(a["flops_high"], 0.1)  # log axis: always_low (0%) drawn at 0.1%
         style = "o" if a["arm"].startswith("gnmr") else "s"
-        ax.errorbar([x], [m], yerr=[sd], fmt=style, capsize=3, label=f"{a['arm']} (n={len(a['gaps'])})")
+        ax.errorbar([x], [m], yerr=[sd], fmt=style, capsize=3, color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+                    label=f"{a['arm']} (n={len(a['gaps'])})")
     ax.set_xscale("log")
     ax.set_xlabel("% of the units' FLOPs on the high path (always_low drawn at 0.1)")
     ax.set_ylabel("final val loss gap to always_high, %")
