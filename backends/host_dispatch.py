@@ -5,7 +5,8 @@ GEMMs are the custom op ``gnmr::select_mm`` (emulated units read the same
 host plan through a ``torch.cond``, ``passes.nodes.dispatch_path``, or,
 with ``GNMRConfig.dispatch="select"``, compute both branches). The op reads
 the unit's plan entry from a **CPU** bool buffer (``_gnmr_plan_host`` on the rewritten graph) and runs
-exactly one branch: ``torch._scaled_mm`` on the fp8 operands (low path) or
+exactly one branch: the real recipe's GEMM on the low-precision operands
+(``torch._scaled_mm`` for fp8, ``torch._int_mm`` for int8: the low path) or
 the GEMM as written (high path). Reading a CPU tensor never waits for the
 GPU, and the branch is chosen at run time inside an opaque op, so a new plan
 changes no guard and compiles nothing.
@@ -13,8 +14,8 @@ changes no guard and compiles nothing.
 The forward GEMM and the two backward GEMMs (grad-input, grad-weight) are
 each a ``select_mm`` call reading the same plan entry, so a unit's backward
 runs on the path its forward ran on (the runtime changes plans only between
-optimizer steps). The fp8 casts stay outside the op, as traced torch code
-that Inductor fuses; for a unit on the high path they are computed and
+optimizer steps). The low-precision casts stay outside the op, as traced
+torch code that Inductor fuses; for a unit on the high path they are computed and
 unused (those units are at most ``max_o`` of the FLOPs).
 
 **The one transfer per step.** The controller decides on the device; at the
@@ -42,8 +43,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from gnmr_fx.backends import fp8_kernels
-from gnmr_fx.backends.fp8_kernels import REAL_RECIPES, GemmOperands, grad_operands, output_operands
+from gnmr_fx.backends import real_kernels
+from gnmr_fx.backends.real_kernels import REAL_RECIPES, GemmOperands, grad_operands, output_operands
 from gnmr_fx.backends.paths import HIGH_DTYPES
 
 
@@ -66,13 +67,13 @@ if _DEFINE:
 def select_mm(plan: Tensor, slot: int, a_hp: Tensor, b_hp: Tensor, a_lp: Tensor, b_lp: Tensor,
               scale_a: Tensor, scale_b: Tensor, fast_accum: bool) -> Tensor:
     """One GEMM of a unit (the kernel of ``gnmr::select_mm``): ``a_hp @ b_hp``
-    if ``plan[slot]`` (high path), else ``_scaled_mm`` of the fp8 operands
-    (low path, already in ``_scaled_mm``'s layouts). ``plan`` is on the CPU,
-    so reading it never waits for the GPU."""
+    if ``plan[slot]`` (high path), else the real GEMM of the low-precision
+    operands (low path, already in the kernel's layouts: ``_scaled_mm`` for
+    fp8, ``_int_mm`` for int8). ``plan`` is on the CPU, so reading it never
+    waits for the GPU."""
     if plan[slot]:
         return torch.mm(a_hp, b_hp)
-    return torch._scaled_mm(a_lp, b_lp, scale_a=scale_a, scale_b=scale_b, out_dtype=a_hp.dtype,
-                            use_fast_accum=fast_accum)
+    return real_kernels.gemm(a_lp, b_lp, scale_a, scale_b, a_hp.dtype, fast_accum)
 
 
 def _select_mm_fake(plan, slot, a_hp, b_hp, a_lp, b_lp, scale_a, scale_b, fast_accum):
@@ -88,8 +89,8 @@ if _DEFINE:
 def _select(plan: Tensor, slot: int, a_hp: Tensor, b_hp: Tensor, ops: GemmOperands) -> Tensor:
     # Layouts and padding are decided here, in traced code (shapes are
     # static), so the op itself only picks a kernel.
-    lp, (m, n) = fp8_kernels.pad_operands(ops)
-    pm, pk, pn = fp8_kernels.padding(m, a_hp.shape[1], n)
+    lp, (m, n) = real_kernels.pad_operands(ops)
+    pm, pk, pn = real_kernels.padding(m, a_hp.shape[1], n, ops.a_lp.dtype == torch.int8)
     if pm or pk or pn:
         a_hp = torch.nn.functional.pad(a_hp, (0, pk, 0, pm))
         b_hp = torch.nn.functional.pad(b_hp, (0, pn, 0, pk))
@@ -134,7 +135,8 @@ def dual_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, plan: Te
     """``F.linear(x, w, bias)`` as a dual-path unit with a host-resident plan.
 
     ``plan`` is a CPU bool tensor; ``plan[slot]`` True runs the high path
-    (the GEMMs as written, or in ``high``'s dtype), False the real fp8 recipe.
+    (the GEMMs as written, or in ``high``'s dtype), False the real recipe
+    (fp8 or int8, :data:`~gnmr_fx.backends.real_kernels.REAL_RECIPES`).
     """
     if recipe not in REAL_RECIPES:
         raise ValueError(f"dual_linear: recipe must be one of {list(REAL_RECIPES)} (got {recipe!r})")
@@ -155,11 +157,12 @@ def kernel_for(op_name: str, a_shape: tuple, b_shape: tuple, recipe: str, device
                emulate: Optional[bool]) -> Optional[str]:
     """The real kernel a unit runs on its low path, or None for the emulated path.
 
-    ``emulate`` None chooses real kernels where the GPU has them (sm_89+
-    tensorwise, sm_90+ rowwise) and emulation elsewhere; True always
-    emulates; False demands real kernels and raises, naming the alternative,
-    where the recipe or the device cannot run them (on the CPU it selects
-    torch's CPU ``_scaled_mm``: correct, not fast, used by the CPU tests).
+    ``emulate`` None chooses real kernels where the GPU has them (fp8:
+    sm_89+ tensorwise, sm_90+ rowwise; int8 rowwise: sm_80+) and emulation
+    elsewhere; True always emulates; False demands real kernels and raises,
+    naming the alternative, where the recipe or the device cannot run them
+    (on the CPU it selects torch's CPU ``_scaled_mm`` / ``_int_mm``: correct,
+    not fast, used by the CPU tests).
     Only GEMMs with a 2-D second operand (``linear``, ``mm``, ``matmul`` by
     a matrix) have real kernels; batched products (attention's ``q @ k^T``)
     stay on the emulated ``torch.where`` path, in every mode, and inspect
@@ -172,14 +175,14 @@ def kernel_for(op_name: str, a_shape: tuple, b_shape: tuple, recipe: str, device
     >>> kernel_for("linear", (4, 32), (16, 32), "int8", torch.device("cpu"), False)
     Traceback (most recent call last):
     ...
-    ValueError: GNMRConfig.emulate=False: recipe 'int8' has no real low-precision kernel here (real kernels: fp8_e4m3, fp8_rowwise); use emulate=True
+    ValueError: GNMRConfig.emulate=False: recipe 'int8' has no real low-precision kernel here (real kernels: fp8_e4m3, fp8_rowwise, int8_rowwise); use emulate=True
     """
     if emulate is True:
         return None
     device = torch.device(device)
     if emulate is None and device.type != "cuda":
         return None
-    problem = fp8_kernels.real_kernel_problem(recipe, device)
+    problem = real_kernels.real_kernel_problem(recipe, device)
     if problem is not None:
         if emulate is False:
             raise ValueError(f"GNMRConfig.emulate=False: {problem}")

@@ -358,6 +358,12 @@ def _int8_rowwise(t: Tensor, kdim: int) -> Tensor:
     return fake_quant_int(t, bits=8, kdim=kdim)
 
 
+def _int8_grad_rowwise(t: Tensor, kdim: int) -> Tensor:
+    # As _grad_rowwise: one scale per row (last dim) of the output gradient;
+    # the real kernels scale each backward GEMM along its own K instead.
+    return fake_quant_int(t, bits=8, kdim=-1)
+
+
 def _int4_tensorwise(t: Tensor, kdim: int) -> Tensor:
     return fake_quant_int(t, bits=4, kdim=None)
 
@@ -376,6 +382,12 @@ register_recipe(Recipe(
     "int8",
     "int8 symmetric, per-token activations and per-channel weights",
     _int8_rowwise, _int8_rowwise, None, onnx="int8",
+))
+register_recipe(Recipe(
+    "int8_rowwise",
+    "int8 symmetric, per-token activations and per-channel weights; gradients int8 per row "
+    "(real kernels: torch._int_mm in all three GEMMs)",
+    _int8_rowwise, _int8_rowwise, _int8_grad_rowwise, onnx="int8",
 ))
 register_recipe(Recipe(
     "int4",

@@ -1,4 +1,4 @@
-"""``gnmr-fx bench perf``: training throughput of bf16, plain FP8, FP8 + GNMR and torchao.
+"""``gnmr-fx bench perf``: training throughput of bf16, plain low precision (FP8 or INT8), the same + GNMR, and torchao.
 
 A Llama-style decoder (RMSNorm, RoPE, causal SDPA, SwiGLU; built from
 :class:`LlamaSpec`, random init, synthetic tokens) trains with AdamW at a few
@@ -6,8 +6,9 @@ sizes. All arms share the same parameters and optimizer and run interleaved
 in one process, round by round, so their ratios hold on a noisy machine:
 
 * ``bf16``: ``torch.compile(model)``;
-* ``fp8``: plain FP8, the same real recipe with no GNMR (every ``nn.Linear``
-  swapped to ``fp8_kernels.Float8Linear``), ``torch.compile``;
+* ``lowp``: plain low precision, the same real recipe (``--recipe``: fp8
+  tensorwise / rowwise, or int8 rowwise) with no GNMR (every ``nn.Linear``
+  swapped to ``real_kernels.LowpLinear``), ``torch.compile``;
 * ``gnmr`` / ``pin@5%`` / ``pin@10%``: ``gnmr_fx.compile`` with real kernels
   (host dispatch): every unit on the low path / the largest units that fit
   in 5% / 10% of the FLOPs pinned on the high path (``GNMRRuntime.pin``; one
@@ -41,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARMS = ("bf16", "fp8", "gnmr", "pin@5%", "pin@10%", "torchao")
+ARMS = ("bf16", "lowp", "gnmr", "pin@5%", "pin@10%", "torchao")
 # Diagnostics (not run by default): gnmr without the per-step plan copy to
 # the host (``nosync``), without the runtime step at all (``nostep``), or
 # with the plan copied one step late (``lag``, GNMRConfig.plan_lag=1).
@@ -203,16 +204,16 @@ class Arm:
 
 def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, device: torch.device) -> tuple[list[Arm], dict]:
     import gnmr_fx
-    from gnmr_fx.backends import fp8_kernels
+    from gnmr_fx.backends import real_kernels
 
     info: dict = {}
     arms: list[Arm] = []
     compile_kw = {} if backend == "inductor" else {"backend": backend}
     if "bf16" in names:
         arms.append(Arm("bf16", torch.compile(base, **compile_kw)))
-    if "fp8" in names:
-        m = fp8_kernels.convert_to_fp8(_shared_copy(base), recipe, lambda n, mod: _aligned(mod))
-        arms.append(Arm("fp8", torch.compile(m, **compile_kw)))
+    if "lowp" in names:
+        m = real_kernels.convert_to_lowp(_shared_copy(base), recipe, lambda n, mod: _aligned(mod))
+        arms.append(Arm("lowp", torch.compile(m, **compile_kw)))
     gnmr_names = [n for n in names if n in GNMR_HIGH_FRACTION]
     if gnmr_names:
         cfg = _gnmr_config(recipe, device)
@@ -376,7 +377,7 @@ def _rows(size: str, s: LlamaSpec, arms: list[Arm]) -> list[dict]:
             "step_ms": ms, "step_ms_iqr": _iqr(a.step_ms), "tokens_per_s": tps,
             "tflops": tps * fpt / 1e12,
             "vs_bf16": med["bf16"] / ms if "bf16" in med else float("nan"),
-            "vs_fp8": med["fp8"] / ms if "fp8" in med else float("nan"),
+            "vs_lowp": med["lowp"] / ms if "lowp" in med else float("nan"),
             "vs_torchao": med["torchao"] / ms if "torchao" in med else float("nan"),
             "peak_gib": a.peak_gib,
             "compile_s": a.compile_s - ms / 1e3,
@@ -399,7 +400,7 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 
     out = {}
     for arm in arms:
-        if arm.name not in ("bf16", "fp8", "gnmr", "gnmr_nosync", "torchao"):
+        if arm.name not in ("bf16", "lowp", "gnmr", "torchao"):
             continue
         arm.before()
         step(arm)
@@ -426,7 +427,8 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1b,8b,70b", help=f"comma list of {list(SIZES)}")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)}")
-    p.add_argument("--recipe", default="fp8_e4m3", choices=("fp8_e4m3", "fp8_rowwise"))
+    p.add_argument("--recipe", default="fp8_e4m3", choices=("fp8_e4m3", "fp8_rowwise", "int8_rowwise"),
+                   help="the real recipe of the lowp and GNMR arms (torchao is float8 tensorwise whatever this is)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per arm per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm after compiling")
@@ -488,7 +490,7 @@ def _command(args: argparse.Namespace, sizes: list[str]) -> str:
     return " ".join(parts)
 
 
-_HEAD = ["size", "arm", "step_ms", "tokens_per_s", "tflops", "vs_bf16", "vs_fp8", "vs_torchao", "peak_gib",
+_HEAD = ["size", "arm", "step_ms", "tokens_per_s", "tflops", "vs_bf16", "vs_lowp", "vs_torchao", "peak_gib",
          "compile_s", "graphs", "recompiles", "high_flops"]
 
 

@@ -25,12 +25,12 @@ def pytest_runtest_setup(item):
     # Tests of features older torch lacks (the GPU image runs torch 2.11; CI
     # runs 2.13): rowwise fp8 _scaled_mm on the CPU, and
     # torch.compile(isolate_recompiles=).
-    from gnmr_fx.backends import fp8_kernels
+    from gnmr_fx.backends import real_kernels
     from gnmr_fx.compiled_call import ISOLATE
 
     params = getattr(item, "callspec", None)
     values = set(map(str, params.params.values())) if params else set()
-    if "fp8_rowwise" in values and not fp8_kernels._CPU_ROWWISE and not torch.cuda.is_available():
+    if "fp8_rowwise" in values and not real_kernels._CPU_ROWWISE and not torch.cuda.is_available():
         if item.originalname in ("test_real_kernels_agree", "test_low_path_is_plain_fp8_and_high_path_is_the_op",
                                  "test_real_fp8_sqnr_on_cpu"):
             pytest.skip(f"rowwise fp8 _scaled_mm on the CPU needs torch 2.13+ (this is {torch.__version__})")

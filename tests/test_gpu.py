@@ -1,4 +1,4 @@
-"""GPU-only tests of the real fp8 kernels and the host dispatch.
+"""GPU-only tests of the real low-precision kernels (fp8, int8) and the host dispatch.
 
 Skipped on machines without a CUDA GPU of compute capability 8.9+ (CI has
 none); run on the lent GPU with ``benchmarks/gpu_suite.sh``.
@@ -20,13 +20,13 @@ pytestmark = [
 ]
 
 import gnmr_fx  # noqa: E402
-from gnmr_fx.backends import fp8_kernels, host_dispatch  # noqa: E402
+from gnmr_fx.backends import real_kernels, host_dispatch  # noqa: E402
 from gnmr_fx.backends.recipes import sqnr  # noqa: E402
 from gnmr_fx.backends.paths import low_path  # noqa: E402
 from gnmr_fx.config import GNMRConfig  # noqa: E402
 from gnmr_fx.models import GPTConfig, TinyGPT  # noqa: E402
 
-RECIPES = ["fp8_e4m3"] + (["fp8_rowwise"] if _CAP >= (9, 0) else [])
+RECIPES = ["fp8_e4m3", "int8_rowwise"] + (["fp8_rowwise"] if _CAP >= (9, 0) else [])
 # Where SQNR numbers land for the lent-GPU report (benchmarks/PERF.md).
 _SQNR_LOG = os.environ.get("GNMR_SQNR_LOG")
 
@@ -47,7 +47,7 @@ def test_real_fp8_sqnr_vs_emulated_and_fp32(recipe):
     w = torch.randn(768, 1024, device=dev, dtype=torch.bfloat16) * 0.02
     g = torch.randn(512, 768, device=dev, dtype=torch.bfloat16)
     ref = _grads(lambda a, b: F.linear(a.float(), b.float()), x, w, g.float())
-    real = _grads(lambda a, b: fp8_kernels.fp8_linear(a, b, None, recipe), x, w, g)
+    real = _grads(lambda a, b: real_kernels.lowp_linear(a, b, None, recipe), x, w, g)
     emu = _grads(lambda a, b: low_path("linear", a, b, None, recipe=recipe, a_index=0, b_index=1, b_kdim=-1,
                                        b_is_weight=True), x, w, g)
     names = ("output", "grad_input", "grad_weight")
@@ -60,8 +60,9 @@ def test_real_fp8_sqnr_vs_emulated_and_fp32(recipe):
     print(recipe, json.dumps(got, indent=1))
     for name in names:
         s = got[name]
-        # e4m3 operands: ~30 dB each; e5m2 gradients: ~25 dB.
-        assert s["real_vs_fp32"] >= 20.0, f"{recipe} {name}: real vs fp32 {s['real_vs_fp32']:.1f} dB is too low"
+        # e4m3 operands: ~30 dB each; e5m2 gradients: ~25 dB; int8 rowwise ~40 dB.
+        floor = 35.0 if recipe.startswith("int8") else 20.0
+        assert s["real_vs_fp32"] >= floor, f"{recipe} {name}: real vs fp32 {s['real_vs_fp32']:.1f} dB is too low"
         # The real kernel must be as accurate as the emulation it replaces.
         assert s["real_vs_fp32"] >= s["emulated_vs_fp32"] - 1.5, (recipe, name, s)
     assert got["output"]["real_vs_emulated"] >= 30.0, got["output"]
@@ -76,7 +77,7 @@ def test_host_dispatch_runs_one_branch_exactly(recipe):
     plan = torch.tensor([False, True])
     low = _grads(lambda a, b: host_dispatch.dual_linear(a, b, plan=plan, slot=0, recipe=recipe), x, w, g)
     high = _grads(lambda a, b: host_dispatch.dual_linear(a, b, plan=plan, slot=1, recipe=recipe), x, w, g)
-    real = _grads(lambda a, b: fp8_kernels.fp8_linear(a, b, None, recipe), x, w, g)
+    real = _grads(lambda a, b: real_kernels.lowp_linear(a, b, None, recipe), x, w, g)
     native = _grads(lambda a, b: F.linear(a, b), x, w, g)
     for lo, re_ in zip(low, real):
         assert torch.equal(lo, re_)  # the low path IS the plain fp8 linear
@@ -108,11 +109,13 @@ def test_real_kernels_chosen_automatically():
 
 # emulate=None: real fp8 kernels (dual_linear) where they exist; True: every
 # unit emulated, dispatched on the same host plan (dispatch_path, torch.cond).
-@pytest.mark.parametrize("emulate", [None, True], ids=["real", "emulated"])
-def test_no_host_sync_and_zero_recompiles_on_plan_flips(emulate):
+@pytest.mark.parametrize("emulate,recipe", [(None, "fp8_e4m3"), (None, "int8_rowwise"), (True, "fp8_e4m3")],
+                         ids=["real", "real-int8", "emulated"])
+def test_no_host_sync_and_zero_recompiles_on_plan_flips(emulate, recipe):
     model, idx, tgt = _model_and_data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    cm = gnmr_fx.compile(model, GNMRConfig(max_o=0.5, emulate=emulate), backend="inductor", optimizer=opt)
+    cm = gnmr_fx.compile(model, GNMRConfig(recipe=recipe, max_o=0.5, emulate=emulate), backend="inductor",
+                         optimizer=opt)
     rt = gnmr_fx.runtime(cm)
     for _ in range(2):  # compile + warm up (compilation may sync)
         cm(idx, tgt).backward()
@@ -143,6 +146,9 @@ def test_no_host_sync_and_zero_recompiles_on_plan_flips(emulate):
         losses.append(loss.detach())
     assert counters["stats"]["unique_graphs"] == graphs, "a plan change recompiled"
     assert all(torch.isfinite(v) for v in losses)
+    if emulate is None:
+        kernels = {s.extra["kernel"] for r in rt.records for s in r.sites}
+        assert f"{recipe}:{'tensorwise' if recipe == 'fp8_e4m3' else 'rowwise'}" in kernels, kernels
 
 
 def test_plan_changes_the_kernels_without_recompiling():

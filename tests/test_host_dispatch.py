@@ -1,4 +1,4 @@
-"""CPU tests of the real-kernel host dispatch (torch's CPU ``_scaled_mm``).
+"""CPU tests of the real-kernel host dispatch (torch's CPU ``_scaled_mm`` and ``_int_mm``).
 
 The GPU versions (real cuBLASLt kernels, inductor, sync-debug mode) are in
 test_gpu.py; here the same code paths run on the CPU.
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gnmr_fx
-from gnmr_fx.backends import fp8_kernels, host_dispatch
+from gnmr_fx.backends import real_kernels, host_dispatch
 from gnmr_fx.backends.recipes import sqnr
 from gnmr_fx.backends.paths import low_path
 from gnmr_fx.config import GNMRConfig
@@ -33,13 +33,16 @@ def _xwg(m=64, k=96, n=48, seed=0):
             torch.randn(m, n, generator=gen))
 
 
-@pytest.mark.parametrize("recipe", ["fp8_e4m3", "fp8_rowwise"])
+REAL = ["fp8_e4m3", "fp8_rowwise", "int8_rowwise"]
+
+
+@pytest.mark.parametrize("recipe", REAL)
 def test_low_path_is_plain_fp8_and_high_path_is_the_op(recipe):
     x, w, g = _xwg()
     plan = torch.tensor([False, True])
     low = _grads(lambda a, b: host_dispatch.dual_linear(a, b, plan=plan, slot=0, recipe=recipe), x, w, g)
     high = _grads(lambda a, b: host_dispatch.dual_linear(a, b, plan=plan, slot=1, recipe=recipe), x, w, g)
-    plain = _grads(lambda a, b: fp8_kernels.fp8_linear(a, b, None, recipe), x, w, g)
+    plain = _grads(lambda a, b: real_kernels.lowp_linear(a, b, None, recipe), x, w, g)
     native = _grads(lambda a, b: F.linear(a, b), x, w, g)
     for lo, pl in zip(low, plain):
         assert torch.equal(lo, pl)
@@ -47,26 +50,55 @@ def test_low_path_is_plain_fp8_and_high_path_is_the_op(recipe):
         assert torch.equal(hi, na)
 
 
-@pytest.mark.parametrize("recipe", ["fp8_e4m3", "fp8_rowwise"])
+@pytest.mark.parametrize("recipe", REAL)
 def test_real_fp8_sqnr_on_cpu(recipe):
     x, w, g = _xwg(128, 256, 64, seed=1)
     ref = _grads(lambda a, b: F.linear(a.double(), b.double()), x, w, g.double())
-    real = _grads(lambda a, b: fp8_kernels.fp8_linear(a, b, None, recipe), x, w, g)
+    real = _grads(lambda a, b: real_kernels.lowp_linear(a, b, None, recipe), x, w, g)
     emu = _grads(lambda a, b: low_path("linear", a, b, None, recipe=recipe, a_index=0, b_index=1, b_kdim=-1,
                                        b_is_weight=True), x, w, g)
+    # e4m3 operands ~30 dB, e5m2 gradients ~25 dB; int8 rowwise ~40 dB.
+    floor = 37.0 if recipe.startswith("int8") else 20.0
     for name, r, q, e in zip(("output", "grad_input", "grad_weight"), ref, real, emu):
         s = sqnr(r, q)
-        assert s >= 20.0, f"{recipe} {name}: {s:.1f} dB is too low"
+        assert s >= floor, f"{recipe} {name}: {s:.1f} dB is too low"
         assert s >= sqnr(r, e) - 1.5, (name, s, sqnr(r, e))
-    # Same scales and grid as the emulated recipe: only accumulation differs.
-    assert sqnr(emu[0], real[0]) >= 35.0
+    # Same scales and grid as the emulated recipe: only accumulation differs
+    # (int32 accumulation of int8 products is exact: the outputs agree to rounding).
+    assert sqnr(emu[0], real[0]) >= (100.0 if recipe.startswith("int8") else 35.0)
 
 
-def test_unaligned_dims_are_padded():
-    x, w, g = _xwg(30, 40, 24, seed=2)
-    real = _grads(lambda a, b: fp8_kernels.fp8_linear(a, b, None, "fp8_e4m3"), x, w, g)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_real_int8_keeps_a_non_finite_input_visible(bad):
+    # int8 has no inf / NaN codes: the row's scale carries it, so the
+    # output row of the bad token is non-finite and every other row is finite.
+    x, w, _ = _xwg(32, 64, 16, seed=4)
+    x[3, 5] = bad
+    y = real_kernels.lowp_linear(x, w, None, "int8_rowwise")
+    bad_rows = (~torch.isfinite(y)).any(dim=1)
+    assert bad_rows.tolist() == [i == 3 for i in range(32)]
+    assert (~torch.isfinite(y[3])).all()
+
+
+def test_int8_codes_are_the_emulated_grid():
+    # to_lowp's int8 codes times their scales are fake_quant_int's values, exactly.
+    from gnmr_fx.backends.recipes import fake_quant_int
+
+    x = torch.randn(40, 72, generator=torch.Generator().manual_seed(3)) * 5
+    for dim in (None, -1, 0):
+        q, scale = real_kernels.to_lowp(x, torch.int8, dim)
+        assert q.dtype == torch.int8 and int(q.abs().max()) == 127 and int(q.min()) >= -127
+        assert torch.equal(q.float() * scale, fake_quant_int(x, bits=8, kdim=dim))
+
+
+@pytest.mark.parametrize("recipe,m", [("fp8_e4m3", 30), ("int8_rowwise", 30), ("int8_rowwise", 5)])
+def test_unaligned_dims_are_padded(recipe, m):
+    # _scaled_mm wants dims divisible by 16; _int_mm also M > 16 (5 tokens pad to 32).
+    assert real_kernels.padding(m, 40, 24, recipe.startswith("int8")) == ((-m) % 16 if m > 16 else 32 - m, 8, 8)
+    x, w, g = _xwg(m, 40, 24, seed=2)
+    real = _grads(lambda a, b: real_kernels.lowp_linear(a, b, None, recipe), x, w, g)
     plan = torch.tensor([False])
-    host = _grads(lambda a, b: host_dispatch.dual_linear(a, b, plan=plan, slot=0, recipe="fp8_e4m3"), x, w, g)
+    host = _grads(lambda a, b: host_dispatch.dual_linear(a, b, plan=plan, slot=0, recipe=recipe), x, w, g)
     ref = _grads(lambda a, b: F.linear(a, b), x, w, g)
     for h, r, q in zip(host, real, ref):
         assert h.shape == q.shape
@@ -74,23 +106,24 @@ def test_unaligned_dims_are_padded():
         assert sqnr(q, r) >= 20.0
 
 
-def _gemm_counts(fn):
+def _gemm_counts(fn, kernel="aten::_scaled_mm"):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     names = [e.name for e in prof.events()]
-    return names.count("aten::_scaled_mm"), names.count("aten::mm")
+    return names.count(kernel), names.count("aten::mm")
 
 
-def test_only_the_planned_branch_runs():
+@pytest.mark.parametrize("recipe,kernel", [("fp8_e4m3", "aten::_scaled_mm"), ("int8_rowwise", "aten::_int_mm")])
+def test_only_the_planned_branch_runs(recipe, kernel):
     x, w, g = _xwg()
     # Three GEMMs per unit and step: output, grad-input, grad-weight.
     low = _gemm_counts(lambda: _grads(
-        lambda a, b: host_dispatch.dual_linear(a, b, plan=torch.tensor([False]), slot=0, recipe="fp8_e4m3"),
-        x, w, g))
+        lambda a, b: host_dispatch.dual_linear(a, b, plan=torch.tensor([False]), slot=0, recipe=recipe),
+        x, w, g), kernel)
     high = _gemm_counts(lambda: _grads(
-        lambda a, b: host_dispatch.dual_linear(a, b, plan=torch.tensor([True]), slot=0, recipe="fp8_e4m3"),
-        x, w, g))
-    assert low[0] == 3  # (torch's CPU _scaled_mm runs aten::mm inside, so mm is not counted here)
+        lambda a, b: host_dispatch.dual_linear(a, b, plan=torch.tensor([True]), slot=0, recipe=recipe),
+        x, w, g), kernel)
+    assert low[0] == 3  # (torch's CPU kernels may run aten::mm inside, so mm is not counted here)
     assert high == (0, 3)
 
 
@@ -108,9 +141,10 @@ def _force(rt, plan):
     rt.pin(plan)  # keeps the plan through controller updates; also publishes the host copy
 
 
-def test_compiled_host_dispatch_units_plans_and_statistics():
+@pytest.mark.parametrize("recipe", ["fp8_e4m3", "int8_rowwise"])
+def test_compiled_host_dispatch_units_plans_and_statistics(recipe):
     before = counters["insert_dual_path"]["host_dispatch_nodes"]
-    model, cm, rt, opt, idx = _compiled()
+    model, cm, rt, opt, idx = _compiled(recipe=recipe)
     ref = TinyGPT(model.cfg)
     ref.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("_gnmr.")})
     cm(idx, idx).backward()
@@ -119,10 +153,10 @@ def test_compiled_host_dispatch_units_plans_and_statistics():
     rec = rt.records[0]  # the step published the controller's plan to the host copy
     assert torch.equal(rec.rewritten._gnmr_plan_host, rt.controller.plan[rec.unit_ids].cpu())
     kernels = {s.name: s.extra["kernel"] for r in rt.records for s in r.sites}
-    assert kernels == {"blocks.0.attn.qkv": "fp8_e4m3:tensorwise", "blocks.0.attn.matmul": "emulated",
-                       "blocks.0.attn.matmul_1": "emulated", "blocks.0.attn.proj": "fp8_e4m3:tensorwise",
-                       "blocks.0.fc": "fp8_e4m3:tensorwise", "blocks.0.out": "fp8_e4m3:tensorwise",
-                       "head": "fp8_e4m3:tensorwise"}
+    real = {"fp8_e4m3": "fp8_e4m3:tensorwise", "int8_rowwise": "int8_rowwise:rowwise"}[recipe]
+    assert kernels == {"blocks.0.attn.qkv": real, "blocks.0.attn.matmul": "emulated",
+                       "blocks.0.attn.matmul_1": "emulated", "blocks.0.attn.proj": real,
+                       "blocks.0.fc": real, "blocks.0.out": real, "head": real}
     assert counters["insert_dual_path"]["host_dispatch_nodes"] - before == 5
     from torch._dynamo.utils import counters as dynamo_counters
 
@@ -167,26 +201,33 @@ def test_emulate_true_keeps_the_where_path():
 def test_errors_name_the_alternative(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    msg = fp8_kernels.real_kernel_problem("fp8_e4m3", cuda)
+    msg = real_kernels.real_kernel_problem("fp8_e4m3", cuda)
     assert "sm_89+" in msg and "sm_80" in msg and "emulate=True" in msg
     with pytest.raises(ValueError, match=r"GNMRConfig.emulate=False: .*sm_89\+.*emulate=True"):
         host_dispatch.kernel_for("linear", (32, 32), (32, 32), "fp8_e4m3", cuda, False)
     # emulate=None (auto) never raises: it emulates where kernels are missing.
     assert host_dispatch.kernel_for("linear", (32, 32), (32, 32), "fp8_e4m3", cuda, None) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
-    msg = fp8_kernels.real_kernel_problem("fp8_rowwise", cuda)
+    msg = real_kernels.real_kernel_problem("fp8_rowwise", cuda)
     assert "sm_90+" in msg and "recipe='fp8_e4m3'" in msg
     assert host_dispatch.kernel_for("linear", (32, 32), (32, 32), "fp8_e4m3", cuda, None) == "fp8_e4m3:tensorwise"
-    with pytest.raises(ValueError, match="recipe 'int8' has no real low-precision kernel"):
+    with pytest.raises(ValueError, match="recipe 'int8' has no real low-precision kernel.*int8_rowwise"):
         host_dispatch.kernel_for("linear", (32, 32), (32, 32), "int8", cuda, False)
+    assert host_dispatch.kernel_for("linear", (32, 32), (32, 32), "int8_rowwise", cuda, None) == "int8_rowwise:rowwise"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert real_kernels.real_kernel_problem("int8_rowwise", cuda) == \
+        "int8 kernels need sm_80+, this GPU is sm_75; use emulate=True"
+    assert "recipe='int8_rowwise'" not in real_kernels.real_kernel_problem("fp8_e4m3", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "recipe='int8_rowwise' (real int8, sm_80+)" in real_kernels.real_kernel_problem("fp8_e4m3", cuda)
 
 
 def test_select_mm_op_picks_the_branch():
     x, w, _ = _xwg()
-    ops = fp8_kernels.output_operands(x, w, fp8_kernels.REAL_RECIPES["fp8_e4m3"])
+    ops = real_kernels.output_operands(x, w, real_kernels.REAL_RECIPES["fp8_e4m3"])
     plan = torch.tensor([False, True])
     args = (x, w.t(), ops.a_lp, ops.b_lp, ops.scale_a, ops.scale_b, True)
-    assert torch.equal(torch.ops.gnmr.select_mm(plan, 0, *args), fp8_kernels.scaled_mm(ops, x.dtype))
+    assert torch.equal(torch.ops.gnmr.select_mm(plan, 0, *args), real_kernels.lowp_mm(ops, x.dtype))
     assert torch.equal(torch.ops.gnmr.select_mm(plan, 1, *args), x @ w.t())
 
 

@@ -21,13 +21,13 @@ def _args(module, argv):
 
 def test_perf_harness_writes_its_table(tmp_path):
     out, md = tmp_path / "perf.json", tmp_path / "perf.md"
-    args = _args(perf, ["--sizes", "tiny", "--arms", "bf16,fp8,gnmr,pin@5%", "--device", "cpu", "--backend", "eager",
+    args = _args(perf, ["--sizes", "tiny", "--arms", "bf16,lowp,gnmr,pin@5%", "--device", "cpu", "--backend", "eager",
                         "--steps", "2", "--rounds", "1", "--warmup", "0", "--out", str(out), "--md", str(md)])
     assert perf.run(args) == 0
     res = json.loads(out.read_text())
     rows = {r["arm"]: r for r in res["rows"]}
-    assert list(rows) == ["bf16", "fp8", "gnmr", "pin@5%"]
-    assert rows["bf16"]["vs_bf16"] == 1.0 and rows["fp8"]["vs_fp8"] == 1.0
+    assert list(rows) == ["bf16", "lowp", "gnmr", "pin@5%"]
+    assert rows["bf16"]["vs_bf16"] == 1.0 and rows["lowp"]["vs_lowp"] == 1.0
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["n_steps"] == 2 and r["recompiles"] == 0
     # pin@5% pins the largest units that fit in 5% of the FLOPs: the budget used, not exceeded.
@@ -37,7 +37,7 @@ def test_perf_harness_writes_its_table(tmp_path):
     assert res["extras"]["tiny"]["gnmr_kernels"] == {"emulated": 15}
     text = md.read_text()
     assert re.search(r"^\| tiny +\| pin@5% +\|", text, re.M), text
-    assert "command: `gnmr-fx bench perf --sizes tiny --arms bf16,fp8,gnmr,pin@5%" in text
+    assert "command: `gnmr-fx bench perf --sizes tiny --arms bf16,lowp,gnmr,pin@5%" in text
 
 
 def test_perf_rejects_unknown_arms():

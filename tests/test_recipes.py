@@ -144,6 +144,7 @@ NONFINITE_EXTENT = {
     "fp8_e4m3": (1024, 1024, 1024),  # one scale per tensor
     "fp8_rowwise": (256, 256, 256),  # one scale per row
     "int8": (256, 256, None),  # per token / per channel
+    "int8_rowwise": (256, 256, 256),  # + int8 gradients, one scale per row
     "int4": (1024, 256, None),  # int4 per tensor, int8 per channel weights
     "fp8_blockwise": (128, 512, 128),  # 1x128 tiles; a 128x128 block spans all 4 rows
     "mxfp8": (32, 32, 32),  # 32-element MX blocks
@@ -163,7 +164,7 @@ class TestNonFinite:
     def test_every_registered_recipe_is_listed(self):
         missing = sorted(LIBRARY_RECIPES - set(NONFINITE_EXTENT))
         assert missing == [], f"add {missing} to NONFINITE_EXTENT (and make them keep inf / NaN non-finite)"
-        assert len(LIBRARY_RECIPES) == 10
+        assert len(LIBRARY_RECIPES) == 11
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("bad", sorted(BAD))

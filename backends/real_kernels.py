@@ -1,20 +1,26 @@
-"""Real FP8 GEMMs through ``torch._scaled_mm``, with dynamic scaling.
+"""Real low-precision GEMMs: fp8 through ``torch._scaled_mm``, int8 through
+``torch._int_mm``, with dynamic scaling.
 
-The real recipes have the same names as the emulated ones in ``recipes.py``:
+The real recipes have the same names as the emulated ones in ``recipes.py``
+(the same scales and grids; only accumulation differs):
 
 * ``fp8_e4m3`` -> **tensorwise**: one scale per tensor; e4m3 operands in
   forward, the output gradient in e5m2 (sm_89+).
 * ``fp8_rowwise`` -> **rowwise**: one scale per row along each GEMM's
   reduction dim; e4m3 operands and e4m3 gradients, as torchao's rowwise
   recipe does (sm_90+).
+* ``int8_rowwise`` -> **rowwise int8**: symmetric int8 (levels -127..127)
+  with one scale per row along each GEMM's reduction dim, for the operands
+  and the output gradient; int32 accumulation, the scales applied to the
+  int32 result (sm_80+; ``torch._int_mm``).
 
 Scaling is dynamic (amax of the current tensor, no history), so switching a
 unit between the low and the high path never corrupts a scale: there is no
 amax history to skip or pollute (the reason Megatron forbids per-layer FP8
 toggling under delayed scaling).
 
-All three GEMMs of a linear run in fp8: output ``y = x w^T``, grad-input
-``dx = dy w`` and grad-weight ``dw = dy^T x``. ``_scaled_mm(a, b)`` wants
+All three GEMMs of a linear run in low precision: output ``y = x w^T``,
+grad-input ``dx = dy w`` and grad-weight ``dw = dy^T x``. Both kernels want
 ``a`` row-major and ``b`` column-major, each scaled along the GEMM's K, so
 every GEMM gets its own operand layouts (and, rowwise, its own scales):
 
@@ -28,17 +34,20 @@ grad-weight dy^T [N, M]       x    [M, K]             tokens
 
 The casts are plain torch code traced into the compiled graph, so Inductor
 fuses amax, scale and cast (and the transposed copies) into a few kernels;
-only the GEMM is an extern kernel. :func:`fp8_linear` is the plain FP8 linear
-(no GNMR: the low-precision floor of the benchmark); the GNMR host dispatch in
-``host_dispatch.py`` runs the same casts and the same GEMMs, and chooses per
-unit, on the host, whether a GEMM runs in fp8 or as written.
+only the GEMM is an extern kernel. :func:`lowp_linear` is the plain
+low-precision linear (no GNMR: the low-precision floor of the benchmark);
+the GNMR host dispatch in ``host_dispatch.py`` runs the same casts and the
+same GEMMs, and chooses per unit, on the host, whether a GEMM runs in low
+precision or as written.
 
 >>> import torch
 >>> from gnmr_fx.backends.recipes import sqnr
 >>> x, w = torch.randn(32, 64), torch.randn(48, 64)
->>> y = fp8_linear(x, w, None, "fp8_e4m3")
+>>> y = lowp_linear(x, w, None, "fp8_e4m3")
 >>> y.shape, round(sqnr(x @ w.t(), y)) > 20
 (torch.Size([32, 48]), True)
+>>> round(sqnr(x @ w.t(), lowp_linear(x, w, None, "int8_rowwise"))) > 35
+True
 """
 
 from __future__ import annotations
@@ -51,16 +60,20 @@ from torch import Tensor
 
 from gnmr_fx.backends.recipes import SCALE_EPS
 
-# _scaled_mm (cuBLASLt / CUTLASS) needs every matrix dim divisible by 16.
+# _scaled_mm (cuBLASLt / CUTLASS) needs every matrix dim divisible by 16;
+# _int_mm needs K and N divisible by 8 and M > 16 (checked: 16 | dims, M >= 32).
 ALIGN = 16
+INT8_MIN_M = 32
+INT8_MAX = 127.0
 
 
 @dataclass(frozen=True)
-class Fp8Spec:
-    """How a real fp8 recipe casts operands and gradients."""
+class KernelSpec:
+    """How a real recipe casts operands and gradients, and which GEMM it runs."""
 
     name: str  # the recipe name it implements (same as the emulated recipe)
     scaling: str  # "tensorwise" or "rowwise"
+    operand_dtype: torch.dtype  # dtype of x and w in every GEMM
     grad_dtype: torch.dtype  # dtype of the output gradient in both backward GEMMs
     min_capability: tuple  # CUDA compute capability the kernel needs
     # torchao's defaults: fast accumulation for the output GEMM only; the
@@ -71,12 +84,19 @@ class Fp8Spec:
     def rowwise(self) -> bool:
         return self.scaling == "rowwise"
 
+    @property
+    def kernel(self) -> str:
+        """``_scaled_mm`` (fp8) or ``_int_mm`` (int8)."""
+        return "_int_mm" if self.operand_dtype == torch.int8 else "_scaled_mm"
 
-REAL_RECIPES: dict[str, Fp8Spec] = {
-    "fp8_e4m3": Fp8Spec("fp8_e4m3", "tensorwise", torch.float8_e5m2, (8, 9)),
+
+REAL_RECIPES: dict[str, KernelSpec] = {
+    "fp8_e4m3": KernelSpec("fp8_e4m3", "tensorwise", torch.float8_e4m3fn, torch.float8_e5m2, (8, 9)),
     # The sm_90 rowwise kernel takes e4m3 operands only, so gradients are e4m3
     # here (the emulated fp8_rowwise rounds them to e5m2).
-    "fp8_rowwise": Fp8Spec("fp8_rowwise", "rowwise", torch.float8_e4m3fn, (9, 0)),
+    "fp8_rowwise": KernelSpec("fp8_rowwise", "rowwise", torch.float8_e4m3fn, torch.float8_e4m3fn, (9, 0)),
+    # int32 accumulation is exact: no fast-accumulation choice.
+    "int8_rowwise": KernelSpec("int8_rowwise", "rowwise", torch.int8, torch.int8, (8, 0), fast_accum_output=False),
 }
 
 
@@ -94,7 +114,7 @@ def real_kernel_problem(recipe: str, device: torch.device) -> Optional[str]:
     The message names the alternative, so callers can raise it as is.
 
     >>> real_kernel_problem("int8", torch.device("cpu"))
-    "recipe 'int8' has no real low-precision kernel here (real kernels: fp8_e4m3, fp8_rowwise); use emulate=True"
+    "recipe 'int8' has no real low-precision kernel here (real kernels: fp8_e4m3, fp8_rowwise, int8_rowwise); use emulate=True"
     """
     spec = REAL_RECIPES.get(recipe)
     if spec is None:
@@ -105,20 +125,28 @@ def real_kernel_problem(recipe: str, device: torch.device) -> Optional[str]:
         cap = torch.cuda.get_device_capability(device)
         if cap < spec.min_capability:
             need = "sm_%d%d" % spec.min_capability
-            alt = "recipe='fp8_e4m3' (tensorwise, sm_89+) or emulate=True" if spec.rowwise and cap >= (8, 9) \
-                else "emulate=True, or recipe='int8' (emulated)"
-            return (f"{spec.scaling} fp8 kernels need {need}+, this GPU is sm_{cap[0]}{cap[1]}; use {alt}")
+            if spec.kernel == "_int_mm":
+                alt = "emulate=True"
+            elif spec.rowwise and cap >= (8, 9):
+                alt = "recipe='fp8_e4m3' (tensorwise, sm_89+) or emulate=True"
+            elif cap >= (8, 0):
+                alt = "recipe='int8_rowwise' (real int8, sm_80+) or emulate=True"
+            else:
+                alt = "emulate=True, or recipe='int8' (emulated)"
+            kind = "int8" if spec.kernel == "_int_mm" else f"{spec.scaling} fp8"
+            return f"{kind} kernels need {need}+, this GPU is sm_{cap[0]}{cap[1]}; use {alt}"
         return None
     if device.type == "cpu":
-        # torch has CPU _scaled_mm kernels (oneDNN); they are correct but not
-        # faster than fp32, so automatic selection never picks them. Before
-        # torch 2.13 they are per-tensor only (rowwise scales trip an internal
-        # assert), so rowwise is refused there rather than crashing.
-        if spec.rowwise and not _CPU_ROWWISE:
+        # torch has CPU _scaled_mm (oneDNN) and _int_mm kernels; they are
+        # correct but not faster than fp32, so automatic selection never
+        # picks them. Before torch 2.13 CPU _scaled_mm is per-tensor only
+        # (rowwise scales trip an internal assert), so rowwise fp8 is refused
+        # there rather than crashing.
+        if spec.kernel == "_scaled_mm" and spec.rowwise and not _CPU_ROWWISE:
             return (f"rowwise fp8 _scaled_mm needs torch 2.13+ on the CPU (this is {torch.__version__}); "
                     "use recipe='fp8_e4m3' (tensorwise) or emulate=True")
         return None
-    return f"real fp8 kernels run on CUDA (sm_89+) or CPU, not {device.type}; use emulate=True"
+    return f"real low-precision kernels run on CUDA or CPU, not {device.type}; use emulate=True"
 
 
 # ---------------------------------------------------------------------------
@@ -126,19 +154,24 @@ def real_kernel_problem(recipe: str, device: torch.device) -> Optional[str]:
 # ---------------------------------------------------------------------------
 
 
-def to_fp8(t: Tensor, dtype: torch.dtype, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def to_lowp(t: Tensor, dtype: torch.dtype, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Dynamic-scaled cast: ``(t_lp, scale)`` with ``t ~= t_lp.float() * scale``.
 
     ``dim`` None scales per tensor (a 0-d scale); otherwise amax is taken
     along ``dim`` (kept for broadcasting): one scale per row along that dim.
-    The formula is the emulated recipes' (``recipes.fake_quant_fp8``), so the
-    real low path sees the same grid values.
+    fp8 saturates to the format's max; int8 rounds half to even onto the
+    symmetric levels -127..127. The formulas are the emulated recipes'
+    (``recipes.fake_quant_fp8`` / ``fake_quant_int``), so the real low path
+    sees the same grid values.
     """
-    fmax = float(torch.finfo(dtype).max)
+    fmax = INT8_MAX if dtype == torch.int8 else float(torch.finfo(dtype).max)
     a = t.detach().abs()
     amax = a.amax() if dim is None else a.amax(dim=dim, keepdim=True)
     scale = (amax.float() / fmax).clamp_min(SCALE_EPS)
-    t_lp = (t.detach().float() / scale).clamp(-fmax, fmax).to(dtype)
+    q = t.detach().float() / scale
+    if dtype == torch.int8:
+        q = torch.round(q)
+    t_lp = q.clamp(-fmax, fmax).to(dtype)
     return t_lp, scale
 
 
@@ -155,7 +188,8 @@ def row_major(t: Tensor) -> Tensor:
 
 @dataclass
 class GemmOperands:
-    """The fp8 operands and scales of one ``_scaled_mm`` call."""
+    """The low-precision operands and scales of one GEMM (``_scaled_mm`` for
+    fp8 operands, ``_int_mm`` for int8 ones)."""
 
     a_lp: Tensor
     b_lp: Tensor
@@ -164,30 +198,30 @@ class GemmOperands:
     fast_accum: bool
 
 
-def output_operands(x2: Tensor, w: Tensor, spec: Fp8Spec) -> GemmOperands:
+def output_operands(x2: Tensor, w: Tensor, spec: KernelSpec) -> GemmOperands:
     """``y = x2 @ w^T``: x2 [M, K], w [N, K]; scales along K."""
     dim = -1 if spec.rowwise else None
-    x_lp, sx = to_fp8(x2, torch.float8_e4m3fn, dim)
-    w_lp, sw = to_fp8(w, torch.float8_e4m3fn, dim)
+    x_lp, sx = to_lowp(x2, spec.operand_dtype, dim)
+    w_lp, sw = to_lowp(w, spec.operand_dtype, dim)
     return GemmOperands(row_major(x_lp), col_major(w_lp.t()), sx, sw.t() if spec.rowwise else sw,
                         spec.fast_accum_output)
 
 
-def grad_operands(g2: Tensor, x2: Tensor, w: Tensor, spec: Fp8Spec) -> tuple[GemmOperands, GemmOperands]:
+def grad_operands(g2: Tensor, x2: Tensor, w: Tensor, spec: KernelSpec) -> tuple[GemmOperands, GemmOperands]:
     """Operands of ``dx = g2 @ w`` and ``dw = g2^T @ x2`` (g2 [M, N])."""
     if spec.rowwise:
         # Each GEMM scales along its own K: N for dx, M (tokens) for dw.
-        g_lp, sg = to_fp8(g2, spec.grad_dtype, -1)  # [M, 1]
-        w_lp, sw = to_fp8(w, torch.float8_e4m3fn, 0)  # [1, K]
+        g_lp, sg = to_lowp(g2, spec.grad_dtype, -1)  # [M, 1]
+        w_lp, sw = to_lowp(w, spec.operand_dtype, 0)  # [1, K]
         dx = GemmOperands(row_major(g_lp), col_major(w_lp), sg, sw, False)
-        gt_lp, sgt = to_fp8(g2, spec.grad_dtype, 0)  # [1, N]
-        x_lp, sx = to_fp8(x2, torch.float8_e4m3fn, 0)  # [1, K]
+        gt_lp, sgt = to_lowp(g2, spec.grad_dtype, 0)  # [1, N]
+        x_lp, sx = to_lowp(x2, spec.operand_dtype, 0)  # [1, K]
         dw = GemmOperands(row_major(gt_lp.t()), col_major(x_lp), sgt.t(), sx, False)
         return dx, dw
     # Tensorwise: one cast per tensor serves both GEMMs (scales have no axis).
-    g_lp, sg = to_fp8(g2, spec.grad_dtype)
-    w_lp, sw = to_fp8(w, torch.float8_e4m3fn)
-    x_lp, sx = to_fp8(x2, torch.float8_e4m3fn)
+    g_lp, sg = to_lowp(g2, spec.grad_dtype)
+    w_lp, sw = to_lowp(w, spec.operand_dtype)
+    x_lp, sx = to_lowp(x2, spec.operand_dtype)
     dx = GemmOperands(row_major(g_lp), col_major(w_lp), sg, sw, False)
     dw = GemmOperands(row_major(g_lp.t()), col_major(x_lp), sg, sx, False)
     return dx, dw
@@ -198,30 +232,44 @@ def grad_operands(g2: Tensor, x2: Tensor, w: Tensor, spec: Fp8Spec) -> tuple[Gem
 # ---------------------------------------------------------------------------
 
 
-def scaled_mm(ops: GemmOperands, out_dtype: torch.dtype) -> Tensor:
-    """``(a_lp * scale_a) @ (b_lp * scale_b)`` through ``torch._scaled_mm``.
+def lowp_mm(ops: GemmOperands, out_dtype: torch.dtype) -> Tensor:
+    """``(a_lp * scale_a) @ (b_lp * scale_b)`` through the operands' kernel.
 
-    Dims that are not multiples of 16 are zero-padded (zeros add nothing to
-    a dot product) and the result is sliced back.
+    Dims the kernel does not accept are zero-padded (zeros add nothing to a
+    dot product) and the result is sliced back.
     """
     padded, (m, n) = pad_operands(ops)
-    y = torch._scaled_mm(padded.a_lp, padded.b_lp, scale_a=padded.scale_a, scale_b=padded.scale_b,
-                         out_dtype=out_dtype, use_fast_accum=ops.fast_accum)
+    y = gemm(padded.a_lp, padded.b_lp, padded.scale_a, padded.scale_b, out_dtype, ops.fast_accum)
     return y if y.shape == (m, n) else y[:m, :n]
 
 
-def padding(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """Zero rows / cols to add to M, K, N so that ``_scaled_mm`` accepts them."""
-    return (-m) % ALIGN, (-k) % ALIGN, (-n) % ALIGN
+def gemm(a_lp: Tensor, b_lp: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
+         fast_accum: bool) -> Tensor:
+    """The GEMM alone, on operands already in the kernel's layouts and sizes:
+    ``_scaled_mm`` for fp8, ``_int_mm`` (int32 accumulation, then the two
+    scales in fp32) for int8."""
+    if a_lp.dtype == torch.int8:
+        return (torch._int_mm(a_lp, b_lp).float() * scale_a * scale_b).to(out_dtype)
+    return torch._scaled_mm(a_lp, b_lp, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+def padding(m: int, k: int, n: int, int8: bool = False) -> tuple[int, int, int]:
+    """Zero rows / cols to add to M, K, N so that the kernel accepts them
+    (``int8``: ``_int_mm`` also wants M > 16)."""
+    pm = (-m) % ALIGN
+    if int8 and m + pm < INT8_MIN_M:
+        pm = INT8_MIN_M - m
+    return pm, (-k) % ALIGN, (-n) % ALIGN
 
 
 def pad_operands(ops: GemmOperands) -> tuple[GemmOperands, tuple[int, int]]:
-    """The operands in ``_scaled_mm``'s layouts, padded to multiples of 16,
-    and the unpadded output shape."""
+    """The operands in the kernel's layouts, padded (:func:`padding`), and
+    the unpadded output shape."""
     a, b, sa, sb = ops.a_lp, ops.b_lp, ops.scale_a, ops.scale_b
     m, k = a.shape
     n = b.shape[1]
-    pm, pk, pn = padding(m, k, n)
+    pm, pk, pn = padding(m, k, n, a.dtype == torch.int8)
     if pm or pk or pn:
         a = _pad2(a, pm, pk)
         b = col_major(_pad2(b, pk, pn))
@@ -241,26 +289,26 @@ def pad_operands(ops: GemmOperands) -> tuple[GemmOperands, tuple[int, int]]:
 def _pad2(t: Tensor, p0: int, p1: int) -> Tensor:
     if not (p0 or p1):
         return t
-    # fp8 has no pad kernel on every device: pad the raw bytes.
+    # fp8 has no pad kernel on every device: pad the raw bytes (int8 too).
     raw = t.view(torch.uint8) if t.is_contiguous() else t.contiguous().view(torch.uint8)
     return torch.nn.functional.pad(raw, (0, p1, 0, p0)).view(t.dtype)
 
 
 # ---------------------------------------------------------------------------
-# Plain FP8 linear (no GNMR): the benchmark's low-precision floor
+# Plain low-precision linear (no GNMR): the benchmark's low-precision floor
 # ---------------------------------------------------------------------------
 
 
-class _Fp8Linear(torch.autograd.Function):
+class _LowpLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Optional[Tensor], recipe: str) -> Tensor:
         spec = REAL_RECIPES[recipe]
         x2 = x.reshape(-1, x.shape[-1])
-        y = scaled_mm(output_operands(x2, w, spec), x.dtype)
+        y = lowp_mm(output_operands(x2, w, spec), x.dtype)
         if bias is not None:
             y = y + bias
         # High-precision operands are saved and re-cast in backward (as
-        # torchao does); the partitioner may keep the fp8 copies instead.
+        # torchao does); the partitioner may keep the low-precision copies instead.
         ctx.save_for_backward(x2, w)
         ctx.spec, ctx.has_bias, ctx.x_shape = spec, bias is not None, x.shape
         return y.reshape(*x.shape[:-1], w.shape[0])
@@ -270,42 +318,42 @@ class _Fp8Linear(torch.autograd.Function):
         x2, w = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])
         dx_ops, dw_ops = grad_operands(g2, x2, w, ctx.spec)
-        dx = scaled_mm(dx_ops, gy.dtype).reshape(ctx.x_shape)
-        dw = scaled_mm(dw_ops, w.dtype)
+        dx = lowp_mm(dx_ops, gy.dtype).reshape(ctx.x_shape)
+        dw = lowp_mm(dw_ops, w.dtype)
         db = g2.sum(0) if ctx.has_bias else None
         return dx, dw, db, None
 
 
-def fp8_linear(x: Tensor, w: Tensor, bias: Optional[Tensor], recipe: str) -> Tensor:
-    """``F.linear(x, w, bias)`` with all three GEMMs in real fp8 (no GNMR)."""
+def lowp_linear(x: Tensor, w: Tensor, bias: Optional[Tensor], recipe: str) -> Tensor:
+    """``F.linear(x, w, bias)`` with all three GEMMs in the real recipe (no GNMR)."""
     if recipe not in REAL_RECIPES:
-        raise ValueError(f"fp8_linear: recipe must be one of {list(REAL_RECIPES)} (got {recipe!r})")
-    return _Fp8Linear.apply(x, w, bias, recipe)
+        raise ValueError(f"lowp_linear: recipe must be one of {list(REAL_RECIPES)} (got {recipe!r})")
+    return _LowpLinear.apply(x, w, bias, recipe)
 
 
-class Float8Linear(torch.nn.Linear):
-    """An ``nn.Linear`` whose three GEMMs run in real fp8 (plain FP8, no GNMR)."""
+class LowpLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose three GEMMs run in a real recipe (plain low precision, no GNMR)."""
 
     recipe: str = "fp8_e4m3"
 
     def forward(self, x: Tensor) -> Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.recipe)
+        return lowp_linear(x, self.weight, self.bias, self.recipe)
 
 
-def convert_to_fp8(model: torch.nn.Module, recipe: str = "fp8_e4m3",
-                   module_filter: Optional[Callable[[str, torch.nn.Module], bool]] = None) -> torch.nn.Module:
-    """Swap every ``nn.Linear`` (that ``module_filter`` admits) to :class:`Float8Linear`, in place.
+def convert_to_lowp(model: torch.nn.Module, recipe: str = "fp8_e4m3",
+                    module_filter: Optional[Callable[[str, torch.nn.Module], bool]] = None) -> torch.nn.Module:
+    """Swap every ``nn.Linear`` (that ``module_filter`` admits) to :class:`LowpLinear`, in place.
 
     Parameters are kept (same objects), so an optimizer built before still works.
 
-    >>> m = convert_to_fp8(torch.nn.Sequential(torch.nn.Linear(32, 16)))
+    >>> m = convert_to_lowp(torch.nn.Sequential(torch.nn.Linear(32, 16)), "int8_rowwise")
     >>> type(m[0]).__name__, m[0].recipe
-    ('Float8Linear', 'fp8_e4m3')
+    ('LowpLinear', 'int8_rowwise')
     """
     if recipe not in REAL_RECIPES:
-        raise ValueError(f"convert_to_fp8: recipe must be one of {list(REAL_RECIPES)} (got {recipe!r})")
+        raise ValueError(f"convert_to_lowp: recipe must be one of {list(REAL_RECIPES)} (got {recipe!r})")
     for name, mod in list(model.named_modules()):
         if type(mod) is torch.nn.Linear and (module_filter is None or module_filter(name, mod)):
-            mod.__class__ = Float8Linear
+            mod.__class__ = LowpLinear
             mod.recipe = recipe
     return model
