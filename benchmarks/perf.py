@@ -22,6 +22,7 @@ median step) and graphs compiled after the first step (recompiles). Prints a
 tabulate table and writes JSON (``--out``) and a markdown table (``--md``).
 
     gnmr-fx bench perf --sizes 1b,8b --out perf.json --md perf.md
+    gnmr-fx bench perf --model hf-llama --sizes 1b --arms bf16,lowp,gnmr,pin@10%,torchao
 """
 
 from __future__ import annotations
@@ -165,6 +166,38 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
+class HFLlama(nn.Module):
+    """``transformers.LlamaForCausalLM`` built from config (random init, sdpa
+    attention), with the benchmark's ``forward(idx, targets)`` -> loss: the
+    model class users train, beside the built-in :class:`Llama`."""
+
+    def __init__(self, s: LlamaSpec) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+                          num_attention_heads=s.heads, num_key_value_heads=s.heads, vocab_size=s.vocab,
+                          max_position_embeddings=s.seq, tie_word_embeddings=False)
+        cfg._attn_implementation = "sdpa"
+        self.spec = s
+        self.model = LlamaForCausalLM(cfg)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=idx, use_cache=False).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+MODELS = {"llama": Llama, "hf-llama": HFLlama}
+# Units of the HF model: the decoder layers' linears; lm_head stays bf16 in
+# every arm (as in the issue's measurement of LlamaForCausalLM).
+HF_UNITS = ["model.model.layers.*"]
+
+
+def _converted(model_kind: str, name: str, mod: nn.Module) -> bool:
+    """Whether a linear runs in low precision in the lowp / torchao arms."""
+    return _aligned(mod) and (model_kind != "hf-llama" or not name.endswith("lm_head"))
+
+
 def llama_flops_per_token(s: LlamaSpec) -> float:
     """Training FLOPs per token: 6 x matmul parameters + attention (causal, fwd+bwd)."""
     per_layer = 4 * s.hidden * s.hidden + 3 * s.hidden * s.intermediate
@@ -202,7 +235,8 @@ class Arm:
     high_flops: float = 0.0
 
 
-def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, device: torch.device) -> tuple[list[Arm], dict]:
+def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, device: torch.device,
+               model_kind: str = "llama") -> tuple[list[Arm], dict]:
     import gnmr_fx
     from gnmr_fx.backends import real_kernels
 
@@ -212,11 +246,13 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
     if "bf16" in names:
         arms.append(Arm("bf16", torch.compile(base, **compile_kw)))
     if "lowp" in names:
-        m = real_kernels.convert_to_lowp(_shared_copy(base), recipe, lambda n, mod: _aligned(mod))
+        m = real_kernels.convert_to_lowp(_shared_copy(base), recipe, lambda n, mod: _converted(model_kind, n, mod))
         arms.append(Arm("lowp", torch.compile(m, **compile_kw)))
     gnmr_names = [n for n in names if n in GNMR_HIGH_FRACTION]
     if gnmr_names:
         cfg = _gnmr_config(recipe, device)
+        if model_kind == "hf-llama":
+            cfg = cfg.replace(unit_filter=HF_UNITS)
         gm = gnmr_fx.compile(_shared_copy(base), cfg, backend=backend)
         rt = gnmr_fx.runtime(gm)
         for n in gnmr_names:
@@ -232,7 +268,8 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
 
             m = _shared_copy(base)
             convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name("tensorwise"),
-                                       module_filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and _aligned(mod))
+                                       module_filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear)
+                                       and _converted(model_kind, fqn, mod))
             shared = {id(p) for p in base.parameters()}
             info["torchao"] = f"torchao {torchao.__version__}, shares params: {all(id(p) in shared for p in m.parameters())}"
             arms.append(Arm("torchao", torch.compile(m, **compile_kw)))
@@ -287,10 +324,11 @@ def run_size(name: str, s: LlamaSpec, args: argparse.Namespace, device: torch.de
     torch._dynamo.reset()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = Llama(s).to(device=device, dtype=dtype)
-    base.cos, base.sin = base.cos.float(), base.sin.float()
+    base = MODELS[args.model](s).to(device=device, dtype=dtype)
+    if args.model == "llama":
+        base.cos, base.sin = base.cos.float(), base.sin.float()
     opt = torch.optim.AdamW(base.parameters(), lr=1e-5, foreach=True)
-    arms, info = build_arms(base, args.arms, args.recipe, args.backend, device)
+    arms, info = build_arms(base, args.arms, args.recipe, args.backend, device, args.model)
     idx = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
     tgt = torch.randint(0, s.vocab, (s.batch, s.seq), device=device)
     cuda = device.type == "cuda"
@@ -353,9 +391,11 @@ def run_size(name: str, s: LlamaSpec, args: argparse.Namespace, device: torch.de
         kernels: dict = {}
         for r in rt.records:
             for site in r.sites:
+                if site.slot is None:  # left out by the unit filter: not a unit
+                    continue
                 k = site.extra.get("kernel", "emulated")
                 kernels[k] = kernels.get(k, 0) + 1
-        extra["gnmr_units"] = len(rt.units)
+        extra["gnmr_units"] = rt.controller.num_units  # units on the controller (the filter applied)
         extra["gnmr_kernels"] = kernels
     if args.profile and cuda:
         extra["profile"] = _profile(arms, step, args.profile_rows)
@@ -427,6 +467,9 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1b,8b,70b", help=f"comma list of {list(SIZES)}")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)}")
+    p.add_argument("--model", default="llama", choices=sorted(MODELS),
+                   help="llama: the built-in decoder; hf-llama: transformers' LlamaForCausalLM from config "
+                        "(lm_head stays bf16 in every arm)")
     p.add_argument("--recipe", default="fp8_e4m3", choices=("fp8_e4m3", "fp8_rowwise", "int8_rowwise"),
                    help="the real recipe of the lowp and GNMR arms (torchao is float8 tensorwise whatever this is)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per arm per round")
@@ -480,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _command(args: argparse.Namespace, sizes: list[str]) -> str:
     """The command line that reproduces this run (from the parsed arguments)."""
-    parts = ["gnmr-fx bench perf", f"--sizes {','.join(sizes)}", f"--arms {','.join(args.arms)}",
+    parts = ["gnmr-fx bench perf", f"--model {args.model}", f"--sizes {','.join(sizes)}", f"--arms {','.join(args.arms)}",
              f"--recipe {args.recipe}", f"--steps {args.steps}", f"--rounds {args.rounds}",
              f"--warmup {args.warmup}", f"--device {args.device}", f"--backend {args.backend}"]
     if args.batch is not None:

@@ -37,7 +37,29 @@ def test_perf_harness_writes_its_table(tmp_path):
     assert res["extras"]["tiny"]["gnmr_kernels"] == {"emulated": 15}
     text = md.read_text()
     assert re.search(r"^\| tiny +\| pin@5% +\|", text, re.M), text
-    assert "command: `gnmr-fx bench perf --sizes tiny --arms bf16,lowp,gnmr,pin@5%" in text
+    assert "command: `gnmr-fx bench perf --model llama --sizes tiny --arms bf16,lowp,gnmr,pin@5%" in text
+
+
+def test_perf_harness_runs_the_hf_llama(tmp_path):
+    # transformers' LlamaForCausalLM from config: the decoder layers' 14 linears
+    # are units; lm_head stays out of every arm (plain lowp converts 14 linears too).
+    pytest.importorskip("transformers")
+
+    out = tmp_path / "perf.json"
+    args = _args(perf, ["--model", "hf-llama", "--sizes", "tiny", "--arms", "bf16,lowp,gnmr,pin@10%",
+                        "--device", "cpu", "--backend", "eager", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                        "--out", str(out)])
+    assert perf.run(args) == 0
+    res = json.loads(out.read_text())
+    extra = res["extras"]["tiny"]
+    assert extra["gnmr_units"] == 14 and extra["gnmr_kernels"] == {"emulated": 14}
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert set(rows) == {"bf16", "lowp", "gnmr", "pin@10%"} and all(r["recompiles"] == 0 for r in rows.values())
+    assert 0.0 < rows["pin@10%"]["high_flops"] <= 0.10
+    assert res["environment"]["command"].startswith("gnmr-fx bench perf --model hf-llama --sizes tiny")
+    m = perf.HFLlama(perf.SIZES["tiny"])
+    names = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and perf._converted("hf-llama", n, mod)]
+    assert len(names) == 14 and not any(n.endswith("lm_head") for n in names)
 
 
 def test_perf_rejects_unknown_arms():
