@@ -10,6 +10,7 @@ the torchtitan order (``compile_blocks`` + per-block ``fully_shard``) for
 from __future__ import annotations
 
 import doctest
+import importlib.util
 import json
 import math
 import os
@@ -228,6 +229,30 @@ def test_dist_check_harness_tiny(tmp_path):
     assert [r["arm"] for r in res["throughput"]] == ["bf16", "fp8_gnmr"]
     assert all(r["tokens_per_s"] > 0 for r in res["throughput"])
     assert res["throughput"][1]["units"] == 6  # one block: qkv, 2 attention matmuls, proj, fc, out
+
+
+def test_dist_perf_harness_tiny(tmp_path):
+    # The multi-GPU issue's script on 2 gloo ranks: torchtitan order, the GNMR
+    # arms on real kernels (torch's CPU _scaled_mm), torchao reported when absent.
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "dist_perf.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), "--out", str(tmp_path), "--size", "tiny",
+           "--arms", "bf16,torchao,gnmr,pin@10%", "--compiler", "eager", "--check-compiler", "eager",
+           "--kernels", "real", "--steps", "1", "--rounds", "1", "--warmup", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "dist_perf.json").read_text())
+    c = res["consistency"]
+    assert c["identical_on_all_ranks"] and c["equals_single_process"] and c["plan_changed_by_fault"]
+    t = res["throughput"]
+    rows = {r["arm"]: r for r in t["rows"]}
+    torchao_missing = importlib.util.find_spec("torchao") is None
+    assert set(rows) == {"bf16", "gnmr", "pin@10%"} | (set() if torchao_missing else {"torchao"})
+    assert ("torchao" in t["not_run"]) == torchao_missing
+    assert all(r["tokens_per_s_per_gpu"] > 0 and r["recompiles"] == 0 for r in rows.values())
+    assert rows["gnmr"]["units"] == 14 and rows["gnmr"]["kernels"] == ["fp8_e4m3:tensorwise"]
+    assert rows["gnmr"]["high_flops"] == 0.0 and 0.0 < rows["pin@10%"]["high_flops"] <= 0.10
+    assert "| pin@10%" in (tmp_path / "dist_perf.md").read_text()
 
 
 def test_enable_scales_the_reduced_statistics_by_the_divide_factor():
