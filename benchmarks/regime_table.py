@@ -230,6 +230,52 @@ def plot_frontier(stats: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def lr_ranges(runs: list[dict], variant: str, healthy: float) -> list[dict]:
+    """LR sensitivity of one scenario variant (Wortsman et al. 2023): per arm,
+    the mean final val loss at every LR it ran, and its *stable LR range*:
+    the LRs where no seed diverged and the mean final val is within
+    ``healthy`` % of the best always_high of the variant over the sweep."""
+    rs = [r for r in runs if r["variant"] == variant]
+    highs = [r["final_val"] for r in rs if r["arm"] == "always_high" and r["final_val"] is not None
+             and math.isfinite(r["final_val"])]
+    if not highs:
+        return []
+    bound = min(highs) * (1 + healthy / 100.0)
+    out = []
+    for arm in sorted({r["arm"] for r in rs}):
+        cells, stable = {}, []
+        for lr in sorted({r["lr"] for r in rs if r["arm"] == arm}):
+            mine = [r for r in rs if r["arm"] == arm and r["lr"] == lr]
+            vals = [r["final_val"] for r in mine if r["final_val"] is not None and math.isfinite(r["final_val"])]
+            div = sum(bool(r["diverged"]) or r["final_val"] is None for r in mine)
+            mean = statistics.fmean(vals) if vals else math.inf
+            cells[lr] = (mean, len(mine), div)
+            if not div and mean <= bound:
+                stable.append(lr)
+        out.append({"arm": arm, "cells": cells, "stable": stable})
+    return out
+
+
+def format_lr_ranges(ranges: list[dict]) -> str:
+    from tabulate import tabulate
+
+    lrs = sorted({lr for a in ranges for lr in a["cells"]})
+    head = ["arm"] + [f"LR {lr:g}" for lr in lrs] + ["stable LRs"]
+    body = []
+    for a in ranges:
+        row = [a["arm"]]
+        for lr in lrs:
+            if lr not in a["cells"]:
+                row.append("-")
+                continue
+            mean, n, div = a["cells"][lr]
+            row.append((f"{mean:.3f}" if math.isfinite(mean) else "diverged") + f" (n={n}" +
+                       (f", {div} diverged)" if div else ")"))
+        row.append(", ".join(f"{lr:g}" for lr in a["stable"]) or "none")
+        body.append(row)
+    return tabulate(body, headers=head, tablefmt="github")
+
+
 def run(args: argparse.Namespace) -> int:
     runs = load_runs(args.folders, tuple(args.exclude))
     if not runs:
@@ -250,6 +296,11 @@ def run(args: argparse.Namespace) -> int:
             png = Path(args.plots) / f"frontier_{r['variant']}_lr{r['lr']:g}.png"
             plot_frontier(stats, title, png)
             parts[-1] += f"\n\n![{title}]({png.name})"
+    for variant in sorted({r["variant"] for r in rows}):
+        ranges = lr_ranges(runs, variant, args.healthy)
+        if len({lr for a in ranges for lr in a["cells"]}) > 1:
+            parts.append(f"### LR sensitivity of {variant} (mean final val loss; stable = no divergence and "
+                         f"within {args.healthy:g}% of the best always_high)\n\n{format_lr_ranges(ranges)}")
     text = "\n\n".join(parts)
     print(text)
     if args.md:

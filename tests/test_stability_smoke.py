@@ -163,6 +163,13 @@ def test_regime_table_counts_only_healthy_high_and_clear_low_gap(tmp_path):
     assert got == {1e-4: (True, True), 1e-3: (True, True), 3e-3: (False, False)}
     assert rows[1]["low_gap"] == pytest.approx(5.0)
     assert "1 diverged" in regime_table.format_rows(rows)
+    # LR sensitivity: always_high is stable within 10% of its best (1.00) at 1e-3 and 1e-4 (1.05),
+    # not at 3e-3 (1.50); always_low is stable only at 1e-3 (a divergence at 1e-4).
+    ranges = {a["arm"]: a for a in regime_table.lr_ranges(regime_table.load_runs([str(tmp_path / "r")]), "x", 10.0)}
+    assert ranges["always_high"]["stable"] == [1e-4, 1e-3] and ranges["always_low"]["stable"] == [1e-3]
+    assert ranges["always_low"]["cells"][1e-4] == (pytest.approx(1.06), 2, 1)
+    assert "| always_low  | 1.060 (n=2, 1 diverged) | 1.050 (n=1) | 1.800 (n=1) | 0.001" in \
+        regime_table.format_lr_ranges(list(ranges.values()))
     assert regime_table.load_runs([str(tmp_path / "r")], ("r:x",)) == []
     # The per-regime arm table: paired with the same seed's always_high.
     stats = {a["arm"]: a for a in regime_table.arm_stats(regime_table.load_runs([str(tmp_path / "r")]), "x", 1e-3)}
