@@ -188,6 +188,44 @@ def test_model_compiled_in_place_by_the_user(tmp_path):
         _train(tmp_path, model=wrapper, max_steps=1)
 
 
+class LogRecorder(transformers.TrainerCallback):
+    """Stands for a report_to integration: the Trainer calls those before the callbacks passed in."""
+
+    def __init__(self):
+        self.keys = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.keys.append(sorted(k for k in logs if k.startswith("gnmr/")))
+
+
+def test_attach_puts_the_callback_before_the_loggers(tmp_path):
+    gnmr_keys = ["gnmr/budget", "gnmr/budget_used", "gnmr/denied", "gnmr/step", "gnmr/triggered", "gnmr/units_high"]
+    args = _args(tmp_path, max_steps=4, logging_steps=2, save_steps=100)
+    # Passed in callbacks=, GNMR runs after a logger that comes before it: the logger sees no gnmr/* key.
+    logger = LogRecorder()
+    trainer = transformers.Trainer(model=_gpt2(), args=args, train_dataset=TokenDataset(),
+                                   callbacks=[logger, GNMRCallback(CFG, backend="eager")])
+    trainer.train()
+    assert logger.keys == [[], []]
+    # Attached, it runs first: the same logger sees every gnmr/* scalar at every log.
+    logger = LogRecorder()
+    trainer = transformers.Trainer(model=_gpt2(), args=args, train_dataset=TokenDataset(), callbacks=[logger])
+    cb = GNMRCallback(CFG, backend="eager").attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb
+    trainer.train()
+    assert logger.keys == [gnmr_keys, gnmr_keys] and gnmr_fx.controller(trainer.model).step == 4
+    with pytest.raises(ValueError, match="already has a GNMRCallback"):
+        GNMRCallback(CFG).attach(trainer)
+    with pytest.raises(TypeError, match="takes a transformers.Trainer"):
+        GNMRCallback(CFG).attach(object())
+    compiling = transformers.Trainer(model=_gpt2(), args=_args(tmp_path, torch_compile=True,
+                                                                torch_compile_backend="aot_eager"),
+                                     train_dataset=TokenDataset())
+    with pytest.raises(ValueError, match=r"torch_compile=True\)"):
+        GNMRCallback(CFG).attach(compiling)
+
+
 def test_torch_compile_in_training_arguments_is_refused(tmp_path):
     args = _args(tmp_path, torch_compile=True, torch_compile_backend="aot_eager")
     with pytest.raises(ValueError, match=r"torch_compile=True\) makes accelerate wrap the model .* set torch_compile=False"):

@@ -26,9 +26,10 @@ callback does, by Trainer event:
   cost now, and the cap, in the units of ``max_o``: units, or FLOPs for a
   fractional ``max_o``) to the training logs and ``trainer.state.log_history``.
   Loggers run in the Trainer's callback order: the console and callbacks
-  after this one see them; ``report_to`` integrations run before user
-  callbacks and do not (for TensorBoard use
-  ``gnmr_fx.runtime(model).attach_tensorboard(...)``).
+  after this one see them. ``report_to`` integrations (W&B, TensorBoard,
+  MLflow, ...) run before the callbacks passed in ``callbacks=``, so to log
+  the GNMR scalars there add the callback with
+  ``GNMRCallback(config).attach(trainer)`` instead: it goes first.
 * ``on_save``: writes the controller state (the ``_gnmr.*`` tensors of
   ``model.state_dict()``, ``torch.load(..., weights_only=True)``-safe) to
   ``checkpoint-N/gnmr_controller.pt``. The model's weights
@@ -122,6 +123,27 @@ class GNMRCallback(TrainerCallback):
         self.strict_resume = bool(strict_resume)
         self.runtime: Optional[GNMRRuntime] = None
         self._logged: Optional[tuple[int, int]] = None  # cumulative (triggers, denied) at the last log
+
+    def attach(self, trainer: Any) -> "GNMRCallback":
+        """Add this callback to ``trainer`` ahead of every other callback, and
+        return it.
+
+        The Trainer calls its ``report_to`` integrations before the callbacks
+        passed in ``callbacks=``, so those loggers would log each step before
+        this callback adds the ``gnmr/*`` scalars; attached first, every
+        logger sees them. Use it instead of ``callbacks=[...]``, before
+        ``trainer.train()``. A Trainer that already holds a GNMRCallback is
+        refused (two would compile the model twice).
+        """
+        handler = getattr(trainer, "callback_handler", None)
+        if handler is None:
+            raise TypeError(f"GNMRCallback.attach takes a transformers.Trainer, got {type(trainer).__name__}")
+        if any(isinstance(cb, GNMRCallback) for cb in handler.callbacks):
+            raise ValueError("GNMRCallback.attach: this Trainer already has a GNMRCallback "
+                             "(pass it in callbacks= or attach it, not both)")
+        _check_args(trainer.args)  # what on_init_end checks: it has run already for this Trainer
+        handler.callbacks.insert(0, self)
+        return self
 
     # ----------------------------------------------------------- events
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
