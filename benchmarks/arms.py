@@ -27,6 +27,9 @@ gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
                      units, a float is a fraction of the units' FLOPs)
 gnmr@m+high_first@n  GNMR with a high start: every unit high for the first
                      n steps (``GNMRConfig.high_start_steps``), then GNMR
+gnmr@m+lag           (after any of the gnmr forms) ``GNMRConfig.plan_lag=1``:
+                     units that read the host plan (real kernels; emulated
+                     units on a GPU) follow the plan one step late
 ===================  =====================================================
 
 static and random always fill their whole budget, so at equal budget they
@@ -41,6 +44,7 @@ recorded for every arm).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -61,6 +65,8 @@ class ArmSpec:
     budget: Union[int, float] = 0
     high_start: Union[int, float] = 0
     """gnmr arms: the high start (steps, or a fraction of the run); 0 none."""
+    plan_lag: int = 0
+    """gnmr arms: ``GNMRConfig.plan_lag``."""
 
     def __post_init__(self) -> None:
         if self.kind not in ARM_KINDS:
@@ -92,7 +98,7 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
 
 _BUDGET_KINDS = ("static", "static_tuned", "random", "high_first", "gnmr")
 ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static_tuned@K, random@K, "
-             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N")
+             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N, any gnmr form +lag")
 
 
 def parse_arm(name: str) -> ArmSpec:
@@ -102,12 +108,20 @@ def parse_arm(name: str) -> ArmSpec:
     :class:`~gnmr_fx.arguments.InputError` naming the valid forms.
 
     >>> parse_arm("gnmr@10%")
-    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0)
+    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0, plan_lag=0)
     >>> parse_arm("gnmr@0.05").name
     'gnmr@5%'
     >>> parse_arm("gnmr@2+high_first@0.05")
-    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05)
+    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05, plan_lag=0)
+    >>> parse_arm("gnmr@10%+lag").plan_lag
+    1
     """
+    if name.endswith("+lag"):
+        spec = parse_arm(name[: -len("+lag")])
+        if spec.kind != "gnmr" or spec.plan_lag:
+            raise InputError(f"arm {name!r}: +lag (GNMRConfig.plan_lag=1) goes once, after a gnmr arm; "
+                             "the other arms' plans do not change with the controller")
+        return dataclasses.replace(spec, name=f"{spec.name}+lag", plan_lag=1)
     base, plus, start = name.partition("+high_first@")
     if plus:
         spec = parse_arm(base)

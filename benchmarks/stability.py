@@ -438,7 +438,8 @@ def run_task(task: dict) -> dict:
                   validate: bool = True) -> dict:
         model.load_state_dict(init_sd)
         cfg = base.replace(policy=arm.policy, max_o=arm.budget if arm.kind == "gnmr" else 0,
-                           high_start_steps=high_first_steps(arm.high_start, steps) if arm.high_start else 0)
+                           high_start_steps=high_first_steps(arm.high_start, steps) if arm.high_start else 0,
+                           plan_lag=arm.plan_lag)
         ctl = rt.reset_controller(cfg)  # a fresh controller per arm on the shared compiled graphs
         driver = None
         k = budget_units(arm.budget, costs) if arm.kind in ("static", "random") else 0
@@ -509,6 +510,8 @@ def run_task(task: dict) -> dict:
             "train_loss": losses, "val": vals, "wall_s": wall,
             "plans": [torch.nonzero(r).flatten().tolist() for r in plan_t],
             "n_clipped": getattr(clip, "n_clipped", None),
+            # What the arm's controller ran with (read back from the runtime, not the arm's name).
+            "plan_lag": rt.plan_lag, "high_start_steps": ctl.config.high_start_steps,
         }
         rec.update(run_metrics(losses, vals, plan_t, costs, diverged))
         rec["triggers"] = int(trig_t.sum())

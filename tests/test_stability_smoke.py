@@ -213,7 +213,7 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     stability.add_arguments(parser)
     args = parser.parse_args(["--preset", "smoke", "--scenarios", "e", "--seeds", "0", "--no-plots",
                               "--arms", "always_high", "static_tuned@2", "high_first@50%", "high_first@1",
-                              "gnmr@1+high_first@2", "--out", str(tmp_path)])
+                              "gnmr@1+high_first@2", "gnmr@1+lag", "--out", str(tmp_path)])
     assert stability.run(args) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     runs = {r["arm"]: r for r in doc["scenarios"]["e"]["runs"]}
@@ -230,6 +230,9 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     # GNMR with a high start: every unit for 2 steps, then at most max_o=1 unit.
     hs = runs["gnmr@1+high_first@2"]["plans"]
     assert hs[:2] == [every] * 2 and all(len(p) <= 1 for p in hs[2:])
+    assert (runs["gnmr@1+high_first@2"]["high_start_steps"], runs["gnmr@1+high_first@2"]["plan_lag"]) == (2, 0)
+    # +lag: that arm ran with plan_lag=1 (read back from the runtime), the others with 0.
+    assert runs["gnmr@1+lag"]["plan_lag"] == 1 and runs["static_tuned@2"]["plan_lag"] == 0
 
 
 def test_pick_by_gain_and_high_first_parse():
@@ -237,7 +240,10 @@ def test_pick_by_gain_and_high_first_parse():
     assert arms.parse_arm("high_first@200").budget == 200
     spec = arms.parse_arm("gnmr@10%+high_first@0.05")
     assert (spec.name, spec.kind, spec.budget, spec.high_start) == ("gnmr@10%+high_first@5%", "gnmr", 0.1, 0.05)
-    for bad, msg in (("static@2+high_first@5%", "gnmr arms only"), ("gnmr@2+high_first@x", "gnmr@2\\+high_first@x")):
+    lag = arms.parse_arm("gnmr@10%+high_first@5%+lag")
+    assert (lag.name, lag.high_start, lag.plan_lag) == ("gnmr@10%+high_first@5%+lag", 0.05, 1)
+    for bad, msg in (("static@2+high_first@5%", "gnmr arms only"), ("gnmr@2+high_first@x", "gnmr@2\\+high_first@x"),
+                     ("always_low+lag", "goes once, after a gnmr arm"), ("gnmr@2+lag+lag", "goes once")):
         with pytest.raises(InputError, match=msg):
             arms.parse_arm(bad)
     assert arms.high_first_steps(0.1, 2000) == 200 and arms.high_first_steps(5000, 2000) == 2000
