@@ -36,6 +36,10 @@ if [ -n "$GPU_TESTS" ]; then
   tests_pid=$!
 fi
 deadline=$((BUDGET - $(date +%s) + T0))
+if [ "$deadline" -lt 60 ]; then
+  echo "only ${deadline}s of BUDGET=${BUDGET}s left after the set-up: no bench started" | tee -a "$log"
+  exit 1
+fi
 pids=()
 while read -r name args; do
   case "$name" in ''|'#'*) continue;; esac
