@@ -174,6 +174,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def start_run(script: str, argv: Optional[list[str]], args: argparse.Namespace) -> tuple[torch.device, int, int, dict]:
+    """The set-up every torchrun benchmark here shares: this rank's device
+    (NCCL on GPUs, gloo on a CPU), the process group, ``args.out``, and the
+    result header (command, date, versions, device, NVLink settings, config).
+    TF32 is off: the consistency check compares fp32 norms across processes."""
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 consistency: no TF32 rounding differences
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    os.makedirs(args.out, exist_ok=True)
+    header: dict[str, Any] = {
+        "command": "torchrun --nproc_per_node=%d benchmarks/%s %s" % (world, script, " ".join(argv or sys.argv[1:])),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "world": world, "backend": dist.get_backend(),
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
+        "config": vars(args),
+    }
+    return device, dist.get_rank(), world, header
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".", help="folder for dist_check.json")
@@ -192,25 +217,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 consistency: no TF32 rounding differences
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world, result = start_run("dist_check.py", argv, args)
     # One graph per block (compile_blocks); the benchmark, not the library, raises the limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * args.layers)
-    os.makedirs(args.out, exist_ok=True)
-    result: dict[str, Any] = {
-        "command": "torchrun --nproc_per_node=%d benchmarks/dist_check.py %s" % (world, " ".join(argv or sys.argv[1:])),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "world": world, "backend": dist.get_backend(),
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
-        "config": vars(args),
-    }
 
     def dump() -> None:
         if rank == 0:

@@ -39,12 +39,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -55,7 +52,9 @@ import torch.nn as nn
 
 import gnmr_fx
 import gnmr_fx.distributed
-from gnmr_fx.benchmarks.perf import SIZES, Llama, _aligned, _gnmr_config, _plan_setter, llama_flops_per_token
+from gnmr_fx.benchmarks.dist_check import _sync, consistency, start_run
+from gnmr_fx.benchmarks.perf import (SIZES, Llama, _aligned, _gnmr_config, _graph_count, _plan_setter,
+                                     llama_flops_per_token)
 
 # NVLink multicast stays off on shared hosts (device notes); set before NCCL starts.
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -77,12 +76,7 @@ class Arm:
     recompiles: int = 0
     first_step_s: float = 0.0
     high_flops: float = 0.0  # GNMR arms: share of the units' FLOPs on the high path while timed
-
-
-def _graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    runtime: Any = None  # GNMR arms: the GNMRRuntime (shared by gnmr and pin@10%)
 
 
 def _state_gib(model: nn.Module, opt: torch.optim.Optimizer) -> float:
@@ -132,7 +126,7 @@ def build_arm(name: str, init: dict, s: Any, args: argparse.Namespace, device: t
         rt.attach_optimizer(opt)
         gnmr_fx.distributed.enable(model)
         arm.before = _plan_setter(rt, PIN[name], name)
-        arm.runtime = rt  # type: ignore[attr-defined]
+        arm.runtime = rt
     return arm
 
 
@@ -149,8 +143,7 @@ def throughput(rank: int, world: int, device: torch.device, args: argparse.Names
         try:
             if name in PIN and shared is not None:
                 arm = Arm(name, shared.model, shared.opt, shared.after_step,
-                          _plan_setter(shared.runtime, PIN[name], name))  # type: ignore[attr-defined]
-                arm.runtime = shared.runtime  # type: ignore[attr-defined]
+                          _plan_setter(shared.runtime, PIN[name], name), runtime=shared.runtime)
             else:
                 arm = build_arm(name, init, s, args, device)
                 if name in PIN:
@@ -182,7 +175,7 @@ def throughput(rank: int, world: int, device: torch.device, args: argparse.Names
     for _ in range(args.rounds):
         for arm in arms:
             arm.before()
-            g0 = _graphs()
+            g0 = _graph_count()
             dist.barrier()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -196,10 +189,9 @@ def throughput(rank: int, world: int, device: torch.device, args: argparse.Names
             if device.type == "cuda":
                 working = (torch.cuda.max_memory_allocated(device) - base) / 2**30
                 arm.peak_gib = max(arm.peak_gib, working + _state_gib(arm.model, arm.opt))
-            arm.recompiles += _graphs() - g0
-            rt = getattr(arm, "runtime", None)
-            if rt is not None:
-                ctl = rt.controller
+            arm.recompiles += _graph_count() - g0
+            if arm.runtime is not None:
+                ctl = arm.runtime.controller
                 arm.high_flops = float((ctl.costs * ctl.plan).sum() / ctl.costs.sum())
     rows = []
     for arm in arms:
@@ -211,7 +203,7 @@ def throughput(rank: int, world: int, device: torch.device, args: argparse.Names
         row = {"arm": arm.name, "step_ms": ms, "tokens_per_s_per_gpu": s.tokens / (ms / 1e3),
                "peak_gib": max(e[1] for e in every) if device.type == "cuda" else None,
                "recompiles": max(e[2] for e in every), "first_step_s": max(e[3] for e in every)}
-        rt = getattr(arm, "runtime", None)
+        rt = arm.runtime
         if rt is not None:
             ctl = rt.controller
             row["units"] = ctl.num_units
@@ -228,11 +220,6 @@ def throughput(rank: int, world: int, device: torch.device, args: argparse.Names
         r["tflops_per_gpu"] = r["tokens_per_s_per_gpu"] * tflops / 1e12
     return {"size": args.size, "spec": dataclasses.asdict(s), "rows": rows,
             "not_run": not_run}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def markdown(result: dict) -> str:
@@ -260,8 +247,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from gnmr_fx.benchmarks.dist_check import consistency
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".", help="folder for dist_perf.json and dist_perf.md")
     p.add_argument("--parts", default="consistency,throughput")
@@ -282,24 +267,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if bad:
         p.error(f"--arms: unknown arm(s) {bad}; choose from {list(ARMS)}")
 
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world, result = start_run("dist_perf.py", argv, args)
     s = SIZES[args.size]
     # Every arm compiles each layer through the same Layer.forward code: one cache entry per layer and arm.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(args.arms) * s.layers)
-    os.makedirs(args.out, exist_ok=True)
-    result: dict[str, Any] = {
-        "command": "torchrun --nproc_per_node=%d benchmarks/dist_perf.py %s" % (world, " ".join(argv or sys.argv[1:])),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "world": world, "backend": dist.get_backend(),
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        "config": {k: v for k, v in vars(args).items()},
-    }
 
     def dump() -> None:
         if rank == 0:

@@ -107,12 +107,18 @@ def _insert_dispatch_path(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: l
               "high": config.high_path, "b_is_weight": site.weight is not None}
         with gm.graph.inserting_before(node):
             dual = gm.graph.call_function(dispatch_path, node.args, kw)
-        dual.meta.update({k: v for k, v in node.meta.items() if k != "gnmr_unit"})
-        dual.meta["gnmr_dual"] = site
-        dual.meta["gnmr_branch"] = ("host", site.name)
-        node.replace_all_uses_with(dual)
-        gm.graph.erase_node(node)
-        counters["insert_dual_path"]["dispatch_path_nodes"] += 1
+        _replace_by_host_node(gm, node, dual, "dispatch_path_nodes")
+
+
+def _replace_by_host_node(gm: torch.fx.GraphModule, node: torch.fx.Node, dual: torch.fx.Node, counter: str) -> None:
+    """Put ``dual`` (one node that picks the branch on the host plan) in the place of unit ``node``."""
+    site = node.meta["gnmr_unit"]
+    dual.meta.update({k: v for k, v in node.meta.items() if k != "gnmr_unit"})
+    dual.meta["gnmr_dual"] = site
+    dual.meta["gnmr_branch"] = ("host", site.name)
+    node.replace_all_uses_with(dual)
+    gm.graph.erase_node(node)
+    counters["insert_dual_path"][counter] += 1
 
 
 def _plan_host(gm: torch.fx.GraphModule, config: GNMRConfig, n_slots: int) -> str:
@@ -153,10 +159,5 @@ def _insert_host_dispatch(gm: torch.fx.GraphModule, config: GNMRConfig, nodes: l
                 dual = gm.graph.call_function(dual_linear, (a, b, bias), kw)
             else:
                 dual = gm.graph.call_function(dual_matmul, (a, b), kw)
-        dual.meta.update({k: v for k, v in node.meta.items() if k != "gnmr_unit"})
-        dual.meta["gnmr_dual"] = site
-        dual.meta["gnmr_branch"] = ("host", site.name)
-        node.replace_all_uses_with(dual)
-        gm.graph.erase_node(node)
-        counters["insert_dual_path"]["host_dispatch_nodes"] += 1
+        _replace_by_host_node(gm, node, dual, "host_dispatch_nodes")
     return rest

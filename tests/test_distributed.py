@@ -214,14 +214,19 @@ def test_docs_example_runs_under_torchrun(tmp_path):
     assert (tmp_path / "ckpt_gnmr" / ".metadata").exists()
 
 
-def test_dist_check_harness_tiny(tmp_path):
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "dist_check.py"
+def _run_benchmark_script(script: str, *args: str) -> None:
+    """``torchrun --nproc_per_node=2 benchmarks/<script> <args>`` on gloo; asserts it exits 0."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / script
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), "--out", str(tmp_path), "--check-compiler", "eager",
-           "--recipe", "int8", "--compiler", "eager", "--layers", "1", "--dim", "32", "--heads", "4",
-           "--seq", "16", "--batch", "2", "--warmup", "1", "--steps", "1"]
+           f"--master_port={_free_port()}", str(path), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_dist_check_harness_tiny(tmp_path):
+    _run_benchmark_script("dist_check.py", "--out", str(tmp_path), "--check-compiler", "eager",
+                          "--recipe", "int8", "--compiler", "eager", "--layers", "1", "--dim", "32", "--heads", "4",
+                          "--seq", "16", "--batch", "2", "--warmup", "1", "--steps", "1")
     res = json.loads((tmp_path / "dist_check.json").read_text())
     c = res["consistency"]
     assert c["identical_on_all_ranks"] and c["equals_single_process"] and c["plan_changed_by_fault"]
@@ -234,13 +239,9 @@ def test_dist_check_harness_tiny(tmp_path):
 def test_dist_perf_harness_tiny(tmp_path):
     # The multi-GPU issue's script on 2 gloo ranks: torchtitan order, the GNMR
     # arms on real kernels (torch's CPU _scaled_mm), torchao reported when absent.
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "dist_perf.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), "--out", str(tmp_path), "--size", "tiny",
-           "--arms", "bf16,torchao,gnmr,pin@10%", "--compiler", "eager", "--check-compiler", "eager",
-           "--kernels", "real", "--steps", "1", "--rounds", "1", "--warmup", "0"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    _run_benchmark_script("dist_perf.py", "--out", str(tmp_path), "--size", "tiny",
+                          "--arms", "bf16,torchao,gnmr,pin@10%", "--compiler", "eager", "--check-compiler", "eager",
+                          "--kernels", "real", "--steps", "1", "--rounds", "1", "--warmup", "0")
     res = json.loads((tmp_path / "dist_perf.json").read_text())
     c = res["consistency"]
     assert c["identical_on_all_ranks"] and c["equals_single_process"] and c["plan_changed_by_fault"]
