@@ -263,13 +263,9 @@ class GNMRController:
         else:
             admit = torch.zeros_like(cand)
         lock = torch.where(admit, torch.full_like(lock, cfg.lock_steps), lock)
-        if cfg.policy == "gnmr":
-            plan = (lock > 0) | pinned
-        else:
+        if cfg.policy != "gnmr":
             lock = torch.zeros_like(lock)
-            plan = torch.full_like(cand, cfg.policy == "always_high")
-        if self.in_high_start(self.step + 1):  # the plan is for the next step
-            plan = torch.ones_like(plan)
+        plan = self._derived_plan(lock, self.step + 1)  # the plan is for the next step
 
         self.lock = lock
         self.plan = plan
@@ -329,7 +325,18 @@ class GNMRController:
             raise ValueError(f"pin mask must have shape ({self.num_units},), got {tuple(mask.shape)}")
         self.pinned = mask.clone()
         if self.config.policy == "gnmr":
-            self.plan = (self.lock > 0) | self.pinned | self.in_high_start(self.step)
+            self.plan = self._derived_plan(self.lock, self.step)
+
+    def _derived_plan(self, lock: Tensor, step: int) -> Tensor:
+        """The plan of optimizer step ``step`` given the locks: every unit in
+        the high start; else, under ``policy="gnmr"``, the locked and pinned
+        units; else the baseline's fixed plan. The one place the plan is
+        derived (update, pin, resume, budget release)."""
+        if self.in_high_start(step):
+            return torch.ones_like(self.pinned)
+        if self.config.policy == "gnmr":
+            return (lock > 0) | self.pinned
+        return torch.full_like(self.pinned, self.config.policy == "always_high")
 
     def in_high_start(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based) runs every unit high:
@@ -395,13 +402,9 @@ class GNMRController:
                     self.hist[:, d] = sd[key][:, s].to(self._device)
                 elif key != "costs":
                     getattr(self, key)[d] = sd[key][s].to(self._device)
-        if self.config.policy == "gnmr":
-            self.plan = (self.lock > 0) | self.pinned
-        else:
+        if self.config.policy != "gnmr":
             self.lock = torch.zeros_like(self.lock)
-            self.plan = torch.full_like(self.plan, self.config.policy == "always_high")
-        if self.in_high_start(self.step):
-            self.plan = torch.ones_like(self.plan)
+        self.plan = self._derived_plan(self.lock, self.step)
         if fit_budget:
             warn_released(self.config, self.release_over_budget())
         return missing
@@ -429,7 +432,7 @@ class GNMRController:
         drop = held & ~keep
         self.lock = self.lock.masked_fill(drop, 0)
         self.streak = self.streak.masked_fill(drop, 0)
-        self.plan = (self.lock > 0) | self.pinned | self.in_high_start(self.step)
+        self.plan = self._derived_plan(self.lock, self.step)
         dropped = drop.cpu()
         return [self.names[i] for i in order.tolist() if dropped[i]]
 
