@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -174,6 +175,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def end_run(ok: bool) -> None:
+    """Tear the process group down so that no rank dies at exit.
+
+    Gloo's worker threads can still hold work objects (and the tensors in them)
+    that FSDP2's modules reference; freed during interpreter finalization they
+    abort the process ("terminate called without an active exception",
+    SIGABRT), seen intermittently in CI. On success every rank drops its
+    references (``gc.collect``), meets the others (``barrier``: nobody leaves
+    while a peer is still in a collective) and then destroys the group while
+    Python is fully alive. After an error the barrier is skipped: a peer may
+    never reach it (torchtitan does the same)."""
+    gc.collect()
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def start_run(script: str, argv: Optional[list[str]], args: argparse.Namespace) -> tuple[torch.device, int, int, dict]:
     """The set-up every torchrun benchmark here shares: this rank's device
     (NCCL on GPUs, gloo on a CPU), the process group, ``args.out``, and the
@@ -257,11 +276,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                          f"{r['first_step_s']:.1f}", r["peak_mem_gib"] and f"{r['peak_mem_gib']:.1f}"]
                         for r in result["throughput"]]
                 print(tabulate(rows, headers=["arm", "tokens/s", "step ms", "ratio", "first step s", "peak GiB"]))
-    finally:
+    except BaseException:
         dump()
-        dist.destroy_process_group()
-    ok = result.get("consistency", {}).get("ok", True)
-    return 0 if ok else 1
+        end_run(ok=False)
+        raise
+    dump()
+    end_run(ok=True)
+    return 0 if result.get("consistency", {}).get("ok", True) else 1
 
 
 if __name__ == "__main__":

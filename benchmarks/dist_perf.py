@@ -52,7 +52,7 @@ import torch.nn as nn
 
 import gnmr_fx
 import gnmr_fx.distributed
-from gnmr_fx.benchmarks.dist_check import _sync, consistency, start_run
+from gnmr_fx.benchmarks.dist_check import _sync, consistency, end_run, start_run
 from gnmr_fx.benchmarks.perf import (SIZES, Llama, _aligned, _gnmr_config, _graph_count, _plan_setter,
                                      llama_flops_per_token)
 
@@ -289,9 +289,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             dump()
         if rank == 0:
             print(markdown(result), flush=True)
-    finally:
+    except BaseException:
         dump()
-        dist.destroy_process_group()
+        end_run(ok=False)
+        raise
+    dump()
+    end_run(ok=True)
     return 0 if result.get("consistency", {}).get("ok", True) else 1
 
 

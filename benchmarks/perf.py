@@ -466,7 +466,7 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1b,8b,70b", help=f"comma list of {list(SIZES)}")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)}")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)}".replace("%", "%%"))
     p.add_argument("--model", default="llama", choices=sorted(MODELS),
                    help="llama: the built-in decoder; hf-llama: transformers' LlamaForCausalLM from config "
                         "(lm_head stays bf16 in every arm)")

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 import gnmr_fx.arguments
+import gnmr_fx.cli
 from gnmr_fx.arguments import InputError, parse_max_o
 from gnmr_fx.benchmarks import arms
 from gnmr_fx.cli import build_parser, main as cli
@@ -223,3 +224,14 @@ def test_doctests():
 
     for mod in (gnmr_fx.arguments, gnmr_fx.cli, gnmr_fx.benchmarks.demo):
         assert doctest.testmod(mod, optionflags=doctest.ELLIPSIS).failed == 0, mod.__name__
+
+
+@pytest.mark.parametrize("argv", [[name] for name in gnmr_fx.cli.SUBCOMMANDS]
+                         + [["bench", name] for name in gnmr_fx.cli.BENCHMARKS], ids=" ".join)
+def test_every_subcommand_prints_its_help(capsys, argv):
+    # argparse formats each help string with %: a literal '%' (an arm like pin@10%) must be '%%'.
+    with pytest.raises(SystemExit) as exit_:
+        cli([*argv, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gnmr-fx " + " ".join(argv)) and "--help" in out, out[:300]
