@@ -176,21 +176,29 @@ def _sync(device: torch.device) -> None:
 
 
 def end_run(ok: bool) -> None:
-    """Tear the process group down so that no rank dies at exit.
+    """Tear the process group down at the end of a torchrun benchmark.
 
-    Gloo's worker threads can still hold work objects (and the tensors in them)
-    that FSDP2's modules reference; freed during interpreter finalization they
-    abort the process ("terminate called without an active exception",
-    SIGABRT), seen intermittently in CI. On success every rank drops its
-    references (``gc.collect``), meets the others (``barrier``: nobody leaves
-    while a peer is still in a collective) and then destroys the group while
-    Python is fully alive. After an error the barrier is skipped: a peer may
-    never reach it (torchtitan does the same)."""
+    On success every rank drops its references (``gc``), meets the others
+    (``barrier``: nobody leaves while a peer is still in a collective) and
+    destroys the group while Python is fully alive; :func:`exit_now` then
+    skips finalization (a CI run aborted there once). After an error the
+    barrier is skipped: a peer may never reach it (torchtitan does the same)."""
     gc.collect()
     if ok:
         dist.barrier()
     dist.destroy_process_group()
     gc.collect()
+
+
+def exit_now(code: int) -> None:
+    """End a torchrun benchmark process with ``code`` once its results are
+    written, skipping interpreter finalization: Gloo's worker threads can
+    still own work objects whose tensors Python frees there, and the process
+    then aborts (SIGABRT, "terminate called without an active exception";
+    pytorch/pytorch#179291), failing a run that has finished."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def start_run(script: str, argv: Optional[list[str]], args: argparse.Namespace) -> tuple[torch.device, int, int, dict]:
@@ -286,4 +294,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -52,7 +52,7 @@ import torch.nn as nn
 
 import gnmr_fx
 import gnmr_fx.distributed
-from gnmr_fx.benchmarks.dist_check import _sync, consistency, end_run, start_run
+from gnmr_fx.benchmarks.dist_check import _sync, consistency, end_run, exit_now, start_run
 from gnmr_fx.benchmarks.perf import (SIZES, Llama, _aligned, _gnmr_config, _graph_count, _plan_setter,
                                      llama_flops_per_token)
 
@@ -299,4 +299,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
