@@ -8,6 +8,8 @@ import argparse
 import doctest
 import json
 import math
+import pathlib
+import re
 
 import pytest
 import torch
@@ -270,3 +272,23 @@ def test_val_loss_is_the_eager_all_high_model():
         eager = functools.partial(type(model).forward, model)(x)
         assert torch.equal(eager, ref(x))
         assert not torch.equal(low, eager)
+
+
+def _spec_lines():
+    calls = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "calls"
+    for spec in sorted(calls.glob("*.spec")):
+        for n, line in enumerate(spec.read_text().splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield pytest.param(line.split(), id=f"{spec.stem}:{n}")
+
+
+@pytest.mark.parametrize("words", list(_spec_lines()))
+def test_every_call_spec_line_parses(words):
+    # A device call runs each line as `gnmr-fx bench stability ARGS`; a typo in an arm or a
+    # scenario would be found only on the GPU, after the call's set-up time was spent.
+    from gnmr_fx.cli import build_parser
+
+    name, args = words[0], words[1:]
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", name), name
+    ns = build_parser().parse_args(["bench", "stability", *args, "--out", "/tmp/unused"])
+    assert ns.arms and ns.seeds, words
