@@ -285,8 +285,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         for r in result["throughput"]]
                 print(tabulate(rows, headers=["arm", "tokens/s", "step ms", "ratio", "first step s", "peak GiB"]))
     except BaseException:
-        dump()
-        end_run(ok=False)
+        try:
+            dump()  # what finished before the error
+        finally:
+            end_run(ok=False)
         raise
     dump()
     end_run(ok=True)

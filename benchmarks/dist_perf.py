@@ -290,8 +290,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if rank == 0:
             print(markdown(result), flush=True)
     except BaseException:
-        dump()
-        end_run(ok=False)
+        try:
+            dump()  # what finished before the error
+        finally:
+            end_run(ok=False)
         raise
     dump()
     end_run(ok=True)
