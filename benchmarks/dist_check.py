@@ -26,6 +26,7 @@ after each part, so a run cut short keeps what it finished).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -33,7 +34,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -175,19 +176,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def end_run(ok: bool) -> None:
-    """Tear the process group down at the end of a torchrun benchmark.
+@contextlib.contextmanager
+def run_to_end(dump: Callable[[], None]) -> Iterator[None]:
+    """The body of a torchrun benchmark: ``dump()`` (write the results) and
+    tear the process group down, on success and on error alike.
 
     On success every rank drops its references (``gc``), meets the others
     (``barrier``: nobody leaves while a peer is still in a collective) and
     destroys the group while Python is fully alive; :func:`exit_now` then
     skips finalization (a CI run aborted there once). After an error the
-    barrier is skipped: a peer may never reach it (torchtitan does the same)."""
-    gc.collect()
-    if ok:
-        dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
+    barrier is skipped, since a peer may never reach it (torchtitan does the
+    same), and the error propagates."""
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        try:
+            dump()  # on an error: what finished before it
+        finally:
+            gc.collect()
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
+            gc.collect()
 
 
 def exit_now(code: int) -> None:
@@ -254,7 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 json.dump(result, f, indent=1)
 
     parts = args.parts.split(",")
-    try:
+    with run_to_end(dump):
         if "consistency" in parts:
             t0 = time.perf_counter()
             result["consistency"] = consistency(rank, world, device, args.check_compiler, args.recipe)
@@ -284,14 +296,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                          f"{r['first_step_s']:.1f}", r["peak_mem_gib"] and f"{r['peak_mem_gib']:.1f}"]
                         for r in result["throughput"]]
                 print(tabulate(rows, headers=["arm", "tokens/s", "step ms", "ratio", "first step s", "peak GiB"]))
-    except BaseException:
-        try:
-            dump()  # what finished before the error
-        finally:
-            end_run(ok=False)
-        raise
-    dump()
-    end_run(ok=True)
     return 0 if result.get("consistency", {}).get("ok", True) else 1
 
 

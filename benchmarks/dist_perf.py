@@ -52,7 +52,7 @@ import torch.nn as nn
 
 import gnmr_fx
 import gnmr_fx.distributed
-from gnmr_fx.benchmarks.dist_check import _sync, consistency, end_run, exit_now, start_run
+from gnmr_fx.benchmarks.dist_check import _sync, consistency, exit_now, run_to_end, start_run
 from gnmr_fx.benchmarks.perf import (SIZES, Llama, _aligned, _gnmr_config, _graph_count, _plan_setter,
                                      llama_flops_per_token)
 
@@ -280,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f.write(markdown(result))
 
     parts = args.parts.split(",")
-    try:
+    with run_to_end(dump):
         if "consistency" in parts:
             result["consistency"] = consistency(rank, world, device, args.check_compiler, "fp8_e4m3")
             dump()
@@ -289,14 +289,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             dump()
         if rank == 0:
             print(markdown(result), flush=True)
-    except BaseException:
-        try:
-            dump()  # what finished before the error
-        finally:
-            end_run(ok=False)
-        raise
-    dump()
-    end_run(ok=True)
     return 0 if result.get("consistency", {}).get("ok", True) else 1
 
 
