@@ -104,13 +104,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pick_high_start", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="folders or files holding the tune runs' results.json[.gz]")
     p.add_argument("--spec", help="write the val call spec here (default: print it)")
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), help="regimes whose tune runs choose N (default: %(default)s)")
+    p.add_argument("--val-regimes", nargs="+", default=list(REGIMES), help="regimes of the val benches (default: %(default)s)")
     p.add_argument("--extra", help="a spec file whose benches are appended (runs that do not depend on N)")
     args = p.parse_args(argv)
-    choice = choose(load_runs(args.paths))
+    choice = choose(load_runs(args.paths), regimes=args.regimes)
     head = [f"# Val call written by benchmarks/pick_high_start.py from the tune runs: scores {choice['scores']}",
-            f"# (mean final val / always_high over {list(REGIMES)}); start N = {choice['start']}, equal-cost "
+            f"# (mean final val / always_high over {args.regimes}); start N = {choice['start']}, equal-cost "
             f"high_first@{choice['equal_cost']} (hybrid's % FLOPs high on tune: {choice['hybrid_flop_high_pct']})"]
-    lines = head + spec_lines(choice)
+    lines = head + spec_lines(choice, regimes=args.val_regimes)
     if args.extra:
         lines += [ln.rstrip("\n") for ln in open(args.extra)]
     text = "\n".join(lines) + "\n"
