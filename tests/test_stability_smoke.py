@@ -292,3 +292,42 @@ def test_every_call_spec_line_parses(words):
     assert re.fullmatch(r"[A-Za-z0-9_.-]+", name), name
     ns = build_parser().parse_args(["bench", "stability", *args, "--out", "/tmp/unused"])
     assert ns.arms and ns.seeds, words
+
+
+def test_pick_high_start_writes_a_val_call_from_tune_runs_only(tmp_path):
+    # The rule that picks the high start N reads tune-split runs only (a val file beside them
+    # is ignored), prefers the shorter start within 1% of the best, and writes benches that parse.
+    import gzip
+    import json
+
+    from benchmarks import pick_high_start as pick
+    from gnmr_fx.cli import build_parser
+
+    def results(split, rows):
+        runs = {}
+        for regime, arm, val, flops in rows:
+            runs.setdefault(regime, []).append(dict(arm=arm, seed=100, final_val=val, flop_high_pct=flops,
+                                                    diverged=False))
+        return {"meta": {"split": split}, "scenarios": {
+            f"{g}_lr0.003": {"config": {"key": g}, "runs": r} for g, r in runs.items()}}
+
+    rows = [(g, a, v, f) for g in ("a", "e-mxfp4_sr") for a, v, f in (
+        ("always_high", 1.0, 100.0), ("gnmr@10%+high_first@2.5%", 1.5, 3.0),
+        ("gnmr@10%+high_first@5%", 1.205, 5.6 if g == "a" else 6.2), ("gnmr@10%+high_first@10%", 1.2, 10.3))]
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "val").mkdir()
+    with gzip.open(tmp_path / "tune" / "results.json.gz", "wt") as f:
+        json.dump(results("tune (tuning run)", rows), f)
+    # A val run that would win if it were read.
+    (tmp_path / "val" / "results.json").write_text(json.dumps(results("train / val", [
+        ("a", "gnmr@10%+high_first@2.5%", 0.5, 3.0), ("a", "always_high", 1.0, 100.0)])))
+    spec = tmp_path / "call.spec"
+    assert pick.main([str(tmp_path), "--spec", str(spec)]) == 0
+    lines = [ln.split() for ln in spec.read_text().splitlines() if ln and not ln.startswith("#")]
+    arms = sorted({w[-1] for w in lines})
+    assert arms == ["gnmr@10%+high_first@5%", "high_first@5%", "high_first@6.5%"], arms
+    assert len(lines) == 2 * 3 * 3
+    for words in lines:
+        build_parser().parse_args(["bench", "stability", *words[1:], "--out", "/tmp/unused"])
+    with pytest.raises(SystemExit, match="no tune always_high"):
+        pick.choose(pick.load_runs([str(tmp_path / "val")]), regimes=("a",))
