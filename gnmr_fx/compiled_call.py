@@ -60,6 +60,9 @@ def compile_module(module: torch.nn.Module, backend: "GNMRBackend") -> "Compiled
     code = gnmr_forward.__code__.replace(co_name=f"gnmr_forward_{next(_COMPILES)}")
     fresh = types.FunctionType(code, gnmr_forward.__globals__, code.co_name, None, gnmr_forward.__closure__)
     call = CompiledCall(backend.runtime, torch.compile(fresh, backend=backend, **ISOLATE), forward)
+    # Every forward of this runtime's graphs now starts in CompiledCall, so
+    # the step's host copy of the plan can finish there.
+    backend.runtime.defer_host_copy = True
     module.forward = call
     return call
 
@@ -110,6 +113,7 @@ class CompiledCall:
             if self.__func__ is not None:
                 return self.__func__(self.__self__, *args, **kwargs)
             return self.forward(*args, **kwargs)
+        self.runtime.before_forward()
         cfg = torch._dynamo.config
         prior = cfg.fail_on_recompile_limit_hit
         # suppress_errors (the user's explicit choice of eager fallbacks) and

@@ -93,6 +93,12 @@ class GNMRRuntime:
         self.callbacks: list[Callable[["GNMRRuntime"], None]] = []
         self.plan_lag = config.plan_lag  # lag of the units that read the host plan (see GNMRConfig)
         self._plan_pipe: list = []  # plan_lag=1: host copies in flight
+        # plan_lag=0 with every forward entering through a CompiledCall
+        # (gnmr_fx.compile): the step's host copy is started at the step and
+        # finished when the next forward starts (before_forward), so the
+        # host never waits for the step's GPU work to drain.
+        self.defer_host_copy = False
+        self._host_pending: Optional[tuple] = None
         # What step() does (configure_step): the perf benchmark switches parts off to time them.
         self._step_update = True
         self._step_host_copy = True
@@ -342,7 +348,16 @@ class GNMRRuntime:
         for h in self._backward_hooks:
             h.remove()
         self._backward_hooks.clear()
-        self._optimizer_hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        # A pre-hook: the gradients the statistics read are final once
+        # backward is done, and the controller's few kernels and the plan's
+        # host copy then sit ahead of the optimizer's in the stream; the host
+        # queues the optimizer step behind them instead of waiting for the
+        # whole step (see before_forward). The plan for the next forward is
+        # the same as with a post-hook: nothing the optimizer does feeds it.
+        def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            self.step()
+
+        self._optimizer_hook = optimizer.register_step_pre_hook(pre_hook)
 
     def _on_probe_grad(self, _param: torch.Tensor) -> None:
         # One update per backward even with several graphs: queue it once.
@@ -466,7 +481,8 @@ class GNMRRuntime:
         ``"none"`` leaves them to the end of the step.
         """
         ctl = self.controller
-        stale = False
+        # A copy still pending would overwrite what is written here.
+        stale = self._host_pending is not None
         for rec in self.records if records is None else records:
             if rec.plan is None:
                 continue
@@ -516,9 +532,11 @@ class GNMRRuntime:
 
     def set_plan_lag(self, lag: int) -> None:
         """Steps by which host-dispatched units follow the plan (0 or 1, see
-        ``GNMRConfig.plan_lag``); drops host copies still in flight."""
+        ``GNMRConfig.plan_lag``); drops lagged host copies still in flight
+        and finishes a deferred one (its plan is current)."""
         if lag not in (0, 1) or isinstance(lag, bool):
             raise ValueError(f"plan_lag must be the int 0 or 1 (got {lag!r})")
+        self.before_forward()
         self.plan_lag = lag
         self._plan_pipe.clear()
 
@@ -552,6 +570,21 @@ class GNMRRuntime:
             return
         plan = self.controller.plan
         pipe = self._plan_pipe
+        if lagged and self.plan_lag == 0 and self.defer_host_copy:
+            # Finished by before_forward (the next forward) or by the next publish.
+            cuda = plan.device.type == "cuda"
+            staged = torch.empty(plan.shape, dtype=plan.dtype, pin_memory=cuda)
+            staged.copy_(plan, non_blocking=cuda)
+            done = None
+            if cuda:
+                done = torch.cuda.Event()
+                done.record()
+            self._host_pending = (staged, done, recs)
+            return
+        if records is None:
+            self._host_pending = None  # this publish is newer than the copy in flight
+        else:
+            self.before_forward()  # the other graphs get the pending plan first
         if not lagged or self.plan_lag == 0 or plan.device.type != "cuda":
             if records is None:
                 pipe.clear()
@@ -568,6 +601,24 @@ class GNMRRuntime:
             done.synchronize()  # recorded a whole step ago: already complete in practice
         for r in recs:
             r.plan_host.copy_(plan_cpu[r.unit_ids_cpu])
+
+    def before_forward(self) -> None:
+        """Finish the host copy of the plan the last step started (``defer_host_copy``).
+
+        Called by :class:`gnmr_fx.compiled_call.CompiledCall` before every
+        compiled forward: it waits for the copy's event (recorded after the
+        controller update, ahead of the optimizer's kernels, so in steady
+        state it has long completed) and writes each graph's host plan. No-op
+        when no copy is pending.
+        """
+        pending, self._host_pending = self._host_pending, None
+        if pending is None:
+            return
+        staged, done, recs = pending
+        if done is not None:
+            done.synchronize()
+        for r in recs:
+            r.plan_host.copy_(staged[r.unit_ids_cpu])
 
     # ------------------------------------------------------------ telemetry
     def _telemetry(self) -> Optional[Telemetry]:

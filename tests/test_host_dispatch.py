@@ -242,3 +242,56 @@ def test_high_path_in_a_named_dtype():
     assert y.dtype == gx.dtype == gw.dtype == torch.float32
     assert torch.equal(y, (x.bfloat16() @ w.bfloat16().t()).float())
     assert torch.equal(gw, (g.bfloat16().t() @ x.bfloat16()).float())
+
+
+def _deferred_run(defer):
+    # Four steps; a runtime callback decides the next step's plan (all-low, all-high, ...), as the
+    # controller would, so every step changes what the host plan must say.
+    model, cm, rt, opt, idx = _compiled()
+    rt.defer_host_copy = defer
+
+    def alternate(r):
+        n = r.controller.num_units
+        r.controller.set_plan(torch.full((n,), r.controller.step % 2 == 1, dtype=torch.bool))
+
+    rt.callbacks.append(alternate)
+    losses, host_after_step = [], []
+    for _ in range(4):
+        loss = cm(idx, idx)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()  # the runtime's step runs in the optimizer's pre-hook
+        opt.zero_grad()
+        host_after_step.append([bool(v) for v in rt.records[0].plan_host])
+    return rt, losses, host_after_step
+
+
+def test_step_host_copy_finishes_at_the_next_forward():
+    # gnmr_fx.compile defers the step's host copy to the next forward (no drain at the step);
+    # the forwards see exactly the plans an immediate copy gives.
+    rt, losses, host = _deferred_run(defer=True)
+    ref_rt, ref_losses, ref_host = _deferred_run(defer=False)
+    assert losses == ref_losses
+    assert len(set(losses)) > 1  # the plans differ, so the host plan each forward read matters
+    # Right after each step the immediate copy holds the new plan, the deferred one still the plan
+    # that step's forward ran with (the one before).
+    n = rt.controller.num_units
+    assert ref_host == [[s % 2 == 1] * n for s in range(1, 5)]
+    assert host == [[False] * n] + ref_host[:-1]
+    rec = rt.records[0]
+    assert rt._host_pending is not None
+    rt.before_forward()
+    assert rt._host_pending is None
+    assert rec.plan_host.tolist() == ref_host[-1]
+    # A plan written between steps replaces a pending copy instead of being overwritten by it,
+    # even when the host copy already holds that plan.
+    rt.callbacks.clear()
+    rt._host_pending = (torch.ones(n, dtype=torch.bool), None, [rec])
+    rt.force_plan(rec.plan_host.clone())
+    rt.before_forward()
+    assert rec.plan_host.tolist() == ref_host[-1]
+
+
+def test_gnmr_compile_defers_the_host_copy():
+    _, cm, rt, _, _ = _compiled()
+    assert rt.defer_host_copy  # every forward enters through CompiledCall
