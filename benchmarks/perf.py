@@ -46,11 +46,13 @@ import torch.nn.functional as F
 ARMS = ("bf16", "lowp", "gnmr", "pin@5%", "pin@10%", "torchao")
 # Diagnostics (not run by default): gnmr without the per-step plan copy to
 # the host (``nosync``), without the runtime step at all (``nostep``), or
-# with the plan copied one step late (``lag``, GNMRConfig.plan_lag=1).
-DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag")
+# with the plan copied one step late (``lag``, GNMRConfig.plan_lag=1), or
+# with the step's host copy waited for at the step (``drain``: the behaviour
+# before the copy was deferred to the next forward).
+DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag", "gnmr_drain")
 # The share of the FLOPs each GNMR arm pins on the high path (budget max_o as a fraction).
 GNMR_HIGH_FRACTION = {"gnmr": 0.0, "pin@5%": 0.05, "pin@10%": 0.10, "gnmr_nosync": 0.0, "gnmr_nostep": 0.0,
-                      "gnmr_lag": 0.0}
+                      "gnmr_lag": 0.0, "gnmr_drain": 0.0}
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,8 @@ def _plan_setter(rt: Any, fraction: float, arm: str) -> Callable[[], None]:
         # Diagnostic arms switch parts of the per-step work off; others restore it.
         rt.configure_step(update=arm != "gnmr_nostep", host_copy=arm != "gnmr_nosync")
         rt.set_plan_lag(1 if arm == "gnmr_lag" else 0)
+        rt.before_forward()  # a copy pending from the arm before lands now
+        rt.defer_host_copy = arm != "gnmr_drain"
         ctl = rt.controller
         if ctl.num_units == 0:  # not compiled yet: the first step discovers the units
             return
