@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_runs(folders: list[str], exclude: tuple = ()) -> list[dict]:
     """Every run of every results file, tagged with its source folder and the
-    file's date, less the ``folder:variant`` pairs in ``exclude``."""
+    file's date, less the ``folder:variant`` pairs in ``exclude`` and less
+    the ``--tuning`` runs (tune split: they choose settings, they are not results)."""
     runs = []
     for folder in folders:
         # A folder holds one bench's results, or (a device call of
@@ -58,6 +59,8 @@ def load_runs(folders: list[str], exclude: tuple = ()) -> list[dict]:
                 opener = gzip.open if name.endswith(".gz") else open
                 with opener(path, "rt") as f:
                     doc = json.load(f)
+                if str(doc["meta"].get("split", "")).startswith("tune"):
+                    break  # a --tuning run (trained and scored on the tune split): never reported
                 for sc in doc["scenarios"].values():
                     if f"{source}:{sc['config']['key']}" in exclude:
                         continue

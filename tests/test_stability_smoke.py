@@ -173,6 +173,11 @@ def test_regime_table_counts_only_healthy_high_and_clear_low_gap(tmp_path):
     assert "| always_low  | 1.060 (n=2, 1 diverged) | 1.050 (n=1) | 1.800 (n=1) | 0.001" in \
         regime_table.format_lr_ranges(list(ranges.values()))
     assert regime_table.load_runs([str(tmp_path / "r")], ("r:x",)) == []
+    # A --tuning run (tune split) in the same folders is left out.
+    (tmp_path / "r" / "t").mkdir()
+    with gzip.open(tmp_path / "r" / "t" / "results.json.gz", "wt") as f:
+        json.dump(dict(doc, meta={"date_utc": "today", "split": "tune (tuning run)"}), f)
+    assert len(regime_table.load_runs([str(tmp_path / "r")])) == len(runs)
     # The per-regime arm table: paired with the same seed's always_high.
     stats = {a["arm"]: a for a in regime_table.arm_stats(regime_table.load_runs([str(tmp_path / "r")]), "x", 1e-3)}
     assert set(stats) == {"always_high", "always_low"} and stats["always_low"]["gaps"] == [pytest.approx(5.0)]
