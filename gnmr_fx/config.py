@@ -144,10 +144,14 @@ class GNMRConfig:
 
     plan_lag: int = 0
     """Steps by which the units that read the host copy of the plan (real
-    kernels; emulated units under ``dispatch="host"`` on a GPU) follow it. 0: the plan is copied to the host at the end of every
-    optimizer step, a transfer that waits for the step's GPU work (2-3% of
-    the step measured on an H100). 1: the copy is asynchronous and those
-    units switch one step late; the controller's decisions are unchanged."""
+    kernels; emulated units under ``dispatch="host"`` on a GPU) follow it. 0: every
+    optimizer step's plan reaches them at the next forward. Under
+    ``gnmr_fx.compile`` the copy starts at the step, ahead of the
+    optimizer's kernels, and the next forward waits for it (the host never
+    waits for the step's GPU work); under ``torch.compile(backend="gnmr")``
+    the step waits for the copy, which drains the GPU queue (2-3% of the
+    step measured on an H100). 1: the copy is asynchronous and those units
+    switch one step late; the controller's decisions are unchanged."""
 
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch
