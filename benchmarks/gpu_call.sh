@@ -14,7 +14,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=1 GNMR_INSTALLED=1 GNMR_MPS=1
 OUT=${OUT:-/tmp/gnmr_out}
-T0=$(date +%s); BUDGET=${BUDGET:-540}
+T0=${T0:-$(date +%s)}; BUDGET=${BUDGET:-540}  # T0: an outer command that ran something first passes its start
 CALL=$1; SPEC=$2
 stage=/tmp/gnmr_call/$CALL
 mkdir -p "$OUT" "$stage"
