@@ -7,7 +7,9 @@ final validation loss of always_high and always_low per seed, the paired gap
 (same seed: low minus high, in % of high); then, for every regime that
 counts, one table with every arm that ran there (paired gap, the share of
 always_low's gap it closes, divergences, spikes, % unit-steps and % FLOPs
-high, wall time) and, with ``--plots``, its quality-vs-cost frontier.
+high, wall time) and, with ``--plots``, its quality-vs-cost frontier and
+mean validation curves per arm; and, per variant run at several LRs, the
+LR-sensitivity table (and, with ``--plots``, its curves).
 
 A regime *counts* (the evidence issue's rule) when always_high is healthy at
 that LR (it did not diverge and its final val is within ``--healthy`` % (10) of the best always_high of
@@ -233,6 +235,83 @@ def plot_frontier(stats: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def mean_val_curves(runs: list[dict], variant: str, lr: float) -> dict:
+    """Per arm of one regime, the validation loss at each eval step, averaged
+    over the seeds that reached it: ``{arm: ([steps], [mean loss], n seeds)}``.
+    Diverged runs and non-finite points are left out (the tables count them).
+
+    >>> r = lambda arm, seed, val: dict(arm=arm, seed=seed, variant="x", lr=1e-3, val=val, diverged=False)
+    >>> mean_val_curves([r("a", 0, [[10, 2.0], [20, 1.0]]), r("a", 1, [[10, 4.0], [20, float("nan")]])], "x", 1e-3)
+    {'a': ([10, 20], [3.0, 1.0], 2)}
+    """
+    out = {}
+    rs = [r for r in runs if r["variant"] == variant and r["lr"] == lr and not r["diverged"]]
+    for arm in sorted({r["arm"] for r in rs}):
+        points: dict = {}
+        mine = [r for r in rs if r["arm"] == arm]
+        for r in mine:
+            for step, loss in r.get("val") or []:
+                if loss is not None and math.isfinite(loss):
+                    points.setdefault(step, []).append(loss)
+        steps = sorted(points)
+        out[arm] = (steps, [statistics.fmean(points[s]) for s in steps], len(mine))
+    return out
+
+
+def _arm_colors(arms: list) -> dict:
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab20").colors
+    return {a: colors[(2 * i) % 20 + (2 * i) // 20 % 2] for i, a in enumerate(sorted(arms))}
+
+
+def plot_val_curves(curves: dict, title: str, path: Path) -> None:
+    """Validation loss vs step, one line per arm (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = _arm_colors(list(curves))
+    for arm, (steps, loss, n) in curves.items():
+        if steps:
+            style = "-" if arm.startswith("gnmr") or arm.startswith("always") else "--"
+            ax.plot(steps, loss, style, color=colors[arm], label=f"{arm} (n={n})", lw=1.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("val loss (nats / byte, mean over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr_sensitivity(ranges: list[dict], title: str, path: Path) -> None:
+    """Final val loss vs LR per arm (Wortsman et al. 2023's LR-sensitivity curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = _arm_colors([a["arm"] for a in ranges])
+    for a in ranges:
+        lrs = [lr for lr in sorted(a["cells"]) if math.isfinite(a["cells"][lr][0])]
+        if lrs:
+            ax.plot(lrs, [a["cells"][lr][0] for lr in lrs], "o-", color=colors[a["arm"]],
+                    label=f"{a['arm']} (n={'/'.join(str(a['cells'][lr][1]) for lr in lrs)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final val loss (mean over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def lr_ranges(runs: list[dict], variant: str, healthy: float) -> list[dict]:
     """LR sensitivity of one scenario variant (Wortsman et al. 2023): per arm,
     the mean final val loss at every LR it ran, and its *stable LR range*:
@@ -298,12 +377,18 @@ def run(args: argparse.Namespace) -> int:
             Path(args.plots).mkdir(parents=True, exist_ok=True)
             png = Path(args.plots) / f"frontier_{r['variant']}_lr{r['lr']:g}.png"
             plot_frontier(stats, title, png)
-            parts[-1] += f"\n\n![{title}]({png.name})"
+            curves = Path(args.plots) / f"val_{r['variant']}_lr{r['lr']:g}.png"
+            plot_val_curves(mean_val_curves(runs, r["variant"], r["lr"]), f"{title}: validation loss", curves)
+            parts[-1] += f"\n\n![{title}]({png.name})\n\n![{title}: validation loss]({curves.name})"
     for variant in sorted({r["variant"] for r in rows}):
         ranges = lr_ranges(runs, variant, args.healthy)
         if len({lr for a in ranges for lr in a["cells"]}) > 1:
             parts.append(f"### LR sensitivity of {variant} (mean final val loss; stable = no divergence and "
                          f"within {args.healthy:g}% of the best always_high)\n\n{format_lr_ranges(ranges)}")
+            if args.plots:
+                png = Path(args.plots) / f"lr_{variant}.png"
+                plot_lr_sensitivity(ranges, f"{variant}: final val loss vs LR", png)
+                parts[-1] += f"\n\n![LR sensitivity of {variant}]({png.name})"
     text = "\n\n".join(parts)
     print(text)
     if args.md:

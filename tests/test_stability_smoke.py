@@ -138,7 +138,9 @@ def test_split_is_fixed_and_disjoint():
 
 
 def test_doctests():
-    for mod in (stability, arms, data):
+    from benchmarks import pick_high_start, regime_table
+
+    for mod in (stability, arms, data, regime_table, pick_high_start):
         assert doctest.testmod(mod).failed == 0
 
 
