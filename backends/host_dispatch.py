@@ -19,13 +19,14 @@ torch code that Inductor fuses; for a unit on the high path they are computed an
 unused (those units are at most ``max_o`` of the FLOPs).
 
 **The one transfer per step.** The controller decides on the device; at the
-end of ``GNMRRuntime.step`` the runtime copies the new plan to every graph's
-host buffer (``GNMRRuntime.write_plan``): one small device-to-host copy (a few
-bytes per unit) per optimizer step, outside forward and backward. With
-``gnmr_fx.compile(..., optimizer=opt)`` it runs inside ``opt.step()``;
-without an optimizer the runtime steps at the end of backward, so that copy
-happens inside ``loss.backward()``. This module only runs kernels: it holds
-no runtime state.
+end of ``GNMRRuntime.step`` the runtime copies the new plan towards every
+graph's host buffer: one small device-to-host copy (a few bytes per unit) per
+optimizer step, outside forward and backward. With
+``gnmr_fx.compile(..., optimizer=opt)`` the step runs at the start of
+``opt.step()`` (without an optimizer, at the end of backward), and the copy
+is finished by the next forward (``GNMRRuntime.before_forward``), so the host
+does not wait for the step's GPU work. This module only runs kernels: it
+holds no runtime state.
 
 >>> import torch
 >>> plan = torch.tensor([False, True])
