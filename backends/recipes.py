@@ -364,6 +364,10 @@ def _int8_grad_rowwise(t: Tensor, kdim: int) -> Tensor:
     return fake_quant_int(t, bits=8, kdim=-1)
 
 
+def _int8_tensorwise(t: Tensor, kdim: int) -> Tensor:
+    return fake_quant_int(t, bits=8, kdim=None)
+
+
 def _int4_tensorwise(t: Tensor, kdim: int) -> Tensor:
     return fake_quant_int(t, bits=4, kdim=None)
 
@@ -388,6 +392,12 @@ register_recipe(Recipe(
     "int8 symmetric, per-token activations and per-channel weights; gradients int8 per row "
     "(real kernels: torch._int_mm in all three GEMMs)",
     _int8_rowwise, _int8_rowwise, _int8_grad_rowwise, onnx="int8",
+))
+register_recipe(Recipe(
+    "int8_tensorwise",
+    "int8 symmetric, per-tensor activations (one scale for the whole tensor: an outlier feature "
+    "coarsens every other value) and per-channel weights",
+    _int8_tensorwise, _int8_rowwise, None,
 ))
 register_recipe(Recipe(
     "int4",

@@ -63,12 +63,15 @@ def load_runs(folders: list[str], exclude: tuple = ()) -> list[dict]:
                     doc = json.load(f)
                 if str(doc["meta"].get("split", "")).startswith("tune"):
                     break  # a --tuning run (trained and scored on the tune split): never reported
+                # Runs of another model preset are another variant ("a.gpu-wide"): the
+                # same scenario on a different model is not paired with the gpu preset's runs.
+                preset = doc["meta"].get("preset", "gpu")
                 for sc in doc["scenarios"].values():
-                    if f"{source}:{sc['config']['key']}" in exclude:
+                    variant = sc["config"]["key"] + ("" if preset == "gpu" else f".{preset}")
+                    if f"{source}:{variant}" in exclude:
                         continue
                     for r in sc["runs"]:
-                        runs.append(dict(r, source=source, variant=sc["config"]["key"],
-                                         date=doc["meta"]["date_utc"]))
+                        runs.append(dict(r, source=source, variant=variant, date=doc["meta"]["date_utc"]))
                 break
     _check_unique(runs)
     return runs

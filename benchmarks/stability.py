@@ -141,6 +141,13 @@ PRESETS = {
                   corpus_bytes={"train": 40_000_000, "tune": 2_000_000, "val": 2_000_000},
                   backend="inductor", jobs=4, warmup_lr=100, fault_every=50, fault_start=100,
                   precision="bf16"),
+    # The outlier setting of the evidence issue: a wider, deeper model trained longer (39M
+    # parameters in the blocks), where per-tensor activation scales meet growing outlier features.
+    "gpu-wide": Preset(GPTConfig(block_size=256, n_layer=8, n_head=10, n_embd=640), batch=32, steps=3000,
+                       pretrain_steps=2000, eval_every=250, eval_seqs=256,
+                       corpus_bytes={"train": 40_000_000, "tune": 2_000_000, "val": 2_000_000},
+                       backend="inductor", jobs=4, warmup_lr=100, fault_every=50, fault_start=100,
+                       precision="bf16"),
     "smoke": Preset(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16), batch=4, steps=6,
                     pretrain_steps=4, eval_every=3, eval_seqs=8,
                     corpus_bytes={"train": 50_000, "tune": 5_000, "val": 5_000},
@@ -195,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         preset = dataclasses.replace(preset, steps=args.steps, pretrain_steps=min(preset.pretrain_steps, args.steps))
     if args.precision is not None:
         preset = dataclasses.replace(preset, precision=args.precision)
-    gpu_preset = preset_name in ("full", "gpu")
+    gpu_preset = preset_name in ("full", "gpu", "gpu-wide")
     device = args.device or ("cuda" if gpu_preset and torch.cuda.is_available() else "cpu")
     backend = args.backend or (preset.backend if device != "cpu" or preset.backend != "inductor" else "eager")
     scenarios = _apply_overrides(_select_scenarios(args.scenarios), args.overrides)

@@ -180,6 +180,12 @@ def test_regime_table_counts_only_healthy_high_and_clear_low_gap(tmp_path):
     with gzip.open(tmp_path / "r" / "t" / "results.json.gz", "wt") as f:
         json.dump(dict(doc, meta={"date_utc": "today", "split": "tune (tuning run)"}), f)
     assert len(regime_table.load_runs([str(tmp_path / "r")])) == len(runs)
+    # Another model preset is another variant, never paired with these runs.
+    (tmp_path / "r" / "w").mkdir()
+    with gzip.open(tmp_path / "r" / "w" / "results.json.gz", "wt") as f:
+        json.dump(dict(doc, meta={"date_utc": "today", "preset": "gpu-wide"}), f)
+    variants = [r["variant"] for r in regime_table.load_runs([str(tmp_path / "r")])]
+    assert variants.count("x") == len(runs) and variants.count("x.gpu-wide") == len(runs)
     # The per-regime arm table: paired with the same seed's always_high.
     stats = {a["arm"]: a for a in regime_table.arm_stats(regime_table.load_runs([str(tmp_path / "r")]), "x", 1e-3)}
     assert set(stats) == {"always_high", "always_low"} and stats["always_low"]["gaps"] == [pytest.approx(5.0)]
