@@ -344,7 +344,8 @@ class GNMRRuntime:
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Update once per ``optimizer.step()`` instead of once per backward."""
         if self._optimizer_hook is not None:
-            self._optimizer_hook.remove()
+            for h in self._optimizer_hook:
+                h.remove()
         for h in self._backward_hooks:
             h.remove()
         self._backward_hooks.clear()
@@ -354,10 +355,21 @@ class GNMRRuntime:
         # queues the optimizer step behind them instead of waiting for the
         # whole step (see before_forward). The plan for the next forward is
         # the same as with a post-hook: nothing the optimizer does feeds it.
-        def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
-            self.step()
+        # A step given a closure (LBFGS) runs its forward and backward inside
+        # step(): there the update waits for the post-hook, after them.
+        def has_closure(args: Any, kwargs: Any) -> bool:
+            return bool(args and args[0] is not None) or kwargs.get("closure") is not None
 
-        self._optimizer_hook = optimizer.register_step_pre_hook(pre_hook)
+        def pre_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            if not has_closure(args, kwargs):
+                self.step()
+
+        def post_hook(opt: Any, args: Any, kwargs: Any) -> None:
+            if has_closure(args, kwargs):
+                self.step()
+
+        self._optimizer_hook = (optimizer.register_step_pre_hook(pre_hook),
+                                optimizer.register_step_post_hook(post_hook))
 
     def _on_probe_grad(self, _param: torch.Tensor) -> None:
         # One update per backward even with several graphs: queue it once.

@@ -295,3 +295,31 @@ def test_step_host_copy_finishes_at_the_next_forward():
 def test_gnmr_compile_defers_the_host_copy():
     _, cm, rt, _, _ = _compiled()
     assert rt.defer_host_copy  # every forward enters through CompiledCall
+
+
+@pytest.mark.parametrize("closure", [False, True], ids=["step", "step(closure)"])
+def test_optimizer_step_updates_from_this_steps_gradients(closure):
+    # Without a closure the update runs in step()'s pre-hook (the gradients are final); with one
+    # (LBFGS style) the forward and backward run inside step(), so the update waits for them.
+    torch.manual_seed(0)
+    model = TinyGPT(GPTConfig(n_layer=1, n_embd=64, block_size=32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cm = gnmr_fx.compile(model, GNMRConfig(), backend="eager", optimizer=opt)
+    rt = gnmr_fx.runtime(cm)
+    idx = torch.randint(0, 256, (2, 32))
+
+    def loss_and_grads():
+        opt.zero_grad()
+        loss = cm(idx, idx)
+        loss.backward()
+        return loss
+
+    for step in range(1, 3):
+        if closure:
+            opt.step(loss_and_grads)
+        else:
+            loss_and_grads()
+            opt.step()
+        assert rt.controller.step == step
+        # Every unit was observed at every step: the statistics came from this step's backward.
+        assert rt.controller.n_obs.tolist() == [step] * rt.controller.num_units
