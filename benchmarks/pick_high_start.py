@@ -17,12 +17,12 @@ the hybrid at N, high_first@N (unless N is 10%, whose val runs exist) and high_f
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, List, Sequence
+
+from gnmr_fx.benchmarks.regime_table import load_runs
 
 TOLERANCE = 0.01
 HYBRID = "gnmr@10%+high_first@"
@@ -31,29 +31,10 @@ VAL_SEEDS = (0, 1, 2)
 DONE_HIGH_FIRST = {"10%"}   # high_first@10% has val seeds 0-2 in both regimes (s16a-d, s18a)
 
 
-def load_runs(paths: Iterable[str]) -> List[dict]:
-    """Every tune-split run in the ``results.json[.gz]`` files under ``paths``."""
-    runs = []
-    for root in paths:
-        files = [Path(root)] if Path(root).is_file() else sorted(
-            p for p in Path(root).rglob("results.json*") if p.name in ("results.json", "results.json.gz"))
-        for f in files:
-            with (gzip.open(f, "rt") if f.suffix == ".gz" else open(f)) as fh:
-                d = json.load(fh)
-            if not d["meta"].get("split", "").startswith("tune"):
-                continue
-            for key, sc in d["scenarios"].items():
-                for r in sc["runs"]:
-                    runs.append({"regime": sc["config"]["key"], "arm": r["arm"], "seed": r["seed"],
-                                 "final_val": r["final_val"], "flop_high_pct": r["flop_high_pct"],
-                                 "diverged": r["diverged"]})
-    return runs
-
-
 def choose(runs: Sequence[dict], regimes: Sequence[str] = REGIMES, tolerance: float = TOLERANCE) -> dict:
     """The high start N and the equal-cost X from the tune runs.
 
-    >>> runs = [dict(regime=g, arm=a, final_val=v, flop_high_pct=f, diverged=False)
+    >>> runs = [dict(variant=g, arm=a, final_val=v, flop_high_pct=f, diverged=False)
     ...         for g in ("a", "e") for a, v, f in (("always_high", 1.0, 100.0),
     ...         ("gnmr@10%+high_first@2.5%", 1.30, 3.1), ("gnmr@10%+high_first@5%", 1.105, 5.7),
     ...         ("gnmr@10%+high_first@10%", 1.10, 10.2))]
@@ -66,15 +47,15 @@ def choose(runs: Sequence[dict], regimes: Sequence[str] = REGIMES, tolerance: fl
     flops: Dict[str, List[float]] = {}
     for r in runs:
         if r["arm"] == "always_high":
-            ref[r["regime"]] = r["final_val"]
+            ref[r["variant"]] = r["final_val"]
     missing = [g for g in regimes if g not in ref]
     if missing:
         raise SystemExit(f"pick_high_start: no tune always_high run for {missing}")
     for r in runs:
-        if r["regime"] in regimes and r["arm"].startswith(HYBRID):
+        if r["variant"] in regimes and r["arm"].startswith(HYBRID):
             start = r["arm"][len(HYBRID):]
             v = r["final_val"] if not r["diverged"] and math.isfinite(r["final_val"]) else math.inf
-            scores.setdefault(start, []).append(v / ref[r["regime"]])
+            scores.setdefault(start, []).append(v / ref[r["variant"]])
             flops.setdefault(start, []).append(r["flop_high_pct"])
     complete = {s: sum(v) / len(v) for s, v in scores.items() if len(v) == len(regimes)}
     if not complete:
@@ -102,13 +83,13 @@ def spec_lines(choice: dict, regimes: Sequence[str] = REGIMES, seeds: Sequence[i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pick_high_start", description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", help="folders or files holding the tune runs' results.json[.gz]")
+    p.add_argument("paths", nargs="+", help="folders holding the tune runs' results.json[.gz]")
     p.add_argument("--spec", help="write the val call spec here (default: print it)")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), help="regimes whose tune runs choose N (default: %(default)s)")
     p.add_argument("--val-regimes", nargs="+", default=list(REGIMES), help="regimes of the val benches (default: %(default)s)")
     p.add_argument("--extra", help="a spec file whose benches are appended (runs that do not depend on N)")
     args = p.parse_args(argv)
-    choice = choose(load_runs(args.paths), regimes=args.regimes)
+    choice = choose(load_runs(args.paths, tuning=True), regimes=args.regimes)
     head = [f"# Val call written by benchmarks/pick_high_start.py from the tune runs: scores {choice['scores']}",
             f"# (mean final val / always_high over {args.regimes}); start N = {choice['start']}, equal-cost "
             f"high_first@{choice['equal_cost']} (hybrid's % FLOPs high on tune: {choice['hybrid_flop_high_pct']})"]

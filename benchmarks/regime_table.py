@@ -43,10 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write frontier_<variant>_lr<LR>.png (gap vs %% FLOPs high) for every regime that counts")
 
 
-def load_runs(folders: list[str], exclude: tuple = ()) -> list[dict]:
+def load_runs(folders: list[str], exclude: tuple = (), *, tuning: bool = False) -> list[dict]:
     """Every run of every results file, tagged with its source folder and the
     file's date, less the ``folder:variant`` pairs in ``exclude`` and less
-    the ``--tuning`` runs (tune split: they choose settings, they are not results)."""
+    the ``--tuning`` runs (tune split: they choose settings, they are not
+    results); ``tuning=True`` gives only those (``pick_high_start``)."""
     runs = []
     for folder in folders:
         # A folder holds one bench's results, or (a device call of
@@ -61,8 +62,8 @@ def load_runs(folders: list[str], exclude: tuple = ()) -> list[dict]:
                 opener = gzip.open if name.endswith(".gz") else open
                 with opener(path, "rt") as f:
                     doc = json.load(f)
-                if str(doc["meta"].get("split", "")).startswith("tune"):
-                    break  # a --tuning run (trained and scored on the tune split): never reported
+                if str(doc["meta"].get("split", "")).startswith("tune") != tuning:
+                    break  # a --tuning run (trained and scored on the tune split) is never reported
                 # Runs of another model preset are another variant ("a.gpu-wide"): the
                 # same scenario on a different model is not paired with the gpu preset's runs.
                 preset = doc["meta"].get("preset", "gpu")
@@ -209,33 +210,53 @@ def format_arm_table(stats: list[dict]) -> str:
     return tabulate(table, headers=head, tablefmt="github")
 
 
-def plot_frontier(stats: list[dict], title: str, path: Path) -> None:
-    """Quality gap vs high-path FLOPs, one point per arm (mean, sd bars)."""
+def _figure():
+    """A figure for one plot of this module (Agg backend: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save(fig, ax, title: str, xlabel: str, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _arm_colors(arms: list) -> dict:
+    """One colour per arm name, the same in every plot of a run."""
+    import matplotlib.pyplot as plt
+
     colors = plt.get_cmap("tab20").colors
-    for i, a in enumerate(stats):
+    return {a: colors[(2 * i) % 20 + (2 * i) // 20 % 2] for i, a in enumerate(sorted(arms))}
+
+
+def plot_frontier(stats: list[dict], title: str, path: Path) -> None:
+    """Quality gap vs high-path FLOPs, one point per arm (mean, sd bars)."""
+    fig, ax = _figure()
+    colors = _arm_colors([a["arm"] for a in stats])
+    for a in stats:
         if not a["gaps"]:
             continue
         m = statistics.fmean(a["gaps"])
         sd = statistics.stdev(a["gaps"]) if len(a["gaps"]) > 1 else 0.0
         x = max(a["flops_high"], 0.1)  # log axis: always_low (0%) drawn at 0.1%
         style = "o" if a["arm"].startswith("gnmr") else "s"
-        ax.errorbar([x], [m], yerr=[sd], fmt=style, capsize=3, color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
+        ax.errorbar([x], [m], yerr=[sd], fmt=style, capsize=3, color=colors[a["arm"]],
                     label=f"{a['arm']} (n={len(a['gaps'])})")
     ax.set_xscale("log")
-    ax.set_xlabel("% of the units' FLOPs on the high path (always_low drawn at 0.1)")
-    ax.set_ylabel("final val loss gap to always_high, %")
-    ax.set_title(title)
     ax.axhline(0, color="grey", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, title, "% of the units' FLOPs on the high path (always_low drawn at 0.1)",
+          "final val loss gap to always_high, %", path)
 
 
 def mean_val_curves(runs: list[dict], variant: str, lr: float) -> dict:
@@ -261,44 +282,21 @@ def mean_val_curves(runs: list[dict], variant: str, lr: float) -> dict:
     return out
 
 
-def _arm_colors(arms: list) -> dict:
-    import matplotlib.pyplot as plt
-
-    colors = plt.get_cmap("tab20").colors
-    return {a: colors[(2 * i) % 20 + (2 * i) // 20 % 2] for i, a in enumerate(sorted(arms))}
-
-
 def plot_val_curves(curves: dict, title: str, path: Path) -> None:
     """Validation loss vs step, one line per arm (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure()
     colors = _arm_colors(list(curves))
     for arm, (steps, loss, n) in curves.items():
         if steps:
             style = "-" if arm.startswith("gnmr") or arm.startswith("always") else "--"
             ax.plot(steps, loss, style, color=colors[arm], label=f"{arm} (n={n})", lw=1.4)
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("val loss (nats / byte, mean over seeds)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, title, "optimizer step", "val loss (nats / byte, mean over seeds)", path)
 
 
 def plot_lr_sensitivity(ranges: list[dict], title: str, path: Path) -> None:
     """Final val loss vs LR per arm (Wortsman et al. 2023's LR-sensitivity curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure()
     colors = _arm_colors([a["arm"] for a in ranges])
     for a in ranges:
         lrs = [lr for lr in sorted(a["cells"]) if math.isfinite(a["cells"][lr][0])]
@@ -306,13 +304,7 @@ def plot_lr_sensitivity(ranges: list[dict], title: str, path: Path) -> None:
             ax.plot(lrs, [a["cells"][lr][0] for lr in lrs], "o-", color=colors[a["arm"]],
                     label=f"{a['arm']} (n={'/'.join(str(a['cells'][lr][1]) for lr in lrs)})")
     ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final val loss (mean over seeds)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, title, "peak learning rate", "final val loss (mean over seeds)", path)
 
 
 def lr_ranges(runs: list[dict], variant: str, healthy: float) -> list[dict]:

@@ -319,9 +319,9 @@ def test_pick_high_start_writes_a_val_call_from_tune_runs_only(tmp_path):
     def results(split, rows):
         runs = {}
         for regime, arm, val, flops in rows:
-            runs.setdefault(regime, []).append(dict(arm=arm, seed=100, final_val=val, flop_high_pct=flops,
-                                                    diverged=False))
-        return {"meta": {"split": split}, "scenarios": {
+            runs.setdefault(regime, []).append(dict(arm=arm, seed=100, lr=3e-3, final_val=val,
+                                                    flop_high_pct=flops, diverged=False))
+        return {"meta": {"split": split, "date_utc": "today"}, "scenarios": {
             f"{g}_lr0.003": {"config": {"key": g}, "runs": r} for g, r in runs.items()}}
 
     rows = [(g, a, v, f) for g in ("a", "e-mxfp4_sr") for a, v, f in (
@@ -343,4 +343,4 @@ def test_pick_high_start_writes_a_val_call_from_tune_runs_only(tmp_path):
     for words in lines:
         build_parser().parse_args(["bench", "stability", *words[1:], "--out", "/tmp/unused"])
     with pytest.raises(SystemExit, match="no tune always_high"):
-        pick.choose(pick.load_runs([str(tmp_path / "val")]), regimes=("a",))
+        pick.choose(pick.load_runs([str(tmp_path / "val")], tuning=True), regimes=("a",))
