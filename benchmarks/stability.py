@@ -192,6 +192,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuning", action="store_true",
                         help="train and evaluate on the tune split (for choosing thresholds; never report these)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/out/stability-<preset>)")
+    parser.add_argument("--pretrain-cache", default=None, metavar="DIR",
+                        help="scenario d: share the always_high pretraining checkpoint of a seed through DIR "
+                             "(keyed by model, preset, pretraining LR and steps, precision, split and seed; a "
+                             "file lock makes concurrent benches wait for the first one's run instead of "
+                             "pretraining again), so fine-tuning arms split over several benches start from "
+                             "the same weights")
     parser.add_argument("--no-plots", action="store_true")
 
 
@@ -220,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, lr=lr if lr is not None else s.lr,
                   preset=preset_name, preset_obj=_preset_dict(preset), arms=[a.name for a in arms],
                   device=device, backend=backend, threads=args.threads, out=str(out), dispatch=args.dispatch,
-                  split="tune" if args.tuning else "val")
+                  split="tune" if args.tuning else "val", pretrain_cache=args.pretrain_cache)
              for seed in args.seeds for s in scenarios.values() for lr in (args.lrs or [None])]
     # Seed-major, so a deadline cuts whole later seeds rather than whole
     # scenarios; within a seed the longest first (d also pretrains).
@@ -533,11 +539,18 @@ def run_task(task: dict) -> dict:
     if s.finetune:
         # The earlier high-precision run; its checkpoint (weights only) is
         # what every fine-tuning arm starts from.
-        pre = train_arm("pretrain", parse_arm("always_high"), p.pretrain_steps, s.pretrain_lr, data_seed, init)
-        ckpt = Path(task["out"]) / f"ckpt_{s.key}_seed{seed}.pt"
-        torch.save(_weights(model), ckpt)
+        def pretrain_run() -> dict:
+            pre = train_arm("pretrain", parse_arm("always_high"), p.pretrain_steps, s.pretrain_lr, data_seed, init)
+            return {k: pre[k] for k in ("seed", "steps", "final_val", "best_val", "wall_s", "val")}
+
+        if task.get("pretrain_cache"):
+            ckpt, pretrain = cached_pretrain(Path(task["pretrain_cache"]), pretrain_key(task, s), pretrain_run,
+                                             lambda path: torch.save(_weights(model), path))
+        else:
+            pretrain = pretrain_run()
+            ckpt = Path(task["out"]) / f"ckpt_{s.key}_seed{seed}.pt"
+            torch.save(_weights(model), ckpt)
         init = torch.load(ckpt, weights_only=True, map_location=device)
-        pretrain = {k: pre[k] for k in ("seed", "steps", "final_val", "best_val", "wall_s", "val")}
         pretrain["checkpoint"] = str(ckpt)
         data_seed += 1  # fine-tune on fresh batches
     tuned: dict = {}
@@ -552,6 +565,45 @@ def run_task(task: dict) -> dict:
     return {"scenario": s.key, "seed": seed, "lr": lr, "units": names, "costs": costs.tolist(),
             "runs": runs, "pretrain": pretrain,
             "static_tuning": {k: v for k, v in tuned.items() if k != "gain"} or None}
+
+
+def pretrain_key(task: dict, s: "Scenario") -> str:
+    """What decides a pretraining run's weights: the model and preset, the
+    pretraining LR and steps, the split, the seed and where it runs (the
+    recipe does not: the pretraining is always_high, every unit on the high
+    path)."""
+    import hashlib
+    what = {"preset": task["preset_obj"], "pretrain_lr": s.pretrain_lr, "split": task["split"],
+            "seed": task["seed"], "device": task["device"], "backend": task["backend"],
+            "dispatch": task.get("dispatch", "host")}
+    digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"pretrain_seed{task['seed']}_{digest}"
+
+
+def cached_pretrain(cache: Path, key: str, run, save) -> tuple:
+    """(checkpoint path, pretraining record) for ``key`` in ``cache``: the
+    first caller runs ``run()`` and ``save(path)`` under an exclusive file
+    lock; callers that come while it runs wait on the lock, then read its
+    checkpoint. A record is written only after its checkpoint, so a bench
+    killed mid-pretraining leaves nothing a later one would trust."""
+    import fcntl
+    cache.mkdir(parents=True, exist_ok=True)
+    ckpt, meta = cache / f"{key}.pt", cache / f"{key}.json"
+    with open(cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if meta.exists() and ckpt.exists():
+                record = json.loads(meta.read_text())
+                record["shared"] = True  # this bench did not run it
+                return ckpt, record
+            record = run()
+            tmp = cache / f"{key}.pt.tmp"
+            save(tmp)
+            os.replace(tmp, ckpt)
+            meta.write_text(json.dumps(record))
+            return ckpt, dict(record, shared=False)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def tune_static_set(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, lr: float, autocast,

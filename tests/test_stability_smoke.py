@@ -344,3 +344,56 @@ def test_pick_high_start_writes_a_val_call_from_tune_runs_only(tmp_path):
         build_parser().parse_args(["bench", "stability", *words[1:], "--out", "/tmp/unused"])
     with pytest.raises(SystemExit, match="no tune always_high"):
         pick.choose(pick.load_runs([str(tmp_path / "val")], tuning=True), regimes=("a",))
+
+
+def test_fine_tuning_benches_share_one_pretraining_through_the_cache(tmp_path):
+    """Scenario d split over benches (and recipes): with --pretrain-cache the second bench
+    does not pretrain again, and both fine-tune from the same checkpoint."""
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    cache = tmp_path / "cache"
+    docs = []
+    for name, scen, arm in (("b1", "d", "always_high"), ("b2", "d-mxfp4", "always_low")):
+        args = parser.parse_args(["--preset", "smoke", "--scenarios", scen, "--seeds", "0", "--no-plots",
+                                  "--arms", arm, "--out", str(tmp_path / name), "--pretrain-cache", str(cache)])
+        assert stability.run(args) == 0
+        docs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    (pre1,), (pre2,) = (next(iter(d["scenarios"].values()))["pretrain"] for d in docs)
+    assert (pre1["shared"], pre2["shared"]) == (False, True)
+    assert pre1["checkpoint"] == pre2["checkpoint"] and pre1["val"] == pre2["val"]
+    assert len(list(cache.glob("*.pt"))) == 1 and not list(cache.glob("*.tmp"))
+    # Another seed is another pretraining.
+    args = parser.parse_args(["--preset", "smoke", "--scenarios", "d", "--seeds", "1", "--no-plots",
+                              "--arms", "always_high", "--out", str(tmp_path / "b3"), "--pretrain-cache", str(cache)])
+    assert stability.run(args) == 0
+    assert len(list(cache.glob("*.pt"))) == 2
+    # Both benches of seed 0 start fine-tuning from the same weights: their first train
+    # losses (before any update of the arm) are the same to fp32 rounding.
+    l1 = next(iter(docs[0]["scenarios"].values()))["runs"][0]["train_loss"][0]
+    l2 = next(iter(docs[1]["scenarios"].values()))["runs"][0]["train_loss"][0]
+    assert abs(l1 - l2) < 0.05 * abs(l1)
+
+
+def test_pretrain_cache_waits_for_the_first_run_and_keeps_no_partial_checkpoint(tmp_path):
+    calls = []
+
+    def run():
+        calls.append(1)
+        return {"final_val": 1.5}
+
+    def save(path):
+        torch.save({"w": torch.ones(2)}, path)
+
+    ckpt, rec = stability.cached_pretrain(tmp_path, "k", run, save)
+    assert rec["shared"] is False and ckpt.exists()
+    ckpt2, rec2 = stability.cached_pretrain(tmp_path, "k", run, save)
+    assert (ckpt2, rec2["shared"], rec2["final_val"], len(calls)) == (ckpt, True, 1.5, 1)
+
+    def boom(path):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        stability.cached_pretrain(tmp_path, "k2", run, boom)
+    assert not (tmp_path / "k2.json").exists()  # a later bench pretrains again
+    _, rec3 = stability.cached_pretrain(tmp_path, "k2", run, save)
+    assert rec3["shared"] is False and len(calls) == 3
