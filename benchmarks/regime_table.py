@@ -12,9 +12,10 @@ mean validation curves per arm; and, per variant run at several LRs, the
 LR-sensitivity table (and, with ``--plots``, its curves).
 
 A regime *counts* (the evidence issue's rule) when always_high is healthy at
-that LR (it did not diverge and its final val is within ``--healthy`` % (10) of the best always_high of
-the same scenario over the sweep) and always_low is clearly worse: a mean
-paired gap of at least ``--min-gap`` % or a divergence.
+that LR (it did not diverge, its final val is within ``--healthy`` % (10) of the best always_high of
+the same scenario over the sweep, and its validation loss never rose more than ``--rise`` % (5) above
+its lowest value so far: a run that got worse on the way is unstable even where it is the only LR
+run) and always_low is clearly worse: a mean paired gap of at least ``--min-gap`` % or a divergence.
 
     gnmr-fx bench regimes benchmarks/results/gpu/*
 """
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-gap", type=float, default=3.0, help="%% val-loss gap that makes a regime count")
     parser.add_argument("--healthy", type=float, default=10.0,
                         help="%% above the sweep's best always_high within which always_high is healthy")
+    parser.add_argument("--rise", type=float, default=5.0,
+                        help="%% by which always_high's validation loss may rise above its lowest value so far "
+                             "and still be healthy")
     parser.add_argument("--exclude", nargs="*", default=[], metavar="FOLDER:VARIANT",
                         help="leave out one scenario variant of one folder (a run known to be broken), "
                              "e.g. search2:e-mxfp8")
@@ -91,7 +95,24 @@ def _check_unique(runs: list[dict]) -> None:
         seen[key] = r["source"]
 
 
-def regime_rows(runs: list[dict], min_gap: float, healthy: float) -> list[dict]:
+def val_rise_pct(val: list) -> float:
+    """Largest rise of a validation curve above its lowest value so far, in %
+    (0 for a curve that only falls; inf where a value is not finite).
+
+    >>> val_rise_pct([[250, 2.0], [500, 1.5], [750, 1.8], [1000, 1.2]])
+    20.0
+    """
+    lowest, rise = math.inf, 0.0
+    for _, v in val:
+        if v is None or not math.isfinite(v):
+            return math.inf
+        if math.isfinite(lowest):
+            rise = max(rise, 100.0 * (v - lowest) / lowest)
+        lowest = min(lowest, v)
+    return round(rise, 6)
+
+
+def regime_rows(runs: list[dict], min_gap: float, healthy: float, rise: float = 5.0) -> list[dict]:
     by_key: dict = {}
     for r in runs:
         by_key.setdefault((r["variant"], r["lr"]), []).append(r)
@@ -113,13 +134,21 @@ def regime_rows(runs: list[dict], min_gap: float, healthy: float) -> list[dict]:
             arms.setdefault(r["arm"], []).append((r["seed"], gap, r["diverged"], r.get("flop_high_pct", 0.0)))
         finite_high = [v for v in high.values() if v is not None and math.isfinite(v)]
         mean_high = statistics.fmean(finite_high) if finite_high else math.nan
-        is_healthy = math.isfinite(mean_high) and mean_high <= best_high[variant] * (1 + healthy / 100.0)
+        high_rise = max((val_rise_pct(r.get("val") or []) for r in rs if r["arm"] == "always_high"), default=0.0)
+        why = ""
+        if not math.isfinite(mean_high):
+            why = "diverged"
+        elif mean_high > best_high[variant] * (1 + healthy / 100.0):
+            why = f"{100.0 * (mean_high / best_high[variant] - 1):+.0f}% vs best LR"
+        elif high_rise > rise:
+            why = f"val rose {high_rise:.0f}%"
+        is_healthy = not why
         low = arms.get("always_low", [])
         finite_low = [g for _, g, _, _ in low if math.isfinite(g)]
         low_gap = statistics.fmean(finite_low) if finite_low else math.inf
         counts = is_healthy and bool(low) and (low_gap >= min_gap or any(d for _, _, d, _ in low))
         rows.append({"variant": variant, "lr": lr, "seeds": sorted(high), "high": mean_high,
-                     "healthy": is_healthy, "arms": arms, "low_gap": low_gap, "counts": counts,
+                     "healthy": is_healthy, "unhealthy": why, "arms": arms, "low_gap": low_gap, "counts": counts,
                      "sources": sorted({r["source"] for r in rs})})
     return rows
 
@@ -151,7 +180,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         others = sorted(set(r["arms"]) - {"always_low"})
         table.append([r["variant"], f"{r['lr']:g}", ",".join(map(str, r["seeds"])), f"{r['high']:.3f}",
-                      "yes" if r["healthy"] else "no",
+                      "yes" if r["healthy"] else f"no ({r['unhealthy']})",
                       _fmt_arm(r["arms"]["always_low"]) if "always_low" in r["arms"] else "-",
                       "**yes**" if r["counts"] else "no", len(others),
                       ", ".join(sorted({src.split("/")[0] for src in r["sources"]}))])
@@ -359,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         from gnmr_fx.arguments import InputError
 
         raise InputError(f"no results.json(.gz) under {' '.join(args.folders)}")
-    rows = regime_rows(runs, args.min_gap, args.healthy)
+    rows = regime_rows(runs, args.min_gap, args.healthy, args.rise)
     parts = [format_rows(rows)]
     for r in rows:
         # Every regime that counts and ran arms beyond the two references.

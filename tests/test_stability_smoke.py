@@ -191,6 +191,32 @@ def test_regime_table_counts_only_healthy_high_and_clear_low_gap(tmp_path):
     assert set(stats) == {"always_high", "always_low"} and stats["always_low"]["gaps"] == [pytest.approx(5.0)]
 
 
+def test_regime_table_an_always_high_whose_val_rose_is_not_healthy(tmp_path):
+    """The only LR of a sweep is its own best: health also needs a validation curve that
+    did not climb on the way (s19a's gpu-wide always_high: 2.37 -> 2.61 -> 2.20)."""
+    import gzip
+    import json
+
+    from gnmr_fx.benchmarks import regime_table
+
+    def run(arm, val_curve):
+        return {"arm": arm, "seed": 0, "lr": 3e-3, "final_val": val_curve[-1][1], "diverged": False,
+                "flop_high_pct": 0.0, "val": val_curve}
+
+    for curve, healthy in (([[250, 2.37], [500, 2.61], [750, 2.20]], False),   # rose 10%
+                           ([[250, 2.37], [500, 2.40], [750, 2.20]], True)):   # rose 1.3%: noise
+        doc = {"meta": {"date_utc": "today"}, "scenarios": {"x": {"config": {"key": "x"}, "runs": [
+            run("always_high", curve), run("always_low", [[250, 2.5], [750, 2.4]])]}}}
+        folder = tmp_path / str(healthy)
+        folder.mkdir()
+        with gzip.open(folder / "results.json.gz", "wt") as f:
+            json.dump(doc, f)
+        (row,) = regime_table.regime_rows(regime_table.load_runs([str(folder)]), 3.0, 10.0, 5.0)
+        assert (row["healthy"], row["counts"]) == (healthy, healthy)
+        assert ("no (val rose 10%)" in regime_table.format_rows([row])) is not healthy
+    assert regime_table.val_rise_pct([[1, 1.0], [2, float("nan")]]) == float("inf")
+
+
 def test_regime_table_reads_call_folders_and_refuses_a_run_counted_twice(tmp_path):
     import gzip
     import json
