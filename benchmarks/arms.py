@@ -14,6 +14,10 @@ low+zclip            always_low + ZClip: EMA mean/variance of the global
                      gradient norm, clip to mean + 2.5 std when z > 2.5
 static@k             the first ceil(k/2) and last floor(k/2) units always high
                      (torchao / Megatron "first/last layers in bf16")
+static=REGEX         the units whose names match REGEX (``re.search``)
+                     always high: the practitioner's named choice, e.g.
+                     ``static=attn.matmul`` (the attention matmuls); a
+                     pattern that matches no unit is an error
 static_tuned@k       the k units (or the FLOP budget) that help most when kept
                      high, measured on the *tune* split (see
                      ``stability.tune_static_set``), always high: the best
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -53,7 +58,8 @@ import torch
 
 from gnmr_fx.arguments import InputError, parse_max_o
 
-ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "static_tuned", "random", "high_first", "gnmr")
+ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "static_named", "static_tuned", "random",
+             "high_first", "gnmr")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class ArmSpec:
     """gnmr arms: the high start (steps, or a fraction of the run); 0 none."""
     plan_lag: int = 0
     """gnmr arms: ``GNMRConfig.plan_lag``."""
+    units: str = ""
+    """static_named arms: the regular expression naming the units kept high."""
 
     def __post_init__(self) -> None:
         if self.kind not in ARM_KINDS:
@@ -97,7 +105,7 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
 
 
 _BUDGET_KINDS = ("static", "static_tuned", "random", "high_first", "gnmr")
-ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static_tuned@K, random@K, "
+ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, random@K, "
              "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N, any gnmr form +lag")
 
 
@@ -108,14 +116,25 @@ def parse_arm(name: str) -> ArmSpec:
     :class:`~gnmr_fx.arguments.InputError` naming the valid forms.
 
     >>> parse_arm("gnmr@10%")
-    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0, plan_lag=0)
+    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0, plan_lag=0, units='')
     >>> parse_arm("gnmr@0.05").name
     'gnmr@5%'
     >>> parse_arm("gnmr@2+high_first@0.05")
-    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05, plan_lag=0)
+    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05, plan_lag=0, units='')
     >>> parse_arm("gnmr@10%+lag").plan_lag
     1
+    >>> parse_arm("static=attn.matmul").units
+    'attn.matmul'
     """
+    if name.startswith("static="):
+        pattern = name[len("static="):]
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"arm {name!r}: {pattern!r} is not a regular expression ({e})") from None
+        if not pattern:
+            raise InputError(f"arm {name!r}: static=REGEX needs a pattern naming the units to keep high")
+        return ArmSpec(name, "static_named", units=pattern)
     if name.endswith("+lag"):
         spec = parse_arm(name[: -len("+lag")])
         if spec.kind != "gnmr" or spec.plan_lag:
@@ -160,6 +179,20 @@ def budget_units(budget: Union[int, float], costs: torch.Tensor) -> int:
         return min(budget, costs.numel())
     cap = budget * float(costs.sum())
     return int((torch.cumsum(costs.sort().values, 0) <= cap * (1 + 1e-6)).sum())
+
+
+def named_units_plan(pattern: str, names: list) -> torch.Tensor:
+    """The plan of a ``static=REGEX`` arm: the units whose names match.
+    A pattern matching no unit raises, naming a few of the units there are.
+
+    >>> named_units_plan("attn.matmul", ["b0.attn.qkv", "b0.attn.matmul", "b0.attn.matmul_1"]).tolist()
+    [False, True, True]
+    """
+    plan = torch.tensor([re.search(pattern, n) is not None for n in names], dtype=torch.bool)
+    if not plan.any():
+        raise InputError(f"arm static={pattern}: the pattern matches none of the {len(names)} units "
+                         f"(e.g. {', '.join(names[:4])})")
+    return plan
 
 
 class StaticPlan:

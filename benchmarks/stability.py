@@ -52,6 +52,7 @@ from gnmr_fx.benchmarks.arms import (
     ZClip,
     budget_units,
     high_first_steps,
+    named_units_plan,
     parse_arm,
     pick_by_gain,
 )
@@ -169,7 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"scenarios ({', '.join(SCENARIOS)}); S-RECIPE runs scenario S with another recipe, "
                              "e.g. e-mxfp4 (several variants of one scenario can run in one call)")
     parser.add_argument("--arms", nargs="+", type=arm_argument, default=list(DEFAULT_ARMS),
-                        help="arm names (always_high, always_low, low+clip, low+zclip, static@K, random@K, gnmr@K / gnmr@P%%)")
+                        help="arm names (always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, "
+                             "random@K, high_first@N, gnmr@K / gnmr@P%%)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="+", type=positive_float, default=None,
                         help="learning-rate sweep: one task per (scenario, seed, LR) instead of the scenario's LR")
@@ -458,6 +460,8 @@ def run_task(task: dict) -> dict:
         k = budget_units(arm.budget, costs) if arm.kind in ("static", "random") else 0
         if arm.kind == "static":
             driver = StaticPlan(len(names), k)
+        elif arm.kind == "static_named":
+            driver = StaticPlan(len(names), plan=named_units_plan(arm.units, names))
         elif arm.kind == "static_tuned":
             driver = StaticPlan(len(names), plan=pick_by_gain(tuned["gain"], costs, arm.budget))
         elif arm.kind == "high_first":

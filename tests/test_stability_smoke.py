@@ -254,7 +254,7 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     stability.add_arguments(parser)
     args = parser.parse_args(["--preset", "smoke", "--scenarios", "e", "--seeds", "0", "--no-plots",
                               "--arms", "always_high", "static_tuned@2", "high_first@50%", "high_first@1",
-                              "gnmr@1+high_first@2", "gnmr@1+lag", "--out", str(tmp_path)])
+                              "gnmr@1+high_first@2", "gnmr@1+lag", "static=fc", "--out", str(tmp_path)])
     assert stability.run(args) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     runs = {r["arm"]: r for r in doc["scenarios"]["e"]["runs"]}
@@ -272,6 +272,9 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     hs = runs["gnmr@1+high_first@2"]["plans"]
     assert hs[:2] == [every] * 2 and all(len(p) <= 1 for p in hs[2:])
     assert (runs["gnmr@1+high_first@2"]["high_start_steps"], runs["gnmr@1+high_first@2"]["plan_lag"]) == (2, 0)
+    # static=REGEX: the units whose names match, high on every step.
+    fc = [i for i, u in enumerate(units) if "fc" in u]
+    assert fc and runs["static=fc"]["plans"] == [fc] * 6
     # +lag: that arm ran with plan_lag=1 (read back from the runtime), the others with 0.
     assert runs["gnmr@1+lag"]["plan_lag"] == 1 and runs["static_tuned@2"]["plan_lag"] == 0
 
@@ -423,3 +426,11 @@ def test_pretrain_cache_waits_for_the_first_run_and_keeps_no_partial_checkpoint(
     assert not (tmp_path / "k2.json").exists()  # a later bench pretrains again
     _, rec3 = stability.cached_pretrain(tmp_path, "k2", run, save)
     assert rec3["shared"] is False and len(calls) == 3
+
+
+def test_static_named_arm_rejects_a_pattern_that_names_no_unit():
+    with pytest.raises(InputError, match="matches none of the 2 units"):
+        arms.named_units_plan("attn.matmul", ["blocks.0.fc", "blocks.0.out"])
+    for bad in ("static=", "static=(unclosed"):
+        with pytest.raises(InputError, match="static="):
+            arms.parse_arm(bad)
