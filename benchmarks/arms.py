@@ -31,6 +31,9 @@ gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
                      units, a float is a fraction of the units' FLOPs)
 gnmr@m+high_first@n  GNMR with a high start: every unit high for the first
                      n steps (``GNMRConfig.high_start_steps``), then GNMR
+gnmr@m+lock@n        GNMR with ``lock_steps = n`` (default 10) and
+                     ``max_lock_steps = max(50, 5 n)`` (the default's five
+                     locks): units stay high longer once triggered
 gnmr@m+lag           (after any of the gnmr forms) ``GNMRConfig.plan_lag=1``:
                      units that read the host plan (real kernels; emulated
                      units on a GPU) follow the plan one step late
@@ -75,6 +78,8 @@ class ArmSpec:
     """gnmr arms: ``GNMRConfig.plan_lag``."""
     units: str = ""
     """static_named arms: the regular expression naming the units kept high."""
+    lock_steps: int = 0
+    """gnmr arms: ``GNMRConfig.lock_steps`` (0: the config's)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ARM_KINDS:
@@ -106,7 +111,7 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
 
 _BUDGET_KINDS = ("static", "static_tuned", "random", "high_first", "gnmr")
 ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, random@K, "
-             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N, any gnmr form +lag")
+             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N, gnmr@K+lock@N, any gnmr form +lag")
 
 
 def parse_arm(name: str) -> ArmSpec:
@@ -116,13 +121,15 @@ def parse_arm(name: str) -> ArmSpec:
     :class:`~gnmr_fx.arguments.InputError` naming the valid forms.
 
     >>> parse_arm("gnmr@10%")
-    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0, plan_lag=0, units='')
+    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0, plan_lag=0, units='', lock_steps=0)
     >>> parse_arm("gnmr@0.05").name
     'gnmr@5%'
     >>> parse_arm("gnmr@2+high_first@0.05")
-    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05, plan_lag=0, units='')
+    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05, plan_lag=0, units='', lock_steps=0)
     >>> parse_arm("gnmr@10%+lag").plan_lag
     1
+    >>> parse_arm("gnmr@10%+lock@100+lag").lock_steps
+    100
     >>> parse_arm("static=attn.matmul").units
     'attn.matmul'
     """
@@ -141,6 +148,15 @@ def parse_arm(name: str) -> ArmSpec:
             raise InputError(f"arm {name!r}: +lag (GNMRConfig.plan_lag=1) goes once, after a gnmr arm; "
                              "the other arms' plans do not change with the controller")
         return dataclasses.replace(spec, name=f"{spec.name}+lag", plan_lag=1)
+    base, plus, lock = name.rpartition("+lock@")
+    if plus:
+        spec = parse_arm(base)
+        if spec.kind != "gnmr" or spec.lock_steps or spec.plan_lag:
+            raise InputError(f"arm {name!r}: +lock@N (GNMRConfig.lock_steps) goes once, after a gnmr arm "
+                             "and before +lag")
+        if not lock.isdigit() or not 1 <= int(lock) <= 1_000_000:
+            raise InputError(f"arm {name!r}: +lock@N needs N, the lock in steps, an int in [1, 1000000]")
+        return dataclasses.replace(spec, name=f"{spec.name}+lock@{int(lock)}", lock_steps=int(lock))
     base, plus, start = name.partition("+high_first@")
     if plus:
         spec = parse_arm(base)

@@ -455,6 +455,9 @@ def run_task(task: dict) -> dict:
         cfg = base.replace(policy=arm.policy, max_o=arm.budget if arm.kind == "gnmr" else 0,
                            high_start_steps=high_first_steps(arm.high_start, steps) if arm.high_start else 0,
                            plan_lag=arm.plan_lag)
+        if arm.lock_steps:
+            cfg = cfg.replace(lock_steps=arm.lock_steps,
+                              max_lock_steps=max(base.max_lock_steps, 5 * arm.lock_steps))
         ctl = rt.reset_controller(cfg)  # a fresh controller per arm on the shared compiled graphs
         driver = None
         k = budget_units(arm.budget, costs) if arm.kind in ("static", "random") else 0
@@ -529,6 +532,7 @@ def run_task(task: dict) -> dict:
             "n_clipped": getattr(clip, "n_clipped", None),
             # What the arm's controller ran with (read back from the runtime, not the arm's name).
             "plan_lag": rt.plan_lag, "high_start_steps": ctl.config.high_start_steps,
+            "lock_steps": ctl.config.lock_steps, "max_lock_steps": ctl.config.max_lock_steps,
         }
         rec.update(run_metrics(losses, vals, plan_t, costs, diverged))
         rec["triggers"] = int(trig_t.sum())

@@ -254,7 +254,7 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     stability.add_arguments(parser)
     args = parser.parse_args(["--preset", "smoke", "--scenarios", "e", "--seeds", "0", "--no-plots",
                               "--arms", "always_high", "static_tuned@2", "high_first@50%", "high_first@1",
-                              "gnmr@1+high_first@2", "gnmr@1+lag", "static=fc", "--out", str(tmp_path)])
+                              "gnmr@1+high_first@2", "gnmr@1+lag", "static=fc", "gnmr@1+lock@20", "--out", str(tmp_path)])
     assert stability.run(args) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     runs = {r["arm"]: r for r in doc["scenarios"]["e"]["runs"]}
@@ -272,6 +272,9 @@ def test_tuned_static_and_high_first_arms_follow_their_plans(tmp_path):
     hs = runs["gnmr@1+high_first@2"]["plans"]
     assert hs[:2] == [every] * 2 and all(len(p) <= 1 for p in hs[2:])
     assert (runs["gnmr@1+high_first@2"]["high_start_steps"], runs["gnmr@1+high_first@2"]["plan_lag"]) == (2, 0)
+    # +lock@N: that arm's controller ran with lock_steps N and max_lock_steps max(50, 5 N).
+    assert (runs["gnmr@1+lock@20"]["lock_steps"], runs["gnmr@1+lock@20"]["max_lock_steps"]) == (20, 100)
+    assert (runs["gnmr@1+lag"]["lock_steps"], runs["gnmr@1+lag"]["max_lock_steps"]) == (10, 50)
     # static=REGEX: the units whose names match, high on every step.
     fc = [i for i, u in enumerate(units) if "fc" in u]
     assert fc and runs["static=fc"]["plans"] == [fc] * 6
@@ -434,3 +437,10 @@ def test_static_named_arm_rejects_a_pattern_that_names_no_unit():
     for bad in ("static=", "static=(unclosed"):
         with pytest.raises(InputError, match="static="):
             arms.parse_arm(bad)
+
+
+@pytest.mark.parametrize("bad", ["static@2+lock@5", "gnmr@2+lock@0", "gnmr@2+lock@x", "gnmr@2+lock@5+lock@6",
+                                 "gnmr@2+lag+lock@5"])
+def test_lock_arm_goes_once_after_a_gnmr_arm(bad):
+    with pytest.raises(InputError, match="lock@N"):
+        arms.parse_arm(bad)
