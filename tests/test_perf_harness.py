@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 
 import pytest
@@ -127,3 +128,32 @@ def test_fake_quant_reference_is_what_always_low_computes(dispatch):
     assert torch.equal(loss, ref_loss)
     for p, q in zip(gpt.parameters(), ref.gpt.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_perf_call_runs_parts_in_turn_under_the_budget_and_bundles_after_each(tmp_path):
+    """benchmarks/perf_call.sh: each part gets its own timeout (cut to what is left of
+    BUDGET), a part with under 30 s left is skipped, and $OUT/perf.tgz holds every part's
+    output even when a part times out."""
+    import subprocess
+    import tarfile
+
+    spec = tmp_path / "c.perf"
+    spec.write_text("# parts\n"
+                    "a 60 env FOO=\"x y\" bash -c 'echo \"[$FOO]\" > \"$OUT/a.txt\"'\n"
+                    "b 2 sleep 20\n"
+                    "c 600 true\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUDGET="50")
+    res = subprocess.run(["bash", "benchmarks/perf_call.sh", str(spec)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    log = res.stdout
+    assert "a: rc=0" in log and "b: rc=124" in log  # b's own 2 s timeout
+    assert "== c (timeout" in log and "(timeout 600s)" not in log  # c cut to what is left of 50 s
+    with tarfile.open(out / "perf.tgz") as tar:
+        names = tar.getnames()
+        assert "./a/a.txt" in names and "./call.log" in names
+        assert tar.extractfile("./a/a.txt").read() == b"[x y]\n"
+    bad = subprocess.run(["bash", "benchmarks/perf_call.sh", str(tmp_path / "missing")], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
