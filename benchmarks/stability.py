@@ -194,6 +194,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuning", action="store_true",
                         help="train and evaluate on the tune split (for choosing thresholds; never report these)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/out/stability-<preset>)")
+    parser.add_argument("--per-arm", action="store_true",
+                        help="one task (worker process) per arm instead of one per (scenario, seed, LR): with "
+                             "--jobs N, N arms train side by side (one GPU shared under CUDA MPS); scenario d's "
+                             "arms of a seed then share one pretraining (--pretrain-cache, default OUT/pretrain)")
     parser.add_argument("--pretrain-cache", default=None, metavar="DIR",
                         help="scenario d: share the always_high pretraining checkpoint of a seed through DIR "
                              "(keyed by model, preset, pretraining LR and steps, precision, split and seed; a "
@@ -225,11 +229,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"benchmarks/out/stability-{preset_name}")
     out.mkdir(parents=True, exist_ok=True)
     jobs = max(1, args.jobs if args.jobs is not None else preset.jobs)
+    pretrain_cache = args.pretrain_cache
+    if args.per_arm and pretrain_cache is None and any(s.finetune for s in scenarios.values()):
+        pretrain_cache = str(out / "pretrain")
+    arm_groups = [[a.name] for a in arms] if args.per_arm else [[a.name for a in arms]]
     tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, lr=lr if lr is not None else s.lr,
-                  preset=preset_name, preset_obj=_preset_dict(preset), arms=[a.name for a in arms],
+                  preset=preset_name, preset_obj=_preset_dict(preset), arms=group,
                   device=device, backend=backend, threads=args.threads, out=str(out), dispatch=args.dispatch,
-                  split="tune" if args.tuning else "val", pretrain_cache=args.pretrain_cache)
-             for seed in args.seeds for s in scenarios.values() for lr in (args.lrs or [None])]
+                  split="tune" if args.tuning else "val", pretrain_cache=pretrain_cache)
+             for seed in args.seeds for s in scenarios.values() for lr in (args.lrs or [None])
+             for group in arm_groups]
     # Seed-major, so a deadline cuts whole later seeds rather than whole
     # scenarios; within a seed the longest first (d also pretrains).
     tasks.sort(key=lambda t: (args.seeds.index(t["seed"]), -int(t["scenario"]["finetune"])))
@@ -241,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": {
             "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
             "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
-            "lrs": args.lrs, "dispatch": args.dispatch, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
+            "lrs": args.lrs, "per_arm": args.per_arm, "dispatch": args.dispatch, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
             "threads_per_job": args.threads, "split": "tune (tuning run)" if args.tuning else "train / val",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
@@ -260,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
             cfg = dict(dataclasses.asdict(s), lr=lr)
             doc["scenarios"][_group_key(key, lr, args.lrs)] = {
                 "config": cfg, "units": group[0]["units"], "costs": group[0]["costs"],
-                "pretrain": [res["pretrain"] for res in group if res["pretrain"]],
+                # One record per seed (--per-arm: every arm task of a seed carries the shared one).
+                "pretrain": list({res["seed"]: res["pretrain"] for res in group if res["pretrain"]}.values()),
                 "runs": runs, "summary": summarize(runs, [a.name for a in arms], s.faults),
             }
     (out / "results.json").write_text(json.dumps(_finite_json(doc), indent=1, default=_json_default))
@@ -278,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _task_label(t: dict) -> str:
-    return f"{t['scenario']['key']} seed {t['seed']} lr {t['lr']:g}"
+    """``e seed 0 lr 0.003 (always_high, gnmr@2)``: what a task trains."""
+    return f"{t['scenario']['key']} seed {t['seed']} lr {t['lr']:g} ({', '.join(t['arms'])})"
 
 
 def _group_key(key: str, lr: float, lrs: Optional[Sequence[float]]) -> str:

@@ -444,3 +444,26 @@ def test_static_named_arm_rejects_a_pattern_that_names_no_unit():
 def test_lock_arm_goes_once_after_a_gnmr_arm(bad):
     with pytest.raises(InputError, match="lock@N"):
         arms.parse_arm(bad)
+
+
+def test_per_arm_tasks_give_the_same_runs_as_one_task(tmp_path):
+    """--per-arm: one worker process per arm (how one command fills a GPU with runs side by
+    side); each arm starts from the seed's initial weights, data order and a fresh optimizer,
+    so on the CPU its run is bitwise the run the arm gets inside one sequential task. Scenario
+    d's arms share one pretraining (the per-arm pretrain cache in OUT)."""
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    docs = {}
+    for mode in ("one", "per-arm"):
+        args = parser.parse_args(["--preset", "smoke", "--scenarios", "d", "--seeds", "0", "--no-plots",
+                                  "--arms", "always_high", "gnmr@1", "--out", str(tmp_path / mode)]
+                                 + (["--per-arm", "--jobs", "2"] if mode == "per-arm" else []))
+        assert stability.run(args) == 0
+        docs[mode] = json.loads((tmp_path / mode / "results.json").read_text())
+    one, per = (next(iter(docs[m]["scenarios"].values())) for m in ("one", "per-arm"))
+    assert [r["arm"] for r in per["runs"]] == ["always_high", "gnmr@1"]
+    for a, b in zip(one["runs"], per["runs"]):
+        assert (a["arm"], a["train_loss"], a["val"], a["plans"]) == (b["arm"], b["train_loss"], b["val"], b["plans"])
+    assert len(per["pretrain"]) == 1 and per["pretrain"][0]["val"] == one["pretrain"][0]["val"]
+    assert len(list((tmp_path / "per-arm" / "pretrain").glob("*.pt"))) == 1
+    assert docs["per-arm"]["meta"]["per_arm"] is True
