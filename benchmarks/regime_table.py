@@ -76,7 +76,8 @@ def load_runs(folders: list[str], exclude: tuple = (), *, tuning: bool = False) 
                     if f"{source}:{variant}" in exclude:
                         continue
                     for r in sc["runs"]:
-                        runs.append(dict(r, source=source, variant=variant, date=doc["meta"]["date_utc"]))
+                        runs.append(dict(r, source=source, variant=variant, date=doc["meta"]["date_utc"],
+                                         units=sc.get("units")))
                 break
     _check_unique(runs)
     return runs

@@ -727,18 +727,24 @@ def plan_costs(plans: torch.Tensor, costs: torch.Tensor) -> dict:
     }
 
 
+def spike_steps(losses: Sequence[float]) -> list:
+    """Steps whose loss exceeds SPIKE_FACTOR x the median of the previous
+    SPIKE_WINDOW (or is not finite).
+
+    >>> spike_steps([1.0] * 25 + [2.0, 1.0])
+    [25]
+    """
+    return [i for i in range(SPIKE_WINDOW, len(losses))
+            if not math.isfinite(losses[i]) or losses[i] > SPIKE_FACTOR * statistics.median(losses[i - SPIKE_WINDOW:i])]
+
+
 def count_spikes(losses: Sequence[float]) -> int:
-    """Steps whose loss exceeds SPIKE_FACTOR x the median of the previous SPIKE_WINDOW.
+    """How many :func:`spike_steps`.
 
     >>> count_spikes([1.0] * 25 + [2.0, 1.0])
     1
     """
-    n = 0
-    for i in range(SPIKE_WINDOW, len(losses)):
-        med = statistics.median(losses[i - SPIKE_WINDOW:i])
-        if not math.isfinite(losses[i]) or losses[i] > SPIKE_FACTOR * med:
-            n += 1
-    return n
+    return len(spike_steps(losses))
 
 
 def chain_rule_units(unit: str, kind: str, names: Sequence[str]) -> set:

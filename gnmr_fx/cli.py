@@ -32,6 +32,7 @@ BENCHMARKS = {
     "overhead": ("gnmr_fx.benchmarks.overhead", "controller cost per step vs number of units (CPU)"),
     "emulation": ("gnmr_fx.benchmarks.emulation", "step time of emulated recipes under GNMR vs plain and fake-quant models"),
     "regimes": ("gnmr_fx.benchmarks.regime_table", "regime-search table from committed GPU stability results"),
+    "triggers": ("gnmr_fx.benchmarks.trigger_report", "when and where GNMR triggered in stability runs, and the spikes"),
 }
 # OS errors about a path the user gave (a missing input, an unwritable --out):
 # the user's to fix, so one line. Other OS errors are left to show a traceback.

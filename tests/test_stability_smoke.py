@@ -467,3 +467,33 @@ def test_per_arm_tasks_give_the_same_runs_as_one_task(tmp_path):
     assert len(per["pretrain"]) == 1 and per["pretrain"][0]["val"] == one["pretrain"][0]["val"]
     assert len(list((tmp_path / "per-arm" / "pretrain").glob("*.pt"))) == 1
     assert docs["per-arm"]["meta"]["per_arm"] is True
+
+
+def test_trigger_report_finds_when_and_where_and_the_spikes_at_plan_changes(tmp_path, capsys):
+    import gzip
+
+    from gnmr_fx import cli
+    from gnmr_fx.benchmarks import trigger_report
+
+    units = ["blocks.0.attn.matmul", "blocks.1.attn.matmul", "blocks.0.fc", "head"]
+    losses = [1.0] * 40
+    losses[30] = 3.0  # a spike on the step the plan changed
+    losses[35] = 3.0  # a spike on a quiet step
+    plans = [[]] * 30 + [[0]] * 10
+    run = {"arm": "gnmr@2", "seed": 0, "lr": 1e-3, "final_val": 1.0, "diverged": False, "train_loss": losses,
+           "plans": plans, "trigger_list": [[25, 0], [29, 1], [29, 0], [33, 2]]}
+    doc = {"meta": {"date_utc": "today"}, "scenarios": {"x": {"config": {"key": "x"}, "units": units, "runs": [run]}}}
+    (tmp_path / "r").mkdir()
+    with gzip.open(tmp_path / "r" / "results.json.gz", "wt") as f:
+        json.dump(doc, f)
+    rep = trigger_report.run_report(dict(run, units=units), window=20)
+    assert (rep["triggers"], rep["first_trigger"], rep["spikes"], rep["spikes_at_plan_change"]) == (4, 25, 2, 1)
+    assert rep["trigger_share"] == {"blocks.attn.matmul": 0.75, "blocks.fc": 0.25}
+    assert rep["high_share"] == {"blocks.attn.matmul": 1.0}
+    assert rep["plan_change_base_rate"] == pytest.approx(2 / 15)  # steps 30, 31 of 25..39
+    assert rep["train_loss_windows"] == [1.0, pytest.approx(1.2)]
+    assert cli.main(["bench", "triggers", str(tmp_path / "r"), "--variant", "x"]) == 0
+    assert "blocks.attn.matmul 75%" in capsys.readouterr().out
+    assert cli.main(["bench", "triggers", str(tmp_path / "r"), "--variant", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no run of variant 'nope'" in err and err.count("\n") == 1
