@@ -202,6 +202,18 @@ def tail_train_loss(run: dict) -> float:
     return statistics.fmean(vals) if vals and len(vals) == len(tail) else math.nan
 
 
+def final_path_val(run: dict) -> float:
+    """The last ``val_path`` value (``bench stability --val-path``: the val
+    windows through the arm's own path), nan where the run has none.
+
+    >>> final_path_val({"val_path": [[250, 2.0], [500, 1.5]]}), final_path_val({})
+    (1.5, nan)
+    """
+    vals = run.get("val_path") or []
+    v = vals[-1][1] if vals else None
+    return v if v is not None and math.isfinite(v) else math.nan
+
+
 def arm_stats(runs: list[dict], variant: str, lr: float) -> list[dict]:
     """Per arm of one regime, over the seeds that have an always_high run:
     the paired gap (% of always_high), the share of always_low's gap the arm
@@ -210,18 +222,22 @@ def arm_stats(runs: list[dict], variant: str, lr: float) -> list[dict]:
     rs = [r for r in runs if r["variant"] == variant and r["lr"] == lr]
     high = {r["seed"]: r["final_val"] for r in rs if r["arm"] == "always_high" and r["final_val"] is not None}
     high_train = {r["seed"]: tail_train_loss(r) for r in rs if r["arm"] == "always_high"}
+    high_path = {r["seed"]: final_path_val(r) for r in rs if r["arm"] == "always_high"}
     low = {r["seed"]: r["final_val"] for r in rs if r["arm"] == "always_low" and r["final_val"] is not None}
     out = []
     for arm in sorted({r["arm"] for r in rs}):
         mine = [r for r in rs if r["arm"] == arm and r["seed"] in high]
         if not mine:
             continue
-        gaps, closed, train_gaps = [], [], []
+        gaps, closed, train_gaps, path_gaps = [], [], [], []
         for r in mine:
             h = high[r["seed"]]
             t, th = tail_train_loss(r), high_train.get(r["seed"], math.nan)
             if math.isfinite(t) and math.isfinite(th):
                 train_gaps.append(100.0 * (t - th) / th)
+            v, vh = final_path_val(r), high_path.get(r["seed"], math.nan)
+            if math.isfinite(v) and math.isfinite(vh):
+                path_gaps.append(100.0 * (v - vh) / vh)
             if r["final_val"] is None or not math.isfinite(r["final_val"]):
                 continue
             gaps.append(100.0 * (r["final_val"] - h) / h)
@@ -229,7 +245,7 @@ def arm_stats(runs: list[dict], variant: str, lr: float) -> list[dict]:
                 closed.append(100.0 * (low[r["seed"]] - r["final_val"]) / (low[r["seed"]] - h))
         out.append({
             "arm": arm, "n": len(mine), "seeds": sorted(r["seed"] for r in mine), "gaps": gaps, "closed": closed,
-            "train_gaps": train_gaps,
+            "train_gaps": train_gaps, "path_gaps": path_gaps,
             "diverged": sum(bool(r["diverged"]) for r in mine),
             "spikes": statistics.fmean(r.get("spikes", 0) or 0 for r in mine),
             "unit_steps_high": statistics.fmean(r.get("high_unit_steps_pct", 0.0) or 0.0 for r in mine),
@@ -250,11 +266,11 @@ def _mean_sd(xs: list) -> str:
 def format_arm_table(stats: list[dict]) -> str:
     from tabulate import tabulate
 
-    head = ["arm", "seeds", "val gap % (mean ± sd)", "closes % of low's gap", "train-path gap %", "diverged",
-            "spikes", "% unit-steps high", "% FLOPs high", "wall s (shared GPU)"]
+    head = ["arm", "seeds", "val gap % (mean ± sd)", "closes % of low's gap", "train-path gap %",
+            "path val gap %", "diverged", "spikes", "% unit-steps high", "% FLOPs high", "wall s (shared GPU)"]
     table = [[a["arm"], ",".join(map(str, a["seeds"])), _mean_sd(a["gaps"]),
               "-" if a["arm"] in ("always_high", "always_low") else _mean_sd(a["closed"]),
-              _mean_sd(a.get("train_gaps", [])),
+              _mean_sd(a.get("train_gaps", [])), _mean_sd(a.get("path_gaps", [])),
               f"{a['diverged']}/{a['n']}", f"{a['spikes']:.1f}", f"{a['unit_steps_high']:.2f}",
               f"{a['flops_high']:.2f}", f"{a['wall_s']:.0f}"] for a in stats]
     return tabulate(table, headers=head, tablefmt="github")

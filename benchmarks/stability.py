@@ -194,6 +194,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tuning", action="store_true",
                         help="train and evaluate on the tune split (for choosing thresholds; never report these)")
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/out/stability-<preset>)")
+    parser.add_argument("--val-path", action="store_true",
+                        help="also score the validation windows through the compiled model on the arm's current "
+                             "plan (the path it trains on: low-path units quantized), as val_path beside val "
+                             "(the eager all-high model); costs one more compile per task")
     parser.add_argument("--per-arm", action="store_true",
                         help="one task (worker process) per arm instead of one per (scenario, seed, LR): with "
                              "--jobs N, N arms train side by side (one GPU shared under CUDA MPS); scenario d's "
@@ -236,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, lr=lr if lr is not None else s.lr,
                   preset=preset_name, preset_obj=_preset_dict(preset), arms=group,
                   device=device, backend=backend, threads=args.threads, out=str(out), dispatch=args.dispatch,
-                  split="tune" if args.tuning else "val", pretrain_cache=pretrain_cache)
+                  split="tune" if args.tuning else "val", pretrain_cache=pretrain_cache, val_path=args.val_path)
              for seed in args.seeds for s in scenarios.values() for lr in (args.lrs or [None])
              for group in arm_groups]
     # Seed-major, so a deadline cuts whole later seeds rather than whole
@@ -250,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": {
             "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
             "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
-            "lrs": args.lrs, "per_arm": args.per_arm, "dispatch": args.dispatch, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
+            "lrs": args.lrs, "per_arm": args.per_arm, "val_path": args.val_path, "dispatch": args.dispatch, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
             "threads_per_job": args.threads, "split": "tune (tuning run)" if args.tuning else "train / val",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
@@ -380,6 +384,8 @@ def _worker(i: int, task: dict, q: Any) -> None:
 DEFINITIONS = {
     "val_loss": "mean next-byte cross-entropy (nats) on fixed windows of the eval split, computed by the "
                 "eager model (every matmul high), so arms differ only by what training did to the weights",
+    "val_path": "(with --val-path) the same windows through the compiled model on the arm's plan at that step "
+                "(its low-path units quantized): the loss on the path the arm trains and could serve on",
     "gap_pct": "100 * (final_val(arm) - final_val(always_high)) / final_val(always_high), per seed, then mean/std",
     "spikes": f"steps whose training loss > {SPIKE_FACTOR}x the median of the previous {SPIKE_WINDOW} losses",
     "diverged": "a non-finite training loss, or a final val loss >= ln(256) (no better than uniform bytes)",
@@ -460,6 +466,15 @@ def run_task(task: dict) -> dict:
                 tot += eager_forward(vx[i:i + 32], vy[i:i + 32]).float() * vx[i:i + 32].shape[0]
         return float(tot) / vx.shape[0]
 
+    def evaluate_path() -> float:
+        """The same windows through the compiled model on the current plan
+        (no gradients: the controller sees nothing of it)."""
+        with torch.no_grad(), autocast():
+            tot = torch.zeros((), device=device)
+            for i in range(0, vx.shape[0], 32):
+                tot += cm(vx[i:i + 32], vy[i:i + 32]).float() * vx[i:i + 32].shape[0]
+        return float(tot) / vx.shape[0]
+
     def train_arm(arm_label: str, arm, steps: int, lr: float, data_seed: int, init_sd: dict,
                   validate: bool = True) -> dict:
         model.load_state_dict(init_sd)
@@ -496,6 +511,7 @@ def run_task(task: dict) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         gen = torch.Generator().manual_seed(data_seed)
         vals = []
+        vals_path: list = []
         diverged = False
         bar = ProgressBar(f"{label} {arm_label}", steps)
         t0 = time.perf_counter()
@@ -525,6 +541,8 @@ def run_task(task: dict) -> dict:
                     vals.append((done, float("nan")))
                     break
                 vals.append((done, evaluate() if validate else float("nan")))
+                if validate and task.get("val_path"):
+                    vals_path.append((done, evaluate_path()))
                 bar.update(done, float(rec_loss[step]))
         losses = rec_loss[:done].tolist()
         if diverged:
@@ -539,6 +557,7 @@ def run_task(task: dict) -> dict:
         rec = {
             "scenario": s.key, "arm": arm_label, "seed": seed, "steps": len(losses), "lr": lr,
             "train_loss": losses, "val": vals, "wall_s": wall,
+            **({"val_path": vals_path} if task.get("val_path") else {}),
             "plans": [torch.nonzero(r).flatten().tolist() for r in plan_t],
             "n_clipped": getattr(clip, "n_clipped", None),
             # What the arm's controller ran with (read back from the runtime, not the arm's name).

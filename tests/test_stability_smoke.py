@@ -497,3 +497,34 @@ def test_trigger_report_finds_when_and_where_and_the_spikes_at_plan_changes(tmp_
     assert cli.main(["bench", "triggers", str(tmp_path / "r"), "--variant", "nope"]) == 2
     err = capsys.readouterr().err
     assert "no run of variant 'nope'" in err and err.count("\n") == 1
+
+
+def test_val_path_scores_the_arms_own_path_and_changes_no_training(tmp_path):
+    """--val-path: validation through the compiled model on the arm's plan. It must not touch
+    training (the same losses and plans bitwise, +lag arms included), always_high's path is
+    the eager all-high model (the same numbers), and always_low's path is the quantized one."""
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    docs = {}
+    for mode in ("plain", "path"):
+        args = parser.parse_args(["--preset", "smoke", "--scenarios", "a", "--seeds", "0", "--no-plots",
+                                  "--arms", "always_high", "always_low", "gnmr@1+lag", "--out", str(tmp_path / mode)]
+                                 + (["--val-path"] if mode == "path" else []))
+        assert stability.run(args) == 0
+        docs[mode] = {r["arm"]: r for r in json.loads((tmp_path / mode / "results.json").read_text())
+                      ["scenarios"]["a"]["runs"]}
+    for arm, r in docs["path"].items():
+        plain = docs["plain"][arm]
+        assert (r["train_loss"], r["plans"], r["val"]) == (plain["train_loss"], plain["plans"], plain["val"])
+        assert "val_path" not in plain and [s for s, _ in r["val_path"]] == [s for s, _ in r["val"]]
+    high, low = docs["path"]["always_high"], docs["path"]["always_low"]
+    assert [v for _, v in high["val_path"]] == pytest.approx([v for _, v in high["val"]], rel=1e-5)
+    # int4 activations: the quantized path scores differently from the same weights in high precision.
+    assert all(abs(p - v) > 1e-4 for (_, p), (_, v) in zip(low["val_path"], low["val"]))
+    # bench regimes: the paired gap of the final path val, beside the val gap.
+    from gnmr_fx.benchmarks import regime_table
+
+    stats = {a["arm"]: a for a in regime_table.arm_stats(regime_table.load_runs([str(tmp_path / "path")]), "a.smoke", 3e-2)}
+    want = 100 * (low["val_path"][-1][1] - high["val_path"][-1][1]) / high["val_path"][-1][1]
+    assert stats["always_low"]["path_gaps"] == [pytest.approx(want)]
+    assert stats["always_low"]["path_gaps"] != stats["always_low"]["gaps"]
