@@ -121,6 +121,8 @@ class _DualLinear(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         dx_ops, dw_ops = grad_operands(g2, x2, w, ctx.spec)
         g_hp, x_hp, w_hp = _high(g2, ctx.high), _high(x2, ctx.high), _high(w, ctx.high)
+        if x_hp is x2 and _tracing():
+            x_hp = _recomputable(x2)
         dx = _select(plan, ctx.slot, g_hp, w_hp, dx_ops).to(gy.dtype).reshape(ctx.x_shape)
         dw = _select(plan, ctx.slot, g_hp.t(), x_hp, dw_ops).to(w.dtype)
         db = g2.sum(0) if ctx.has_bias else None
@@ -129,6 +131,39 @@ class _DualLinear(torch.autograd.Function):
 
 def _high(t: Tensor, high: str) -> Tensor:
     return t if high == "native" else t.to(HIGH_DTYPES[high])
+
+
+# Saved-for-backward memory (issue 13). Inductor's min-cut partitioner never
+# recomputes a forward tensor that an opaque op reads in the backward (it is
+# "materialized in backward") and saves it instead. ``select_mm`` reads the
+# high-path operand ``x2`` in the grad-weight GEMM, so, read directly, the
+# activation-sized input of every unit (its bf16 [tokens, in]) was saved,
+# where the plain fp8 model (``real_kernels._LowpLinear``) saves none: its
+# backward reads ``x2`` only through the fusible fp8 cast, so the partitioner
+# recomputes ``x2`` from what the producer's own backward keeps anyway (the
+# RMSNorm input and its rsqrt, the gate and up outputs, the attention output).
+# Read through an exact, fusible identity, ``x2`` may be recomputed too, and
+# GNMR saves what the plain model saves (tests/test_saved_memory.py). The
+# cost: the backward writes the recomputed bf16 operand once per distinct
+# unit input (the low path does not read it). Only traced graphs get the
+# identity: in eager it would be a copy that saves nothing.
+
+
+def _recomputable(t: Tensor) -> Tensor:
+    """``t`` through a fusible identity that Inductor's graph passes keep:
+    ``-(-t)`` is bitwise ``t`` (NaN, infinities and signed zeros included),
+    whereas ``clone``, ``* 1`` and ``+ 0`` are removed before partitioning."""
+    return torch.neg(torch.neg(t))
+
+
+def _tracing() -> bool:
+    # Dynamo tracing an autograd.Function's backward, or AOTAutograd (make_fx)
+    # tracing the joint graph of a rewritten GNMR graph.
+    if torch.compiler.is_compiling():
+        return True
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None
 
 
 def dual_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, plan: Tensor, slot: int,

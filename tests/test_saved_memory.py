@@ -1,0 +1,134 @@
+"""Saved-for-backward memory of real-kernel units (issue 13), on the CPU.
+
+The perf benchmark's Llama (benchmarks/perf.py), shrunk, compiled with Inductor
+two ways: the plain fp8 model (``convert_to_lowp`` + ``torch.compile``) and
+GNMR (``gnmr_fx.compile``, real ``fp8_e4m3`` kernels, host dispatch). With
+every unit low, GNMR must keep alive for the backward what the plain model
+keeps, plus its plan (one bool per unit). Before the fix it also kept the bf16
+input of every unit ([tokens, in], one tensor per distinct input: 3 x
+[tokens, hidden] + 1 x [tokens, intermediate] per layer and 1 x [tokens, hidden]
+for lm_head; 896 MiB by these shapes at the benchmark's 8b geometry):
+``gnmr::select_mm`` read it in the backward, so Inductor's partitioner saved it
+instead of recomputing it (see ``host_dispatch._recomputable``).
+
+The high path stays exact: bitwise the model as written under the eager and
+aot_eager compilers. Under Inductor the backward recomputes the input of the
+grad-weight GEMM, and a recomputed value can differ from the forward's by
+rounding (seen on the CPU for dW of ``down_proj``, whose input is
+``silu(gate) * up``): checked against the compiled model as written within
+bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import gnmr_fx
+from gnmr_fx.backends import host_dispatch, real_kernels
+from gnmr_fx.benchmarks.perf import Llama, LlamaSpec, _shared_copy
+from gnmr_fx.config import GNMRConfig
+
+SPEC = LlamaSpec(hidden=64, intermediate=176, heads=4, layers=1, vocab=256, seq=64, batch=2)
+TOKENS = SPEC.seq * SPEC.batch
+UNITS = 7 * SPEC.layers + 1  # q, k, v, o, gate, up, down per layer + lm_head
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_caches():
+    # The cache keys do not cover the Python source of an autograd.Function's
+    # backward: a graph cached by another version of host_dispatch would be reused.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+
+
+def _base():
+    torch.manual_seed(0)
+    model = Llama(SPEC).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, SPEC.vocab, (SPEC.batch, SPEC.seq), generator=gen)
+    tgt = torch.randint(0, SPEC.vocab, (SPEC.batch, SPEC.seq), generator=gen)
+    return model, idx, tgt
+
+
+def _gnmr(base, backend):
+    cfg = GNMRConfig(recipe="fp8_e4m3", emulate=False, threshold=1e30, delta_threshold=1e30)
+    return gnmr_fx.compile(_shared_copy(base), cfg, backend=backend)
+
+
+def _saved(model, base, idx, tgt):
+    """(shape, dtype) -> count and total bytes of the distinct non-parameter
+    storages that one forward saves for the backward; then runs the backward."""
+    params = {p.untyped_storage().data_ptr() for p in base.parameters()}
+    storages: dict = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages.setdefault(ptr, (tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(idx, tgt)
+    loss.backward()
+    for p in base.parameters():
+        p.grad = None
+    kinds = collections.Counter((shape, dtype) for shape, dtype, _ in storages.values())
+    return kinds, sum(n for _, _, n in storages.values())
+
+
+def _loss_and_grads(model, base, idx, tgt):
+    for p in base.parameters():
+        p.grad = None
+    loss = model(idx, tgt)
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in base.parameters()]
+
+
+def test_gnmr_saves_what_plain_fp8_saves_and_high_path_stays_close():
+    base, idx, tgt = _base()
+    plain = torch.compile(real_kernels.convert_to_lowp(_shared_copy(base), "fp8_e4m3"))
+    _saved(plain, base, idx, tgt)  # compile
+    plain_kinds, plain_bytes = _saved(plain, base, idx, tgt)
+
+    gm = _gnmr(base, "inductor")
+    _saved(gm, base, idx, tgt)  # compile, discover the units
+    rt = gnmr_fx.runtime(gm)
+    assert rt.controller.num_units == UNITS
+    assert {s.extra["kernel"] for r in rt.records for s in r.sites} == {"fp8_e4m3:tensorwise"}
+    rt.force_plan(torch.zeros(UNITS, dtype=torch.bool))
+    kinds, nbytes = _saved(gm, base, idx, tgt)
+    # Tolerance: the plan alone, one bool per unit (8 bytes here; an activation is 16 KiB).
+    assert kinds - plain_kinds == collections.Counter({((UNITS,), torch.bool): 1}), (kinds, plain_kinds)
+    assert plain_kinds - kinds == collections.Counter()
+    assert nbytes - plain_bytes == UNITS
+
+    # All high: the model as written within bf16 rounding (see the module docstring).
+    rt.force_plan(torch.ones(UNITS, dtype=torch.bool))
+    high = _loss_and_grads(gm, base, idx, tgt)
+    ref = _loss_and_grads(torch.compile(_shared_copy(base)), base, idx, tgt)
+    assert torch.equal(high[0], ref[0])  # the forward is the model as written
+    for h, r in zip(high[1:], ref[1:]):
+        torch.testing.assert_close(h, r, atol=2e-5, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_high_path_is_bitwise_the_model_as_written(backend):
+    base, idx, tgt = _base()
+    gm = _gnmr(base, backend)
+    _loss_and_grads(gm, base, idx, tgt)
+    rt = gnmr_fx.runtime(gm)
+    rt.force_plan(torch.ones(rt.controller.num_units, dtype=torch.bool))
+    high = _loss_and_grads(gm, base, idx, tgt)
+    ref = _loss_and_grads(base, base, idx, tgt)
+    for h, r in zip(high, ref):
+        assert torch.equal(h, r)
+
+
+def test_the_identity_is_exact_and_only_traced():
+    t = torch.tensor([1.5, -0.0, 0.0, float("inf"), -float("inf"), float("nan"), -3e-8], dtype=torch.bfloat16)
+    assert torch.equal(host_dispatch._recomputable(t).view(torch.int16), t.view(torch.int16))
+    assert not host_dispatch._tracing()
