@@ -539,6 +539,8 @@ def run_task(task: dict) -> dict:
                 if not bool(torch.isfinite(rec_loss[:done]).all()):
                     diverged = True
                     vals.append((done, float("nan")))
+                    if validate and task.get("val_path"):
+                        vals_path.append((done, float("nan")))  # a diverged run has no path val either
                     break
                 vals.append((done, evaluate() if validate else float("nan")))
                 if validate and task.get("val_path"):
@@ -550,6 +552,8 @@ def run_task(task: dict) -> dict:
             bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
             losses, done = losses[:bad + 1], bad + 1
             vals[-1] = (done, float("nan"))
+            if vals_path:
+                vals_path[-1] = (done, float("nan"))
         wall = time.perf_counter() - t0
         bar.close(wall)
         plan_t = rec_plan[:done].cpu()
