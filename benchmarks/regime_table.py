@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-gap", type=float, default=3.0, help="%% val-loss gap that makes a regime count")
     parser.add_argument("--healthy", type=float, default=10.0,
                         help="%% above the sweep's best always_high within which always_high is healthy")
-    parser.add_argument("--rise", type=float, default=5.0,
+    from gnmr_fx.arguments import positive_float
+
+    parser.add_argument("--rise", type=positive_float, default=5.0,
                         help="%% by which always_high's validation loss may rise above its lowest value so far "
                              "and still be healthy")
     parser.add_argument("--exclude", nargs="*", default=[], metavar="FOLDER:VARIANT",
@@ -137,7 +139,7 @@ def regime_rows(runs: list[dict], min_gap: float, healthy: float, rise: float = 
         mean_high = statistics.fmean(finite_high) if finite_high else math.nan
         high_rise = max((val_rise_pct(r.get("val") or []) for r in rs if r["arm"] == "always_high"), default=0.0)
         why = ""
-        if not math.isfinite(mean_high):
+        if not math.isfinite(mean_high) or any(r.get("diverged") for r in rs if r["arm"] == "always_high"):
             why = "diverged"
         elif mean_high > best_high[variant] * (1 + healthy / 100.0):
             why = f"{100.0 * (mean_high / best_high[variant] - 1):+.0f}% vs best LR"

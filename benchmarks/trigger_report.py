@@ -32,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", required=True, help="scenario variant, e.g. d-mxfp4_sr or a.gpu-wide")
     parser.add_argument("--lr", type=float, default=None, help="only the runs at this LR (default: every LR)")
     parser.add_argument("--arms", nargs="*", default=None, help="only these arms (default: every arm)")
-    parser.add_argument("--window", type=int, default=250, help="steps per mean-training-loss window")
-    parser.add_argument("--top", type=int, default=3, help="unit kinds listed per run")
+    from gnmr_fx.arguments import positive_int
+
+    parser.add_argument("--window", type=positive_int, default=250, help="steps per mean-training-loss window")
+    parser.add_argument("--top", type=positive_int, default=3, help="unit kinds listed per run")
 
 
 def unit_kind(name: str) -> str:
@@ -112,8 +114,6 @@ def run(args: argparse.Namespace) -> int:
     from gnmr_fx.arguments import InputError
     from gnmr_fx.benchmarks.regime_table import load_runs
 
-    if args.window < 1:
-        raise InputError(f"--window must be a positive number of steps (got {args.window})")
     runs = load_runs(args.folders)
     if not runs:
         raise InputError(f"no results.json(.gz) under {' '.join(args.folders)}")

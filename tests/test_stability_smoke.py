@@ -215,6 +215,12 @@ def test_regime_table_an_always_high_whose_val_rose_is_not_healthy(tmp_path):
         assert (row["healthy"], row["counts"]) == (healthy, healthy)
         assert ("no (val rose 10%)" in regime_table.format_rows([row])) is not healthy
     assert regime_table.val_rise_pct([[1, 1.0], [2, float("nan")]]) == float("inf")
+    # One of two always_high seeds diverged: not healthy, and the table says why.
+    runs = [dict(run("always_high", [[250, 2.4], [750, 2.2]]), seed=0),
+            dict(run("always_high", [[250, 2.4], [750, float("nan")]]), seed=1, final_val=None, diverged=True),
+            dict(run("always_low", [[250, 2.5], [750, 2.4]]), seed=0)]
+    rows = regime_table.regime_rows([dict(r, variant="x", source="s") for r in runs], 3.0, 10.0, 5.0)
+    assert (rows[0]["healthy"], rows[0]["unhealthy"]) == (False, "diverged")
 
 
 def test_regime_table_reads_call_folders_and_refuses_a_run_counted_twice(tmp_path):
