@@ -13,7 +13,9 @@ variant (and LR), one row per (seed, arm):
 * loss spikes (``stability.spike_steps``), how many fall on a step whose
   plan had just changed (that step or the one before), and that share of
   all steps from the first trigger on (the base rate);
-* the mean training loss per ``--window`` steps.
+* the mean training loss per ``--window`` steps, and the validation loss at
+  every eval (the all-high eager model's; and on the arm's own path where the
+  run has ``val_path``).
 
     gnmr-fx bench triggers benchmarks/results/gpu/s19a --variant d-mxfp4_sr --arms gnmr@10% always_low
 """
@@ -79,7 +81,8 @@ def run_report(run: dict, window: int) -> dict:
             "high_share": {k: c / sum(high_kinds.values()) for k, c in high_kinds.most_common()}
             if high_kinds else {},
             "spikes": len(spikes), "spikes_at_plan_change": sum(1 for i in spikes if i in near),
-            "plan_change_base_rate": base, "train_loss_windows": means}
+            "plan_change_base_rate": base, "train_loss_windows": means,
+            "val": [v for _, v in run.get("val") or []], "val_path": [v for _, v in run.get("val_path") or []]}
 
 
 def format_reports(reports: list, top: int) -> str:
@@ -93,9 +96,16 @@ def format_reports(reports: list, top: int) -> str:
     rows = [[r["seed"], r["arm"], r["triggers"], "-" if r["first_trigger"] is None else r["first_trigger"],
              shares(r["trigger_share"]), shares(r["high_share"]), r["spikes"], r["spikes_at_plan_change"],
              f"{100 * r['plan_change_base_rate']:.0f}%"] for r in reports]
-    loss_rows = [[r["seed"], r["arm"], " ".join(f"{v:.3f}" for v in r["train_loss_windows"])] for r in reports]
+    def series(vals: list) -> str:
+        return " ".join(f"{v:.3f}" for v in vals) or "-"
+
+    loss_rows = [[r["seed"], r["arm"], series(r["train_loss_windows"])] for r in reports]
+    val_rows = [[r["seed"], r["arm"], series(r["val"]), series(r["val_path"])] for r in reports]
     return (tabulate(rows, headers=head, tablefmt="github") + "\n\nmean training loss per window:\n\n"
-            + tabulate(loss_rows, headers=["seed", "arm", "windows"], tablefmt="github"))
+            + tabulate(loss_rows, headers=["seed", "arm", "windows"], tablefmt="github")
+            + "\n\nvalidation loss at every eval:\n\n"
+            + tabulate(val_rows, headers=["seed", "arm", "val (all-high eager model)", "val on its own path"],
+                       tablefmt="github"))
 
 
 def select_runs(runs: list, variant: str, lr: Optional[float], arms: Optional[Sequence[str]]) -> list:

@@ -487,7 +487,7 @@ def test_trigger_report_finds_when_and_where_and_the_spikes_at_plan_changes(tmp_
     losses[35] = 3.0  # a spike on a quiet step
     plans = [[]] * 30 + [[0]] * 10
     run = {"arm": "gnmr@2", "seed": 0, "lr": 1e-3, "final_val": 1.0, "diverged": False, "train_loss": losses,
-           "plans": plans, "trigger_list": [[25, 0], [29, 1], [29, 0], [33, 2]]}
+           "plans": plans, "trigger_list": [[25, 0], [29, 1], [29, 0], [33, 2]], "val": [[20, 2.0], [40, 1.5]]}
     doc = {"meta": {"date_utc": "today"}, "scenarios": {"x": {"config": {"key": "x"}, "units": units, "runs": [run]}}}
     (tmp_path / "r").mkdir()
     with gzip.open(tmp_path / "r" / "results.json.gz", "wt") as f:
@@ -499,7 +499,9 @@ def test_trigger_report_finds_when_and_where_and_the_spikes_at_plan_changes(tmp_
     assert rep["plan_change_base_rate"] == pytest.approx(2 / 15)  # steps 30, 31 of 25..39
     assert rep["train_loss_windows"] == [1.0, pytest.approx(1.2)]
     assert cli.main(["bench", "triggers", str(tmp_path / "r"), "--variant", "x"]) == 0
-    assert "blocks.attn.matmul 75%" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "blocks.attn.matmul 75%" in printed
+    assert rep["val"] == [2.0, 1.5] and rep["val_path"] == [] and "| 2.000 1.500 " in printed
     assert cli.main(["bench", "triggers", str(tmp_path / "r"), "--variant", "nope"]) == 2
     err = capsys.readouterr().err
     assert "no run of variant 'nope'" in err and err.count("\n") == 1
