@@ -13,7 +13,10 @@ low+clip             always_low + global gradient-norm clipping at 1.0
 low+zclip            always_low + ZClip: EMA mean/variance of the global
                      gradient norm, clip to mean + 2.5 std when z > 2.5
 static@k             the first ceil(k/2) and last floor(k/2) units always high
-                     (torchao / Megatron "first/last layers in bf16")
+                     (torchao / Megatron "first/last layers in bf16"); with a
+                     FLOP fraction (static@10%), units taken alternately from
+                     the front and the back while their FLOPs fit the budget
+                     (each end stops at its first unit that does not fit)
 static=REGEX         the units whose names match REGEX (``re.search``)
                      always high: the practitioner's named choice, e.g.
                      ``static=attn.matmul`` (the attention matmuls); a
@@ -26,7 +29,9 @@ high_first@n         every unit high for the first n steps (an int) or that
                      fraction of the run (5%, 0.1), then every unit low
                      ("train the unstable start in high precision")
 random@k             random units high: every free budget slot gets a
-                     random unit locked high for ``lock_steps`` steps
+                     random unit locked high for ``lock_steps`` steps; with a
+                     FLOP fraction, random idle units are locked high while
+                     their FLOPs fit what the held units leave of the budget
 gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
                      units, a float is a fraction of the units' FLOPs)
 gnmr@m+high_first@n  GNMR with a high start: every unit high for the first
@@ -39,9 +44,13 @@ gnmr@m+lag           (after any of the gnmr forms) ``GNMRConfig.plan_lag=1``:
                      units on a GPU) follow the plan one step late
 ===================  =====================================================
 
-static and random always fill their whole budget, so at equal budget they
-spend at least as much high-path compute as GNMR (which goes high only when a
-unit triggers): a conservative comparison for GNMR.
+static and random fill their budget, so at equal budget they spend at least
+as much high-path compute as GNMR (which goes high only when a unit triggers):
+a conservative comparison for GNMR. A FLOP-fraction budget is a FLOP cap for
+every arm (``BUDGET_RULE``); results written before it (no ``budget_rule`` in
+their meta) held ``budget_units`` units, first/last or random, whatever their
+FLOPs, and ``regime_table`` labels those runs ``static@K`` / ``random@K`` by
+the unit count they held.
 
 The plan drivers run as ``GNMRRuntime.callbacks``, i.e. after the controller's
 update in every ``runtime.step()``, and overwrite the plan with
@@ -110,6 +119,9 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
 
 
 _BUDGET_KINDS = ("static", "static_tuned", "random", "high_first", "gnmr")
+BUDGET_RULE = "flops"
+"""Recorded in every results file's meta: a FLOP-fraction budget caps the
+FLOPs of static and random arms (before it, it only set their unit count)."""
 ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, random@K, "
              "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N, gnmr@K+lock@N, any gnmr form +lag")
 
@@ -228,6 +240,41 @@ class StaticPlan:
         runtime.set_plan(self.plan)
 
 
+def first_last_plan(costs: torch.Tensor, budget: Union[int, float]) -> torch.Tensor:
+    """The static@ plan: ``budget`` units (an int) split between the first
+    and the last units; or (a FLOP fraction) units taken alternately from the
+    front and the back while their FLOPs fit, each end stopping at its first
+    unit that does not fit, so the set stays the outermost layers.
+
+    >>> first_last_plan(torch.ones(5), 3).tolist()
+    [True, True, False, False, True]
+    >>> first_last_plan(torch.tensor([1.0, 1.0, 4.0, 1.0, 1.0, 2.0]), 0.4).tolist()
+    [True, True, False, False, False, True]
+    """
+    n = costs.numel()
+    if isinstance(budget, int):
+        return StaticPlan(n, min(budget, n)).plan
+    plan = torch.zeros(n, dtype=torch.bool)
+    cap = budget * float(costs.sum()) * (1 + 1e-6)
+    spent, front, back = 0.0, 0, n - 1
+    open_ends = [True, True]
+    while front <= back and any(open_ends):
+        for end in (0, 1):
+            if not open_ends[end] or front > back:
+                continue
+            i = front if end == 0 else back
+            if spent + float(costs[i]) > cap:
+                open_ends[end] = False
+                continue
+            plan[i] = True
+            spent += float(costs[i])
+            if end == 0:
+                front += 1
+            else:
+                back -= 1
+    return plan
+
+
 def pick_by_gain(gain: torch.Tensor, costs: torch.Tensor, budget: Union[int, float]) -> torch.Tensor:
     """The static set a measured per-unit gain buys: the ``budget`` units of
     largest gain (an int), or units in order of gain while their FLOPs fit
@@ -277,23 +324,37 @@ def high_first_steps(budget: Union[int, float], steps: int) -> int:
 class RandomPlan:
     """Random units on the high path at the same budget and lock as GNMR.
 
-    Each step every lock counts down; every free slot is given to a unit drawn
-    uniformly from the units not held, locked high for ``lock_steps`` steps.
+    Each step every lock counts down; every free slot (an int budget ``k``)
+    or what the held units leave of the FLOP cap (a float ``k``, a fraction
+    of ``costs.sum()``) is given to units drawn uniformly from the units not
+    held, each locked high for ``lock_steps`` steps.
     """
 
-    def __init__(self, num_units: int, k: int, lock_steps: int, seed: int) -> None:
+    def __init__(self, num_units: int, k: Union[int, float], lock_steps: int, seed: int,
+                 costs: Optional[torch.Tensor] = None) -> None:
+        if isinstance(k, float) and costs is None:
+            raise ValueError("RandomPlan: a FLOP-fraction budget needs the units' costs")
         self.k, self.lock_steps = k, lock_steps
+        self.costs = costs.double() if costs is not None else None
         self.lock = torch.zeros(num_units, dtype=torch.long)
         self.gen = torch.Generator().manual_seed(10_000 + seed)
         self._draw()
 
     def _draw(self) -> None:
         self.lock = (self.lock - 1).clamp_min(0)
-        free = self.k - int((self.lock > 0).sum())
         idle = torch.nonzero(self.lock == 0).flatten()
-        if free > 0 and idle.numel():
-            pick = idle[torch.randperm(idle.numel(), generator=self.gen)[:free]]
-            self.lock[pick] = self.lock_steps
+        order = idle[torch.randperm(idle.numel(), generator=self.gen)]
+        if isinstance(self.k, int):
+            free = self.k - int((self.lock > 0).sum())
+            if free > 0 and idle.numel():
+                self.lock[order[:free]] = self.lock_steps
+        else:
+            cap = self.k * float(self.costs.sum()) * (1 + 1e-6)
+            spent = float(self.costs[self.lock > 0].sum())
+            for i in order.tolist():
+                if spent + float(self.costs[i]) <= cap:
+                    self.lock[i] = self.lock_steps
+                    spent += float(self.costs[i])
         self.plan = self.lock > 0
 
     def __call__(self, runtime) -> None:

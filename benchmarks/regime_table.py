@@ -30,6 +30,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
+from gnmr_fx.benchmarks.arms import BUDGET_RULE, arm_name, budget_units, parse_arm
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folders", nargs="+", help="folders holding results.json.gz (or results.json)")
@@ -78,11 +82,31 @@ def load_runs(folders: list[str], exclude: tuple = (), *, tuning: bool = False) 
                     if f"{source}:{variant}" in exclude:
                         continue
                     for r in sc["runs"]:
-                        runs.append(dict(r, source=source, variant=variant, date=doc["meta"]["date_utc"],
-                                         units=sc.get("units")))
+                        runs.append(dict(r, arm=_arm_label(r["arm"], doc["meta"], sc.get("costs")), source=source,
+                                         variant=variant, date=doc["meta"]["date_utc"], units=sc.get("units")))
                 break
     _check_unique(runs)
     return runs
+
+
+def _arm_label(arm: str, meta: dict, costs) -> str:
+    """The arm's name under today's budget rule (``arms.BUDGET_RULE``): a
+    static or random run with a FLOP-fraction budget from a results file
+    written before the rule held ``budget_units`` units whatever their FLOPs,
+    so it is labelled by that unit count (``static@10%`` holding 12 units is
+    ``static@12``, which is what it ran).
+
+    >>> _arm_label("static@10%", {}, [1.0, 1.0, 8.0])
+    'static@1'
+    >>> _arm_label("static@10%", {"budget_rule": "flops"}, [1.0, 1.0, 8.0])
+    'static@10%'
+    """
+    if meta.get("budget_rule") == BUDGET_RULE or costs is None:
+        return arm
+    spec = parse_arm(arm)
+    if spec.kind in ("static", "random") and isinstance(spec.budget, float):
+        return arm_name(spec.kind, budget_units(spec.budget, torch.tensor(costs, dtype=torch.float64)))
+    return arm
 
 
 def _check_unique(runs: list[dict]) -> None:

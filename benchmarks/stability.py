@@ -45,12 +45,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from gnmr_fx.benchmarks.arms import (
+    BUDGET_RULE,
     GlobalClip,
     HighFirst,
     RandomPlan,
     StaticPlan,
     ZClip,
-    budget_units,
+    first_last_plan,
     high_first_steps,
     named_units_plan,
     parse_arm,
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": {
             "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
             "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
-            "lrs": args.lrs, "per_arm": args.per_arm, "val_path": args.val_path, "dispatch": args.dispatch, "arms": [a.name for a in arms], "device": device, "backend": backend, "jobs": jobs,
+            "lrs": args.lrs, "per_arm": args.per_arm, "val_path": args.val_path, "dispatch": args.dispatch, "arms": [a.name for a in arms], "budget_rule": BUDGET_RULE, "device": device, "backend": backend, "jobs": jobs,
             "threads_per_job": args.threads, "split": "tune (tuning run)" if args.tuning else "train / val",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
@@ -486,9 +487,8 @@ def run_task(task: dict) -> dict:
                               max_lock_steps=max(base.max_lock_steps, 5 * arm.lock_steps))
         ctl = rt.reset_controller(cfg)  # a fresh controller per arm on the shared compiled graphs
         driver = None
-        k = budget_units(arm.budget, costs) if arm.kind in ("static", "random") else 0
         if arm.kind == "static":
-            driver = StaticPlan(len(names), k)
+            driver = StaticPlan(len(names), plan=first_last_plan(costs, arm.budget))
         elif arm.kind == "static_named":
             driver = StaticPlan(len(names), plan=named_units_plan(arm.units, names))
         elif arm.kind == "static_tuned":
@@ -496,7 +496,7 @@ def run_task(task: dict) -> dict:
         elif arm.kind == "high_first":
             driver = HighFirst(len(names), high_first_steps(arm.budget, steps))
         elif arm.kind == "random":
-            driver = RandomPlan(len(names), k, cfg.lock_steps, seed)
+            driver = RandomPlan(len(names), arm.budget, cfg.lock_steps, seed, costs)
         # Per-step records stay on the device; the host reads them at eval
         # points only, so the loop adds no device-to-host sync per step.
         rec_loss = torch.full((steps,), float("nan"), device=device)

@@ -113,6 +113,20 @@ def test_arms_and_budgets():
         held.append(rnd.plan.clone())
     assert all(int(p.sum()) == 2 for p in held)  # always exactly the budget
     assert torch.equal(held[0], held[1]) and torch.equal(held[0], held[2])  # locked for 3 steps
+    # A FLOP fraction is a FLOP cap (40% of 12 FLOPs), filled to within one unit of it.
+    costs6 = torch.tensor([4.0, 1.0, 1.0, 4.0, 1.0, 1.0])
+    rnd = arms.RandomPlan(6, 0.4, lock_steps=2, seed=1, costs=costs6)
+    spent = []
+    for _ in range(40):
+        rnd._draw()
+        spent.append(float(costs6[rnd.plan].sum()))
+    assert max(spent) <= 4.8 + 1e-9 and min(spent) >= 4.0 - 1e-9  # full but never over the cap
+    with pytest.raises(ValueError, match="costs"):
+        arms.RandomPlan(6, 0.4, lock_steps=2, seed=1)
+    # static@10% of a model whose outer units are dear: the cap binds, the set stays outermost.
+    plan = arms.first_last_plan(torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0]), 0.4)
+    assert plan.tolist() == [True, False, False, False, False, False, False, False, False, True]
+    assert arms.first_last_plan(torch.ones(37), 12).sum() == 12  # an int budget is a unit count
     with pytest.raises(ValueError, match="kind must be one of"):
         arms.ArmSpec("x", "sometimes")
 
