@@ -541,8 +541,10 @@ def test_val_path_scores_the_arms_own_path_and_changes_no_training(tmp_path):
         assert "val_path" not in plain and [s for s, _ in r["val_path"]] == [s for s, _ in r["val"]]
     high, low = docs["path"]["always_high"], docs["path"]["always_low"]
     assert [v for _, v in high["val_path"]] == pytest.approx([v for _, v in high["val"]], rel=1e-5)
-    # int4 activations: the quantized path scores differently from the same weights in high precision.
-    assert all(abs(p - v) > 1e-4 for (_, p), (_, v) in zip(low["val_path"], low["val"]))
+    # int4 activations: the quantized path scores differently from the same weights in high precision
+    # (by ~8e-3 nats at the first eval; the smoke model's late evals sit near uniform, where the
+    # difference can shrink below 1e-4 on some CPUs, so the largest difference is what is asserted).
+    assert max(abs(p - v) for (_, p), (_, v) in zip(low["val_path"], low["val"])) > 1e-3
     # bench regimes: the paired gap of the final path val, beside the val gap.
     from gnmr_fx.benchmarks import regime_table
 
