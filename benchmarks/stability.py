@@ -598,12 +598,14 @@ def run_task(task: dict) -> dict:
     tuned: dict = {}
     if any(parse_arm(a).kind == "static_tuned" for a in task["arms"]):
         tuned = tune_static_set(model, cm, rt, p, corpus.tune, seed, lr, autocast,
-                                lambda *a, **k: train_arm(*a, **k))
+                                lambda *a, **k: train_arm(*a, **k), checkpoint=init if s.finetune else None)
     runs = [train_arm(a, parse_arm(a), p.steps, lr, data_seed, init) for a in task["arms"]]
     for r in runs:
         if parse_arm(r["arm"]).kind == "static_tuned":
             r["static_set"] = [names[i] for i in torch.nonzero(
                 pick_by_gain(tuned["gain"], costs, parse_arm(r["arm"]).budget)).flatten().tolist()]
+            # What the set was chosen from (per-unit gains, the profiled model) goes with the run.
+            r["static_tuning"] = {k: v for k, v in tuned.items() if k != "gain"}
     return {"scenario": s.key, "seed": seed, "lr": lr, "units": names, "costs": costs.tolist(),
             "runs": runs, "pretrain": pretrain,
             "static_tuning": {k: v for k, v in tuned.items() if k != "gain"} or None}
@@ -649,23 +651,33 @@ def cached_pretrain(cache: Path, key: str, run, save) -> tuple:
 
 
 def tune_static_set(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, lr: float, autocast,
-                    train_arm) -> dict:
+                    train_arm, checkpoint: Optional[dict] = None) -> dict:
     """Per-unit gain of keeping the unit high, measured on the *tune* split.
 
-    An always_high run with its own initial weights and batch order (seed
-    ``100 + seed``, never a reported seed; trained on the train split and
-    never evaluated on val) gives a trained model; then, on fixed windows of
-    the tune split, the loss with every unit low is compared with the loss
-    with every unit low but one: the drop is that unit's gain. The
-    static_tuned arms keep the units of largest gain high
-    (``arms.pick_by_gain``). The validation split is never read.
+    A trained model is profiled: in pretraining, an always_high run with its
+    own initial weights and batch order (seed ``100 + seed``, never a
+    reported seed; trained on the train split and never evaluated on val);
+    in fine-tuning (``checkpoint``: the weights every arm starts from), the
+    checkpoint itself, as a practitioner would profile the model before
+    fine-tuning it. On fixed windows of the tune split, the loss with every
+    unit low is compared with the loss with every unit low but one: the
+    drop is that unit's gain. The static_tuned arms keep the units of
+    largest gain high (``arms.pick_by_gain``). The validation split is never
+    read.
     """
     from gnmr_fx.models import TinyGPT
 
-    torch.manual_seed(100 + seed)
-    tune_init = {k: v.to(next(model.parameters()).device)
-                 for k, v in _weights(TinyGPT(p.model)).items()}
-    run = train_arm("tune_high", parse_arm("always_high"), p.steps, lr, 100_000 + seed, tune_init, validate=False)
+    if checkpoint is None:
+        torch.manual_seed(100 + seed)
+        tune_init = {k: v.to(next(model.parameters()).device)
+                     for k, v in _weights(TinyGPT(p.model)).items()}
+        run = train_arm("tune_high", parse_arm("always_high"), p.steps, lr, 100_000 + seed, tune_init,
+                        validate=False)
+        profiled = "tune run"
+    else:
+        model.load_state_dict(checkpoint)
+        run = {"final_train": None, "steps": 0}
+        profiled = "checkpoint"
     device = next(model.parameters()).device
     tx, ty = fixed_windows(tune, min(p.eval_seqs, 128), p.model.block_size)
     tx, ty = tx.to(device), ty.to(device)
@@ -687,7 +699,7 @@ def tune_static_set(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, lr:
         plan = low.clone()
         plan[u] = True
         gain[u] = base - tune_loss(plan)
-    return {"gain": gain, "gain_list": gain.tolist(), "all_low_tune_loss": base,
+    return {"gain": gain, "gain_list": gain.tolist(), "all_low_tune_loss": base, "profiled": profiled,
             "tune_run_final_train": run["final_train"], "tune_run_steps": run["steps"]}
 
 

@@ -426,6 +426,27 @@ def test_fine_tuning_benches_share_one_pretraining_through_the_cache(tmp_path):
     assert abs(l1 - l2) < 0.05 * abs(l1)
 
 
+def test_tuned_static_set_of_a_fine_tuning_profiles_the_checkpoint(tmp_path):
+    """In a fine-tuning scenario static_tuned profiles the checkpoint every arm starts from (no
+    fresh tune run); the gains and what was profiled are kept with the run."""
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    args = parser.parse_args(["--preset", "smoke", "--scenarios", "d-mxfp4", "--seeds", "0", "--no-plots",
+                              "--arms", "always_low", "static_tuned@2", "--out", str(tmp_path)])
+    assert stability.run(args) == 0
+    sc = next(iter(json.loads((tmp_path / "results.json").read_text())["scenarios"].values()))
+    run = {r["arm"]: r for r in sc["runs"]}["static_tuned@2"]
+    tuning = run["static_tuning"]
+    assert (tuning["profiled"], tuning["tune_run_steps"]) == ("checkpoint", 0)
+    gains = torch.tensor(tuning["gain_list"])
+    assert gains.numel() == len(sc["units"]) and gains.abs().max() > 0
+    # The set is the two units of largest positive gain, high on every step.
+    top = sorted(torch.argsort(gains, descending=True)[:2].tolist())
+    assert all(gains[i] > 0 for i in top)
+    assert sorted(sc["units"].index(u) for u in run["static_set"]) == top
+    assert run["plans"] == [top] * len(run["plans"])
+
+
 def test_pretrain_cache_waits_for_the_first_run_and_keeps_no_partial_checkpoint(tmp_path):
     calls = []
 
