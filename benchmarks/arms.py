@@ -335,7 +335,7 @@ class RandomPlan:
         if isinstance(k, float) and costs is None:
             raise ValueError("RandomPlan: a FLOP-fraction budget needs the units' costs")
         self.k, self.lock_steps = k, lock_steps
-        self.costs = costs.double() if costs is not None else None
+        self.costs = costs.detach().double().cpu() if costs is not None else None  # host: no sync per draw
         self.lock = torch.zeros(num_units, dtype=torch.long)
         self.gen = torch.Generator().manual_seed(10_000 + seed)
         self._draw()

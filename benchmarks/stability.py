@@ -607,8 +607,7 @@ def run_task(task: dict) -> dict:
             # What the set was chosen from (per-unit gains, the profiled model) goes with the run.
             r["static_tuning"] = {k: v for k, v in tuned.items() if k != "gain"}
     return {"scenario": s.key, "seed": seed, "lr": lr, "units": names, "costs": costs.tolist(),
-            "runs": runs, "pretrain": pretrain,
-            "static_tuning": {k: v for k, v in tuned.items() if k != "gain"} or None}
+            "runs": runs, "pretrain": pretrain}
 
 
 def pretrain_key(task: dict, s: "Scenario") -> str:
