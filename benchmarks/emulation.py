@@ -194,6 +194,9 @@ def measure(arms: list[Arm], args: argparse.Namespace, device: torch.device) -> 
         for _ in range(args.warmup):
             arm.step()
         sync()
+        # Progress as it happens: a call cut by its timeout still shows where the time went.
+        print(f"{arm.name} ({arm.recipe or 'none'}): first step (compile) {arm.compile_s:.1f} s, "
+              f"warmed up after {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     for _ in range(args.rounds):
         for arm in arms:
             arm.before()

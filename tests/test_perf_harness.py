@@ -88,12 +88,15 @@ def test_overhead_bench_constant_ops(tmp_path):
     assert res["constant_ops"] is True
 
 
-def test_emulation_harness_writes_its_table(tmp_path):
+def test_emulation_harness_writes_its_table(tmp_path, capsys):
     out, md = tmp_path / "emulation.json", tmp_path / "emulation.md"
     args = _args(emulation, ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "16", "--batch", "2",
                              "--steps", "1", "--rounds", "2", "--warmup", "0", "--backend", "eager",
                              "--check", "--limit", "1e-9", "--out", str(out), "--md", str(md)])
     assert emulation.run(args) == 1  # --check: no arm runs in a billionth of its reference's time
+    # One progress line per arm as its compile ends (what a call cut by its timeout still shows).
+    progress = [l for l in capsys.readouterr().err.splitlines() if "first step (compile)" in l]
+    assert [l.split(" ")[0] for l in progress] == list(emulation.ARMS)
     res = json.loads(out.read_text())
     assert {"command", "environment", "model", "backend", "rows", "targets"} <= set(res)
     rows = {r["arm"]: r for r in res["rows"]}
