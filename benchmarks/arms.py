@@ -343,15 +343,16 @@ class RandomPlan:
     def _draw(self) -> None:
         self.lock = (self.lock - 1).clamp_min(0)
         idle = torch.nonzero(self.lock == 0).flatten()
-        order = idle[torch.randperm(idle.numel(), generator=self.gen)]
         if isinstance(self.k, int):
+            # The generator is drawn from only when a slot is free (the draws of results
+            # written before FLOP caps existed stay reproducible).
             free = self.k - int((self.lock > 0).sum())
             if free > 0 and idle.numel():
-                self.lock[order[:free]] = self.lock_steps
+                self.lock[idle[torch.randperm(idle.numel(), generator=self.gen)[:free]]] = self.lock_steps
         else:
             cap = self.k * float(self.costs.sum()) * (1 + 1e-6)
             spent = float(self.costs[self.lock > 0].sum())
-            for i in order.tolist():
+            for i in idle[torch.randperm(idle.numel(), generator=self.gen)].tolist():
                 if spent + float(self.costs[i]) <= cap:
                     self.lock[i] = self.lock_steps
                     spent += float(self.costs[i])

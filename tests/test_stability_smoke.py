@@ -113,6 +113,11 @@ def test_arms_and_budgets():
         held.append(rnd.plan.clone())
     assert all(int(p.sum()) == 2 for p in held)  # always exactly the budget
     assert torch.equal(held[0], held[1]) and torch.equal(held[0], held[2])  # locked for 3 steps
+    # A unit-count budget draws from the generator only when a slot is free (older results' draws).
+    rnd = arms.RandomPlan(6, 2, lock_steps=3, seed=0)
+    state = rnd.gen.get_state()
+    rnd._draw()  # both slots still locked
+    assert torch.equal(rnd.gen.get_state(), state)
     # A FLOP fraction is a FLOP cap (40% of 12 FLOPs), filled to within one unit of it.
     costs6 = torch.tensor([4.0, 1.0, 1.0, 4.0, 1.0, 1.0])
     rnd = arms.RandomPlan(6, 0.4, lock_steps=2, seed=1, costs=costs6)
