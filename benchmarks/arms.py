@@ -200,9 +200,10 @@ def arm_argument(name: str) -> str:
 
 
 def budget_units(budget: Union[int, float], costs: torch.Tensor) -> int:
-    """How many units a static / random arm holds for a budget: an int is a
-    count; a float is a FLOP fraction, filled with the cheapest units that fit
-    (the most units that budget can buy)."""
+    """How many units a static / random arm held for a budget before
+    ``BUDGET_RULE`` (what ``regime_table`` labels older results by): an int
+    is a count; a float is a FLOP fraction, filled with the cheapest units
+    that fit (the most units that budget can buy)."""
     if isinstance(budget, int):
         return min(budget, costs.numel())
     cap = budget * float(costs.sum())
@@ -272,6 +273,10 @@ def first_last_plan(costs: torch.Tensor, budget: Union[int, float]) -> torch.Ten
                 front += 1
             else:
                 back -= 1
+    if not plan.any():
+        # An arm named static@P% that holds nothing would be always_low under another name.
+        raise InputError(f"static@{budget * 100:g}%: neither the first unit ({100 * float(costs[0] / costs.sum()):.2g}% "
+                         f"of the FLOPs) nor the last ({100 * float(costs[-1] / costs.sum()):.2g}%) fits the budget")
     return plan
 
 
@@ -336,6 +341,10 @@ class RandomPlan:
             raise ValueError("RandomPlan: a FLOP-fraction budget needs the units' costs")
         self.k, self.lock_steps = k, lock_steps
         self.costs = costs.detach().double().cpu() if costs is not None else None  # host: no sync per draw
+        if isinstance(k, float) and float(self.costs.min()) > k * float(self.costs.sum()) * (1 + 1e-6):
+            # An arm named random@P% that holds nothing would be always_low under another name.
+            raise InputError(f"random@{k * 100:g}%: no unit fits the budget (the cheapest is "
+                             f"{100 * float(self.costs.min() / self.costs.sum()):.2g}% of the FLOPs)")
         self.lock = torch.zeros(num_units, dtype=torch.long)
         self.gen = torch.Generator().manual_seed(10_000 + seed)
         self._draw()

@@ -132,6 +132,11 @@ def test_arms_and_budgets():
     plan = arms.first_last_plan(torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0]), 0.4)
     assert plan.tolist() == [True, False, False, False, False, False, False, False, False, True]
     assert arms.first_last_plan(torch.ones(37), 12).sum() == 12  # an int budget is a unit count
+    # A FLOP budget no end unit (or, for random, no unit) fits is an error, not an always_low arm.
+    with pytest.raises(InputError, match=r"static@1%: neither the first unit \(30% of the FLOPs\)"):
+        arms.first_last_plan(torch.tensor([3.0, 4.0, 3.0]), 0.01)
+    with pytest.raises(InputError, match="random@1%: no unit fits the budget"):
+        arms.RandomPlan(3, 0.01, lock_steps=2, seed=0, costs=torch.tensor([3.0, 4.0, 3.0]))
     with pytest.raises(ValueError, match="kind must be one of"):
         arms.ArmSpec("x", "sometimes")
 
