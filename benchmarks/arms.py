@@ -25,6 +25,13 @@ static_tuned@k       the k units (or the FLOP budget) that help most when kept
                      high, measured on the *tune* split (see
                      ``stability.tune_static_set``), always high: the best
                      static choice a practitioner could make by profiling
+static_grad@k        the k units (or the FLOP budget) whose low path
+                     distorts the whole model's gradient most: on fixed
+                     windows of the *tune* split, at the weights the arm
+                     starts from, the relative error of the model's
+                     gradient with only that unit low against every unit
+                     high (``stability.profile_grad_error``); always high.
+                     A profile of a few forward/backward passes, no run
 high_first@n         every unit high for the first n steps (an int) or that
                      fraction of the run (5%, 0.1), then every unit low
                      ("train the unstable start in high precision")
@@ -70,8 +77,8 @@ import torch
 
 from gnmr_fx.arguments import InputError, parse_max_o
 
-ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "static_named", "static_tuned", "random",
-             "high_first", "gnmr")
+ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "static_named", "static_tuned", "static_grad",
+             "random", "high_first", "gnmr")
 
 
 @dataclass(frozen=True)
@@ -118,11 +125,11 @@ def arm_name(kind: str, budget: Union[int, float] = 0) -> str:
     return kind
 
 
-_BUDGET_KINDS = ("static", "static_tuned", "random", "high_first", "gnmr")
+_BUDGET_KINDS = ("static", "static_tuned", "static_grad", "random", "high_first", "gnmr")
 BUDGET_RULE = "flops"
 """Recorded in every results file's meta: a FLOP-fraction budget caps the
 FLOPs of static and random arms (before it, it only set their unit count)."""
-ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, random@K, "
+ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, static_grad@K, random@K, "
              "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N, gnmr@K+lock@N, any gnmr form +lag")
 
 

@@ -172,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. e-mxfp4 (several variants of one scenario can run in one call)")
     parser.add_argument("--arms", nargs="+", type=arm_argument, default=list(DEFAULT_ARMS),
                         help="arm names (always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, "
-                             "random@K, high_first@N, gnmr@K / gnmr@P%%)")
+                             "static_grad@K, random@K, high_first@N, gnmr@K / gnmr@P%%)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="+", type=positive_float, default=None,
                         help="learning-rate sweep: one task per (scenario, seed, LR) instead of the scenario's LR")
@@ -493,6 +493,8 @@ def run_task(task: dict) -> dict:
             driver = StaticPlan(len(names), plan=named_units_plan(arm.units, names))
         elif arm.kind == "static_tuned":
             driver = StaticPlan(len(names), plan=pick_by_gain(tuned["gain"], costs, arm.budget))
+        elif arm.kind == "static_grad":
+            driver = StaticPlan(len(names), plan=pick_by_gain(grad_profile["gain"], costs, arm.budget))
         elif arm.kind == "high_first":
             driver = HighFirst(len(names), high_first_steps(arm.budget, steps))
         elif arm.kind == "random":
@@ -599,13 +601,19 @@ def run_task(task: dict) -> dict:
     if any(parse_arm(a).kind == "static_tuned" for a in task["arms"]):
         tuned = tune_static_set(model, cm, rt, p, corpus.tune, seed, lr, autocast,
                                 lambda *a, **k: train_arm(*a, **k), checkpoint=init if s.finetune else None)
+    grad_profile: dict = {}
+    if any(parse_arm(a).kind == "static_grad" for a in task["arms"]):
+        grad_profile = profile_grad_error(model, cm, rt, p, corpus.tune, seed, autocast, init,
+                                          "checkpoint" if s.finetune else "initial weights")
     runs = [train_arm(a, parse_arm(a), p.steps, lr, data_seed, init) for a in task["arms"]]
     for r in runs:
-        if parse_arm(r["arm"]).kind == "static_tuned":
+        kind = parse_arm(r["arm"]).kind
+        if kind in ("static_tuned", "static_grad"):
+            prof = tuned if kind == "static_tuned" else grad_profile
             r["static_set"] = [names[i] for i in torch.nonzero(
-                pick_by_gain(tuned["gain"], costs, parse_arm(r["arm"]).budget)).flatten().tolist()]
+                pick_by_gain(prof["gain"], costs, parse_arm(r["arm"]).budget)).flatten().tolist()]
             # What the set was chosen from (per-unit gains, the profiled model) goes with the run.
-            r["static_tuning"] = {k: v for k, v in tuned.items() if k != "gain"}
+            r["static_tuning"] = {k: v for k, v in prof.items() if k != "gain"}
     return {"scenario": s.key, "seed": seed, "lr": lr, "units": names, "costs": costs.tolist(),
             "runs": runs, "pretrain": pretrain}
 
@@ -700,6 +708,74 @@ def tune_static_set(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, lr:
         gain[u] = base - tune_loss(plan)
     return {"gain": gain, "gain_list": gain.tolist(), "all_low_tune_loss": base, "profiled": profiled,
             "tune_run_final_train": run["final_train"], "tune_run_steps": run["steps"]}
+
+
+GRAD_PROFILE_BATCHES = 4
+"""Batches of ``Preset.batch`` tune windows each that ``profile_grad_error`` sums gradients over."""
+
+
+def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, autocast, weights: dict,
+                       profiled: str) -> dict:
+    """Per unit, how far the whole model's gradient moves when that unit
+    alone runs on the low path, measured on the *tune* split.
+
+    At ``weights`` (the checkpoint a fine-tuning starts from, or a
+    pretraining's initial weights: what a practitioner can profile before
+    training), the gradient of every model parameter is summed over
+    ``GRAD_PROFILE_BATCHES`` fixed batches of tune windows, once with every
+    unit high (the reference ``g_high``) and once per unit with only that
+    unit low (``g_u``); the unit's gain is ``|g_u - g_high| / |g_high|``.
+    It sees what the gradient-norm statistic cannot: a unit whose low path
+    leaves its own gradient's norm as it is but bends every other unit's
+    gradient (the LM head under FP4 output gradients, which every backward
+    starts from). The controller does not update while profiling (its
+    history is reset per arm anyway) and the gradients are cleared after;
+    the validation split is never read. Costs (units + 2) x
+    ``GRAD_PROFILE_BATCHES`` forward/backward passes.
+    """
+    device = next(model.parameters()).device
+    tx, ty = fixed_windows(tune, GRAD_PROFILE_BATCHES * p.batch, p.model.block_size)
+    tx, ty = tx.to(device), ty.to(device)
+    params = [q for q in model.parameters() if q.requires_grad]
+    n = rt.controller.num_units
+    model.load_state_dict(weights)
+    rt.configure_step(update=False)
+
+    def grad(plan: torch.Tensor) -> torch.Tensor:
+        rt.set_plan(plan)
+        torch.manual_seed(200_000 + seed)  # the same stochastic-rounding draws for every plan
+        model.zero_grad(set_to_none=True)
+        for i in range(0, tx.shape[0], p.batch):
+            with autocast():
+                loss = cm(tx[i:i + p.batch], ty[i:i + p.batch])
+            loss.backward()
+        return torch.cat([q.grad.detach().float().flatten() if q.grad is not None
+                          else torch.zeros(q.numel(), device=device) for q in params])
+
+    # The profile's rounding draws come from a forked RNG, so the arms after it
+    # run bitwise as they would without it.
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=rng_devices):
+            g_high = grad(torch.ones(n, dtype=torch.bool))
+            ref = g_high.norm()
+            if not torch.isfinite(ref) or ref == 0:
+                raise RuntimeError(f"profile_grad_error: the all-high gradient norm is {float(ref)}; "
+                                   "nothing to compare with")
+            gain = torch.zeros(n)
+            for u in range(n):
+                plan = torch.ones(n, dtype=torch.bool)
+                plan[u] = False
+                gain[u] = float((grad(plan) - g_high).norm() / ref)
+            all_low = float((grad(torch.zeros(n, dtype=torch.bool)) - g_high).norm() / ref)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for rec in rt.records:
+            if rec.probe is not None:
+                rec.probe.grad = None
+        rt.configure_step(update=True)
+    return {"gain": gain, "gain_list": gain.tolist(), "all_low_grad_error": all_low, "profiled": profiled,
+            "criterion": "grad_error", "batches": GRAD_PROFILE_BATCHES}
 
 
 def fault_schedule(model: torch.nn.Module, p: Preset, seed: int) -> list:

@@ -583,3 +583,35 @@ def test_val_path_scores_the_arms_own_path_and_changes_no_training(tmp_path):
     want = 100 * (low["val_path"][-1][1] - high["val_path"][-1][1]) / high["val_path"][-1][1]
     assert stats["always_low"]["path_gaps"] == [pytest.approx(want)]
     assert stats["always_low"]["path_gaps"] != stats["always_low"]["gaps"]
+
+
+def test_grad_error_profile_picks_its_set_and_leaves_the_other_arms_bitwise(tmp_path):
+    """static_grad profiles the checkpoint on the tune split (per unit, the relative error of the
+    whole model's gradient with only that unit low), keeps the units of largest error high, and
+    the profile perturbs nothing: always_low run after it is bitwise always_low run alone
+    (stochastic rounding draws included)."""
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+
+    def bench(out, *arms_):
+        args = parser.parse_args(["--preset", "smoke", "--scenarios", "d-mxfp4_sr", "--seeds", "0", "--no-plots",
+                                  "--arms", *arms_, "--out", str(out)])
+        assert stability.run(args) == 0
+        sc = next(iter(json.loads((out / "results.json").read_text())["scenarios"].values()))
+        return sc, {r["arm"]: r for r in sc["runs"]}
+
+    sc, runs = bench(tmp_path / "with", "always_low", "static_grad@2")  # the profile runs before every arm
+    _, alone = bench(tmp_path / "alone", "always_low")
+    assert runs["always_low"]["train_loss"] == alone["always_low"]["train_loss"]
+    assert runs["always_low"]["val"] == alone["always_low"]["val"]
+    prof = runs["static_grad@2"]["static_tuning"]
+    assert (prof["profiled"], prof["criterion"]) == ("checkpoint", "grad_error")
+    err = torch.tensor(prof["gain_list"])
+    # One relative error per unit, finite, positive (every low path moves the gradient), and the
+    # all-low error is at least the largest single-unit one's order.
+    assert err.numel() == len(sc["units"]) and bool(torch.isfinite(err).all()) and bool((err > 0).all())
+    assert prof["all_low_grad_error"] > 0.5 * float(err.max())
+    top = sorted(torch.argsort(err, descending=True)[:2].tolist())
+    assert sorted(sc["units"].index(u) for u in runs["static_grad@2"]["static_set"]) == top
+    assert runs["static_grad@2"]["plans"] == [top] * len(runs["static_grad@2"]["plans"])
+    assert arms.parse_arm("static_grad@10%").name == "static_grad@10%"
