@@ -731,7 +731,8 @@ def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, 
     starts from). The controller does not update while profiling (its
     history is reset per arm anyway) and the gradients are cleared after;
     the validation split is never read. Costs (units + 2) x
-    ``GRAD_PROFILE_BATCHES`` forward/backward passes.
+    ``GRAD_PROFILE_BATCHES`` forward/backward passes. Also recorded: each
+    unit's gradient norm (the controller's statistic) all-low over all-high.
     """
     device = next(model.parameters()).device
     tx, ty = fixed_windows(tune, GRAD_PROFILE_BATCHES * p.batch, p.model.block_size)
@@ -741,14 +742,26 @@ def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, 
     model.load_state_dict(weights)
     rt.configure_step(update=False)
 
-    def grad(plan: torch.Tensor) -> torch.Tensor:
+    stat = {}  # the controller's statistic (each unit's gradient norm) under a plan
+
+    def grad(plan: torch.Tensor, key: str = "") -> torch.Tensor:
         rt.set_plan(plan)
         torch.manual_seed(200_000 + seed)  # the same stochastic-rounding draws for every plan
         model.zero_grad(set_to_none=True)
+        for rec in rt.records:
+            if rec.probe is not None:
+                rec.probe.grad = None
         for i in range(0, tx.shape[0], p.batch):
             with autocast():
                 loss = cm(tx[i:i + p.batch], ty[i:i + p.batch])
             loss.backward()
+        if key:
+            sumsq = torch.zeros(n, device=device)
+            for rec in rt.records:  # as GNMRRuntime.step reads them (a shared probe once)
+                if rec.plan is not None and rec.probe is not None and rec.probe.grad is not None:
+                    sumsq.index_add_(0, rec.unit_ids.to(device), rec.probe.grad.to(device))
+                    rec.probe.grad = None
+            stat[key] = sumsq.sqrt().cpu()
         return torch.cat([q.grad.detach().float().flatten() if q.grad is not None
                           else torch.zeros(q.numel(), device=device) for q in params])
 
@@ -757,7 +770,7 @@ def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, 
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=rng_devices):
-            g_high = grad(torch.ones(n, dtype=torch.bool))
+            g_high = grad(torch.ones(n, dtype=torch.bool), "high")
             ref = g_high.norm()
             if not torch.isfinite(ref) or ref == 0:
                 raise RuntimeError(f"profile_grad_error: the all-high gradient norm is {float(ref)}; "
@@ -767,7 +780,7 @@ def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, 
                 plan = torch.ones(n, dtype=torch.bool)
                 plan[u] = False
                 gain[u] = float((grad(plan) - g_high).norm() / ref)
-            all_low = float((grad(torch.zeros(n, dtype=torch.bool)) - g_high).norm() / ref)
+            all_low = float((grad(torch.zeros(n, dtype=torch.bool), "low") - g_high).norm() / ref)
     finally:
         model.zero_grad(set_to_none=True)
         for rec in rt.records:
@@ -775,7 +788,11 @@ def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, 
                 rec.probe.grad = None
         rt.configure_step(update=True)
     return {"gain": gain, "gain_list": gain.tolist(), "all_low_grad_error": all_low, "profiled": profiled,
-            "criterion": "grad_error", "batches": GRAD_PROFILE_BATCHES}
+            "criterion": "grad_error", "batches": GRAD_PROFILE_BATCHES,
+            # What GNMR sees of the same passes: each unit's gradient norm with every unit low,
+            # over its norm with every unit high (GNMR compares a unit with its own history, so a
+            # low path that bends the gradient without changing these norms is invisible to it).
+            "stat_ratio_list": (stat["low"] / stat["high"].clamp_min(1e-30)).tolist()}
 
 
 def fault_schedule(model: torch.nn.Module, p: Preset, seed: int) -> list:

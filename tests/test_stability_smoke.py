@@ -615,3 +615,6 @@ def test_grad_error_profile_picks_its_set_and_leaves_the_other_arms_bitwise(tmp_
     assert sorted(sc["units"].index(u) for u in runs["static_grad@2"]["static_set"]) == top
     assert runs["static_grad@2"]["plans"] == [top] * len(runs["static_grad@2"]["plans"])
     assert arms.parse_arm("static_grad@10%").name == "static_grad@10%"
+    # What GNMR sees of the same passes: one finite, positive norm ratio (all low / all high) per unit.
+    ratio = torch.tensor(prof["stat_ratio_list"])
+    assert ratio.numel() == err.numel() and bool(torch.isfinite(ratio).all()) and bool((ratio > 0).all())
