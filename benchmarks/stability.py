@@ -717,82 +717,35 @@ GRAD_PROFILE_BATCHES = 4
 def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, autocast, weights: dict,
                        profiled: str) -> dict:
     """Per unit, how far the whole model's gradient moves when that unit
-    alone runs on the low path, measured on the *tune* split.
-
-    At ``weights`` (the checkpoint a fine-tuning starts from, or a
-    pretraining's initial weights: what a practitioner can profile before
-    training), the gradient of every model parameter is summed over
-    ``GRAD_PROFILE_BATCHES`` fixed batches of tune windows, once with every
-    unit high (the reference ``g_high``) and once per unit with only that
-    unit low (``g_u``); the unit's gain is ``|g_u - g_high| / |g_high|``.
-    It sees what the gradient-norm statistic cannot: a unit whose low path
-    leaves its own gradient's norm as it is but bends every other unit's
-    gradient (the LM head under FP4 output gradients, which every backward
-    starts from). The controller does not update while profiling (its
-    history is reset per arm anyway) and the gradients are cleared after;
-    the validation split is never read. Costs (units + 2) x
-    ``GRAD_PROFILE_BATCHES`` forward/backward passes. Also recorded: each
-    unit's gradient norm (the controller's statistic) all-low over all-high.
+    alone runs on the low path (``gnmr_fx.profile``), measured on
+    ``GRAD_PROFILE_BATCHES`` fixed batches of *tune* windows at ``weights``
+    (the checkpoint a fine-tuning starts from, or a pretraining's initial
+    weights: what a practitioner can profile before training). The
+    static_grad arms keep the units of largest error high. It sees what the
+    gradient-norm statistic cannot: a unit whose low path leaves its own
+    gradient's norm as it is but bends every other unit's gradient (the LM
+    head under FP4 output gradients, which every backward starts from). The
+    profile leaves the plan, the controller, the gradients and the RNG as
+    they were; the validation split is never read.
     """
+    import gnmr_fx
+
     device = next(model.parameters()).device
     tx, ty = fixed_windows(tune, GRAD_PROFILE_BATCHES * p.batch, p.model.block_size)
-    tx, ty = tx.to(device), ty.to(device)
-    params = [q for q in model.parameters() if q.requires_grad]
-    n = rt.controller.num_units
+    batches = [(tx[i:i + p.batch].to(device), ty[i:i + p.batch].to(device)) for i in range(0, tx.shape[0], p.batch)]
     model.load_state_dict(weights)
-    rt.configure_step(update=False)
 
-    stat = {}  # the controller's statistic (each unit's gradient norm) under a plan
+    def loss_fn(m, batch):
+        with autocast():
+            return m(*batch)
 
-    def grad(plan: torch.Tensor, key: str = "") -> torch.Tensor:
-        rt.set_plan(plan)
-        torch.manual_seed(200_000 + seed)  # the same stochastic-rounding draws for every plan
-        model.zero_grad(set_to_none=True)
-        for rec in rt.records:
-            if rec.probe is not None:
-                rec.probe.grad = None
-        for i in range(0, tx.shape[0], p.batch):
-            with autocast():
-                loss = cm(tx[i:i + p.batch], ty[i:i + p.batch])
-            loss.backward()
-        if key:
-            sumsq = torch.zeros(n, device=device)
-            for rec in rt.records:  # as GNMRRuntime.step reads them (a shared probe once)
-                if rec.plan is not None and rec.probe is not None and rec.probe.grad is not None:
-                    sumsq.index_add_(0, rec.unit_ids.to(device), rec.probe.grad.to(device))
-                    rec.probe.grad = None
-            stat[key] = sumsq.sqrt().cpu()
-        return torch.cat([q.grad.detach().float().flatten() if q.grad is not None
-                          else torch.zeros(q.numel(), device=device) for q in params])
-
-    # The profile's rounding draws come from a forked RNG, so the arms after it
-    # run bitwise as they would without it.
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=rng_devices):
-            g_high = grad(torch.ones(n, dtype=torch.bool), "high")
-            ref = g_high.norm()
-            if not torch.isfinite(ref) or ref == 0:
-                raise RuntimeError(f"profile_grad_error: the all-high gradient norm is {float(ref)}; "
-                                   "nothing to compare with")
-            gain = torch.zeros(n)
-            for u in range(n):
-                plan = torch.ones(n, dtype=torch.bool)
-                plan[u] = False
-                gain[u] = float((grad(plan) - g_high).norm() / ref)
-            all_low = float((grad(torch.zeros(n, dtype=torch.bool), "low") - g_high).norm() / ref)
-    finally:
-        model.zero_grad(set_to_none=True)
-        for rec in rt.records:
-            if rec.probe is not None:
-                rec.probe.grad = None
-        rt.configure_step(update=True)
-    return {"gain": gain, "gain_list": gain.tolist(), "all_low_grad_error": all_low, "profiled": profiled,
-            "criterion": "grad_error", "batches": GRAD_PROFILE_BATCHES,
+    prof = gnmr_fx.profile(cm, batches, loss_fn=loss_fn, seed=200_000 + seed)
+    return {"gain": prof.grad_error, "gain_list": prof.grad_error.tolist(), "all_low_grad_error": prof.all_low_error,
+            "profiled": profiled, "criterion": "grad_error", "batches": prof.batches,
             # What GNMR sees of the same passes: each unit's gradient norm with every unit low,
             # over its norm with every unit high (GNMR compares a unit with its own history, so a
             # low path that bends the gradient without changing these norms is invisible to it).
-            "stat_ratio_list": (stat["low"] / stat["high"].clamp_min(1e-30)).tolist()}
+            "stat_ratio_list": prof.stat_ratio.tolist()}
 
 
 def fault_schedule(model: torch.nn.Module, p: Preset, seed: int) -> list:

@@ -33,6 +33,7 @@ _EXPORTS: dict[str, tuple[str, Any]] = {
     "export_onnx": ("gnmr_fx.tools.export", "export_onnx"),
     "faults": ("gnmr_fx.faults", None),
     "inspect": ("gnmr_fx.tools.inspect", "inspect"),
+    "profile": ("gnmr_fx.tools.profile", "profile"),
     "get_recipe": ("gnmr_fx.backends.recipes", "get_recipe"),
     "recipes": ("gnmr_fx.backends.recipes", "recipe_names"),
     "register_recipe": ("gnmr_fx.backends.recipes", "register_recipe"),

@@ -17,11 +17,12 @@ Per optimizer step the runtime does, with no host sync:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -563,6 +564,18 @@ class GNMRRuntime:
         """
         self._step_update = bool(update)
         self._step_host_copy = bool(host_copy)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No controller update inside the block (backward passes leave the
+        history, locks and plan as they are: what-if passes such as
+        ``gnmr_fx.profile``); the step settings before it come back after."""
+        saved = (self._step_update, self._step_host_copy)
+        self._step_update = False
+        try:
+            yield
+        finally:
+            self._step_update, self._step_host_copy = saved
 
     def _publish_host(self, *, records: Optional[list[GraphRecord]] = None, lagged: bool = False) -> None:
         """Copy the controller's plan into the graphs' host plan buffers.

@@ -1,0 +1,198 @@
+"""Profile: which units bend the whole model's gradient when they run low.
+
+GNMR watches each unit's gradient norm against that unit's own history. A
+unit whose low path is wrong from the first step, and wrong in *direction*
+rather than size, is invisible to it: in the fine-tuning regime of
+``benchmarks/RESULTS.md`` the LM head under FP4 output gradients (where every
+backward starts) leaves its own gradient norm within 10% of the high path's
+while it carries most of the error of every other unit's gradient. This tool
+finds such units before training, in a few forward/backward passes, so they
+can be pinned high (``gnmr_fx.runtime(model).pin(profile.pick(0.01))``).
+
+For a model compiled by ``gnmr_fx.compile``, on the batches given, the
+gradient of every trainable parameter is summed once with every unit high
+(``g_high``) and once per unit with only that unit low (``g_u``); the unit's
+``grad_error`` is ``|g_u - g_high| / |g_high|``. One more pass with every unit
+low gives ``all_low_error`` and each unit's gradient norm all low over all
+high (``stat_ratio``: what GNMR's statistic sees of the same change).
+
+It leaves the model as it was: the plan, the controller's state (no update
+runs while profiling), the parameters' ``.grad`` tensors and the RNG state
+(every pass draws the same stochastic-rounding and dropout randomness from a
+forked generator). Cost: (units + 2) x len(batches) forward/backward passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from gnmr_fx.arguments import parse_max_o
+from gnmr_fx.runtime import runtime_of
+
+LossFn = Callable[[torch.nn.Module, Any], Tensor]
+
+
+def default_loss(model: torch.nn.Module, batch: Any) -> Tensor:
+    """``model(*batch)`` for a tuple or list, ``model(**batch)`` for a dict,
+    ``model(batch)`` otherwise; the output's ``.loss`` if it has one (Hugging
+    Face models), else the output itself."""
+    if isinstance(batch, dict):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    return getattr(out, "loss", out)
+
+
+@dataclass
+class Profile:
+    """Per-unit results of :func:`profile`, in the controller's unit order."""
+
+    units: list
+    grad_error: Tensor
+    """|g_u - g_high| / |g_high| with only unit u low (non-finite if the low path overflowed)."""
+    stat_ratio: Tensor
+    """Each unit's gradient norm (GNMR's statistic) with every unit low, over its norm all high."""
+    costs: Tensor
+    """The units' costs (FLOPs) as the controller holds them, for a fractional budget."""
+    all_low_error: float
+    batches: int
+    extra: dict = field(default_factory=dict)
+
+    def order(self) -> list:
+        """Unit indices, largest ``grad_error`` first; a non-finite error
+        (the low path overflowed the gradient) ranks above every finite one."""
+        key = torch.where(torch.isfinite(self.grad_error), self.grad_error,
+                          torch.full_like(self.grad_error, math.inf))
+        return torch.argsort(key, descending=True, stable=True).tolist()
+
+    def pick(self, max_o: Union[int, float, str]) -> Tensor:
+        """The plan (bool per unit, True = high) that keeps the units of
+        largest error high within ``max_o``: an int counts units, a float in
+        (0, 1) (or ``"5%"``) is a fraction of the units' FLOPs, filled in
+        order of error with the units that fit. ``max_o`` is read as
+        ``GNMRConfig.max_o`` is.
+
+        >>> p = Profile(["a", "b", "c"], torch.tensor([0.1, 0.9, 0.3]), torch.ones(3),
+        ...             torch.tensor([1.0, 8.0, 1.0]), 1.0, 1)
+        >>> p.pick(1).tolist(), p.pick("25%").tolist()
+        ([False, True, False], [True, False, True])
+        """
+        budget = parse_max_o(max_o) if isinstance(max_o, str) else max_o
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0 or (
+                isinstance(budget, float) and not 0.0 < budget <= 1.0):
+            raise ValueError(f"max_o must be a unit count (int >= 0) or a FLOP fraction in (0, 1] (got {max_o!r})")
+        plan = torch.zeros(len(self.units), dtype=torch.bool)
+        cap = budget * float(self.costs.sum()) * (1 + 1e-6) if isinstance(budget, float) else None
+        spent, n = 0.0, 0
+        for i in self.order():
+            if cap is None and n >= budget:
+                break
+            if cap is not None and spent + float(self.costs[i]) > cap:
+                continue
+            plan[i] = True
+            spent += float(self.costs[i])
+            n += 1
+        return plan
+
+    def rows(self) -> list:
+        """One dict per unit, largest error first."""
+        total = float(self.costs.sum())
+        return [{"unit": self.units[i], "grad_error": float(self.grad_error[i]),
+                 "stat_ratio": float(self.stat_ratio[i]), "flops_pct": 100.0 * float(self.costs[i]) / total}
+                for i in self.order()]
+
+    def table(self, top: Optional[int] = None) -> str:
+        """A plain-text table of :meth:`rows` (the first ``top``)."""
+        from tabulate import tabulate
+
+        rows = self.rows()[:top] if top else self.rows()
+        body = tabulate([[r["unit"], f"{r['grad_error']:.3f}", f"{r['stat_ratio']:.2f}", f"{r['flops_pct']:.2f}"]
+                         for r in rows],
+                        headers=["unit", "grad error (only it low)", "norm low/high", "% FLOPs"])
+        return f"{body}\nevery unit low: grad error {self.all_low_error:.3f} ({self.batches} batches)"
+
+    def to_dict(self) -> dict:
+        return {"units": list(self.units), "grad_error": self.grad_error.tolist(),
+                "stat_ratio": self.stat_ratio.tolist(), "costs": self.costs.tolist(),
+                "all_low_error": self.all_low_error, "batches": self.batches, **self.extra}
+
+
+def profile(model: torch.nn.Module, batches: Iterable, *, loss_fn: Optional[LossFn] = None,
+            seed: int = 0) -> Profile:
+    """Profile the units of ``model`` (compiled by ``gnmr_fx.compile``) on
+    ``batches`` (see the module docstring). ``loss_fn(model, batch)`` returns
+    the scalar loss of one batch (default :func:`default_loss`; wrap the
+    forward in autocast there if training does). ``seed`` seeds the forked
+    RNG every pass draws from."""
+    rt = runtime_of(model)
+    batches = list(batches)
+    if not batches:
+        raise ValueError("profile: batches is empty; give at least one batch")
+    loss_fn = loss_fn or default_loss
+    ctl = rt.controller
+    n = ctl.num_units
+    if n == 0:
+        raise ValueError("profile: the model has no units yet; run one forward pass through it first")
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = ctl.plan.device
+    saved_plan = ctl.plan.detach().clone()
+    saved_grads = [p.grad for p in params]
+    probes = [rec for rec in rt.records if rec.plan is not None and rec.probe is not None]
+    saved_probe_grads = [rec.probe.grad for rec in probes]
+    stat: dict = {}
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+        for rec in probes:
+            rec.probe.grad = None
+
+    def grad(plan: Tensor, key: str = "") -> Tensor:
+        rt.force_plan(plan)
+        torch.manual_seed(seed)  # the same rounding / dropout draws for every plan
+        clear()
+        for batch in batches:
+            loss = loss_fn(model, batch)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"profile: loss_fn must return a scalar tensor (got {type(loss).__name__}"
+                                 f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))})")
+            loss.backward()
+        if key:
+            sumsq = torch.zeros(n, device=device)
+            for rec in probes:  # as GNMRRuntime.step reads them: a probe shared by graphs once
+                if rec.probe.grad is not None:
+                    sumsq.index_add_(0, rec.unit_ids, rec.probe.grad.to(device))
+                    rec.probe.grad = None
+            stat[key] = sumsq.sqrt().float().cpu()
+        return torch.cat([(p.grad.detach().float() if p.grad is not None
+                           else torch.zeros_like(p, dtype=torch.float32)).flatten() for p in params])
+
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    try:
+        with rt.paused(), torch.random.fork_rng(devices=cuda):
+            g_high = grad(torch.ones(n, dtype=torch.bool), "high")
+            ref = g_high.norm()
+            if not bool(torch.isfinite(ref)) or float(ref) == 0.0:
+                raise RuntimeError(f"profile: the gradient with every unit high has norm {float(ref)}; "
+                                   "there is nothing to measure the low paths against")
+            err = torch.empty(n)
+            for u in range(n):
+                plan = torch.ones(n, dtype=torch.bool)
+                plan[u] = False
+                err[u] = float((grad(plan) - g_high).norm() / ref)
+            all_low = float((grad(torch.zeros(n, dtype=torch.bool), "low") - g_high).norm() / ref)
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        for rec, g in zip(probes, saved_probe_grads):
+            rec.probe.grad = g
+        rt.force_plan(saved_plan)
+    ratio = stat["low"] / stat["high"].clamp_min(torch.finfo(torch.float32).tiny)
+    return Profile(list(ctl.names), err, ratio, ctl.costs.detach().float().cpu().clone(), all_low, len(batches))
