@@ -53,3 +53,13 @@ def test_cli_demo_exit_code_and_bad_recipe():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "unknown recipe 'fp7'" in out.stderr
+
+
+def test_readme_profile_example_runs_after_the_usage_example():
+    blocks = _python_blocks((ROOT / "README.md").read_text())
+    prof = next(b for b in blocks if "gnmr_fx.profile(" in b)
+    out = subprocess.run([sys.executable, "-c", blocks[0] + prof + "print(int(gnmr_fx.controller(model).pinned.sum()))"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "every unit low: grad error" in out.stdout and "(2 batches)" in out.stdout
+    assert int(out.stdout.split()[-1]) >= 1  # the picked units are pinned
