@@ -16,7 +16,8 @@ gradient of every trainable parameter is summed once with every unit high
 low gives ``all_low_error`` and each unit's gradient norm all low over all
 high (``stat_ratio``: what GNMR's statistic sees of the same change).
 
-It leaves the model as it was: the plan, the controller's state (no update
+Memory: one fp32 copy of the all-high gradient besides the model's own
+``.grad`` tensors. It leaves the model as it was: the plan, the controller's state (no update
 runs while profiling), the parameters' ``.grad`` tensors and the RNG state
 (every pass draws the same stochastic-rounding and dropout randomness from a
 forked generator). Cost: (units + 2) x len(batches) forward/backward passes.
@@ -171,14 +172,21 @@ def profile(model: torch.nn.Module, batches: Iterable, *, loss_fn: Optional[Loss
                     sumsq.index_add_(0, rec.unit_ids, rec.probe.grad.to(device))
                     rec.probe.grad = None
             stat[key] = sumsq.sqrt().float().cpu()
-        return torch.cat([(p.grad.detach().float() if p.grad is not None
-                           else torch.zeros_like(p, dtype=torch.float32)).flatten() for p in params])
+        return [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    def distance(grads: list, ref: list) -> Tensor:
+        """|grads - ref| over all parameters, one tensor at a time (no flat copy)."""
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for g, r in zip(grads, ref):
+            total += (g.float() - r).pow(2).sum().to(device, torch.float64)
+        return total.sqrt()
 
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     try:
         with rt.paused(), torch.random.fork_rng(devices=cuda):
-            g_high = grad(torch.ones(n, dtype=torch.bool), "high")
-            ref = g_high.norm()
+            g_high = [g.float().clone() for g in grad(torch.ones(n, dtype=torch.bool), "high")]
+            zeros = [torch.zeros((), device=g.device) for g in g_high]
+            ref = distance(g_high, zeros)
             if not bool(torch.isfinite(ref)) or float(ref) == 0.0:
                 raise RuntimeError(f"profile: the gradient with every unit high has norm {float(ref)}; "
                                    "there is nothing to measure the low paths against")
@@ -186,8 +194,8 @@ def profile(model: torch.nn.Module, batches: Iterable, *, loss_fn: Optional[Loss
             for u in range(n):
                 plan = torch.ones(n, dtype=torch.bool)
                 plan[u] = False
-                err[u] = float((grad(plan) - g_high).norm() / ref)
-            all_low = float((grad(torch.zeros(n, dtype=torch.bool), "low") - g_high).norm() / ref)
+                err[u] = float(distance(grad(plan), g_high) / ref)
+            all_low = float(distance(grad(torch.zeros(n, dtype=torch.bool), "low"), g_high) / ref)
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
