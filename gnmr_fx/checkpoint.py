@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from gnmr_fx.controller import STATE_KEYS
+from gnmr_fx.controller import OPTIONAL_STATE_KEYS, STATE_KEYS
 
 if TYPE_CHECKING:
     from gnmr_fx.runtime import GNMRRuntime
@@ -69,7 +69,7 @@ def encode_state(sd: dict) -> dict[str, torch.Tensor]:
 def decode_state(flat: dict, prefix: str, strict: bool) -> dict:
     """The controller state dict from its flat tensors, or ``ValueError`` naming the key."""
     known = {"names", "step", *STATE_KEYS}
-    absent = [k for k in ("names", "step", *STATE_KEYS) if k not in flat]
+    absent = [k for k in ("names", "step", *STATE_KEYS) if k not in flat and k not in OPTIONAL_STATE_KEYS]
     if absent:
         raise ValueError(f"GNMR checkpoint: missing {', '.join(prefix + k for k in absent)} "
                          "(not a GNMR state dict, or saved by an older gnmr_fx)")

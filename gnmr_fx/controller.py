@@ -45,9 +45,12 @@ _TINY = 1e-30
 # Per-unit state, all of length n (hist is [delta_window, n]).
 _FLOAT_STATE = ("ema", "norm", "gnmr", "delta_gnmr", "risk", "costs")
 _LONG_STATE = ("n_obs", "lock", "n_triggers", "n_denied", "n_high_steps", "streak", "n_released")
-_BOOL_STATE = ("plan", "triggered", "denied", "released")
+_BOOL_STATE = ("plan", "triggered", "denied", "released", "pinned")
 STATE_KEYS = (*_FLOAT_STATE, *_LONG_STATE, *_BOOL_STATE, "hist")
 """Tensor entries of :meth:`GNMRController.state_dict` (besides ``names`` and ``step``)."""
+OPTIONAL_STATE_KEYS = ("pinned",)
+"""Entries a state dict may lack: saved since pins resume (a checkpoint without
+them leaves the live pins as they are)."""
 _COUNTERS = ("n_obs", "n_triggers", "n_denied", "n_high_steps", "n_released")
 
 
@@ -109,7 +112,6 @@ class GNMRController:
         for k in _BOOL_STATE:
             setattr(self, k, torch.zeros(n, dtype=torch.bool, device=d))
         self.hist = torch.full((self.config.delta_window, n), float("inf"), device=d)
-        self.pinned = torch.zeros(n, dtype=torch.bool, device=d)
 
     def add_units(self, names: Sequence[str], costs: Optional[Union[Sequence[float], Tensor]] = None) -> list[int]:
         """Append units (fresh state, in warm-up); returns their indices.
@@ -147,7 +149,6 @@ class GNMRController:
         self.hist = torch.cat(
             [self.hist, torch.full((self.config.delta_window, k), float("inf"), device=d)], dim=1
         )
-        self.pinned = pad(self.pinned, False)
         if self.config.policy == "always_high" or self.in_high_start(self.step):
             self.plan[start:] = True
         return list(range(start, start + k))
@@ -155,7 +156,7 @@ class GNMRController:
     def to(self, device: Union[str, torch.device]) -> "GNMRController":
         device = torch.device(device)
         if device != self._device:
-            for key in (*STATE_KEYS, "pinned"):
+            for key in STATE_KEYS:
                 setattr(self, key, getattr(self, key).to(device))
             self._device = device
         return self
@@ -398,6 +399,8 @@ class GNMRController:
             s = torch.tensor(src, dtype=torch.long)
             d = torch.tensor(dst, dtype=torch.long, device=self._device)
             for key in STATE_KEYS:
+                if key not in sd:  # an optional key an older checkpoint lacks: the live state stays
+                    continue
                 if key == "hist":
                     self.hist[:, d] = sd[key][:, s].to(self._device)
                 elif key != "costs":
@@ -421,9 +424,11 @@ class GNMRController:
         cfg = self.config
         if cfg.policy != "gnmr":
             return []
-        held = self.lock > 0
+        # Pinned units hold their budget first (as in update); locks fit in what is left.
+        held = (self.lock > 0) & ~self.pinned
         costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
         cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else float(cfg.max_o)
+        cap = cap - (costs * self.pinned).sum()
         by_lock = torch.argsort(self.lock, descending=True, stable=True)
         key = torch.where(held, self.risk, torch.full_like(self.risk, float("-inf")))[by_lock]
         order = by_lock[torch.argsort(key, descending=True, stable=True)]
@@ -473,7 +478,7 @@ class GNMRController:
         cfg = self.config
         if not isinstance(sd, dict):
             raise ValueError(f"GNMR state must be a dict (got {type(sd).__name__})")
-        absent = [k for k in ("names", "step", *STATE_KEYS) if k not in sd]
+        absent = [k for k in ("names", "step", *STATE_KEYS) if k not in sd and k not in OPTIONAL_STATE_KEYS]
         if absent:
             raise ValueError(
                 f"GNMR checkpoint: missing {', '.join(key_prefix + k for k in absent)} "
@@ -489,6 +494,8 @@ class GNMRController:
         n, dw = len(names), cfg.delta_window
         t = {}
         for key in STATE_KEYS:
+            if key not in sd:  # optional (checked above)
+                continue
             v = sd[key]
             dtype = torch.long if key in _LONG_STATE else torch.bool if key in _BOOL_STATE else torch.float32
             shape = (dw, n) if key == "hist" else (n,)

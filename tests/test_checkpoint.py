@@ -374,3 +374,52 @@ def test_host_plans_of_a_graph_that_ran_are_left_alone_when_the_next_graph_joins
     loss.backward()
     opt_b.step()
     assert rt.controller.step == 6
+
+
+# ------------------------------------------------------------------- pins
+def test_pins_resume_by_name_and_hold_budget_before_locks():
+    """Pins are controller state: saved, restored by unit name (another unit order), checked
+    at load; under a smaller budget the pinned unit keeps its place and locks fit in the rest."""
+    a = _spiked(max_o=3)  # locks on units 1, 4, 2 (risk order)
+    a.pin(torch.tensor([True, False, False, False, False]))
+    sd = _round_trip(a.state_dict())
+    assert sd["pinned"].tolist() == [True, False, False, False, False]
+    names = ["unit4", "unit3", "unit2", "unit1", "unit0"]
+    b = GNMRController(names, GNMRConfig(warmup_steps=5, max_o=2, lock_steps=5))
+    with pytest.warns(UserWarning, match=r"released \['unit4', 'unit2'\]"):
+        b.load_state_dict(sd)  # budget 2: the pin holds one, the riskiest lock (unit1) the other
+    assert b.pinned.tolist() == [False, False, False, False, True]
+    assert b.plan.tolist() == [False, False, False, True, True]
+    b.update(torch.ones(5))
+    assert bool(b.plan[4]) and float(b.budget_used()) <= 2.0
+    bad = dict(sd, pinned=sd["pinned"].long())
+    with pytest.raises(ValueError, match=r"pinned must be a torch\.bool tensor of shape \(5,\)"):
+        GNMRController(5, GNMRConfig(warmup_steps=5, max_o=3, lock_steps=5)).load_state_dict(bad)
+
+
+def test_a_checkpoint_saved_before_pins_were_state_loads_and_keeps_the_live_pins():
+    a = _spiked(max_o=3)
+    sd = {k: v for k, v in _round_trip(a.state_dict()).items() if k != "pinned"}
+    b = GNMRController(5, GNMRConfig(warmup_steps=5, max_o=3, lock_steps=5))
+    b.pin(torch.tensor([False, False, False, True, False]))
+    with pytest.warns(UserWarning, match=r"released \['unit2'\]"):
+        b.load_state_dict(sd)  # budget 3: the live pin holds one, the two riskiest locks the rest
+    assert b.pinned.tolist() == [False, False, False, True, False]
+    assert b.step == a.step and b.lock.tolist() == [0, 5, 0, 0, 5] and a.lock.tolist() == [0, 5, 5, 0, 5]
+
+
+def test_model_state_dict_carries_the_pins_through_weights_only_load():
+    torch._dynamo.reset()
+    model, opt, m = _compiled(CFG)
+    for s in range(3):
+        _step(m, opt, s)
+    gnmr_fx.runtime(m).pin(torch.tensor([False, True, False, False]))
+    sd = _round_trip(m.state_dict())
+    assert sd["_orig_mod._gnmr.pinned"].tolist() == [False, True, False, False]
+    torch._dynamo.reset()
+    model2, opt2, m2 = _compiled(CFG, seed=1)
+    m2.load_state_dict(sd)
+    m2(_batch(5)[0])
+    ctl = gnmr_fx.controller(m2)
+    assert ctl.pinned.tolist() == [False, True, False, False] and bool(ctl.plan[1])
+    assert _graph_plans(gnmr_fx.runtime(m2))[0][1] is True
