@@ -200,7 +200,8 @@ class LogRecorder(transformers.TrainerCallback):
 
 
 def test_attach_puts_the_callback_before_the_loggers(tmp_path):
-    gnmr_keys = ["gnmr/budget", "gnmr/budget_used", "gnmr/denied", "gnmr/step", "gnmr/triggered", "gnmr/units_high"]
+    gnmr_keys = ["gnmr/budget", "gnmr/budget_used", "gnmr/denied", "gnmr/pinned", "gnmr/step", "gnmr/triggered",
+                 "gnmr/units_high"]
     args = _args(tmp_path, max_steps=4, logging_steps=2, save_steps=100)
     # Passed in callbacks=, GNMR runs after a logger that comes before it: the logger sees no gnmr/* key.
     logger = LogRecorder()
@@ -258,3 +259,57 @@ def test_bf16_mixed_precision_after_an_inplace_compile(tmp_path):
     trainer, _ = _train(tmp_path, model=model, max_steps=2, gradient_accumulation_steps=1, save_steps=100, bf16=True)
     assert gnmr_fx.runtime(trainer.model) is rt and rt.controller.step == 2
     assert len(rt.unit_names) == 9  # 2 x (c_attn, c_proj, c_fc, mlp c_proj) + lm_head: sdpa attention
+
+
+class RngAtFirstStep(transformers.TrainerCallback):
+    def __init__(self):
+        self.state = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.state is None:
+            self.state = torch.get_rng_state()
+
+
+def test_pin_profile_pins_the_profiles_units_and_a_resume_keeps_them(tmp_path):
+    """GNMRCallback(pin_profile=2): the two units of largest gradient error on the first
+    training batches are pinned before the first step and stay high on every step; the
+    profile leaves the run's RNG as it was; a resumed run takes the pins from the checkpoint
+    and profiles nothing."""
+    torch._dynamo.reset()
+    rng_plain = RngAtFirstStep()
+    model = _gpt2()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path / "plain", max_steps=1, save_steps=100),
+                                   train_dataset=TokenDataset(), callbacks=[GNMRCallback(CFG, backend="eager"), rng_plain])
+    trainer.train()
+    torch._dynamo.reset()
+    cb = GNMRCallback(CFG, backend="eager", pin_profile=2, profile_batches=2)
+    rng_prof = RngAtFirstStep()
+    rec = PlanRecorder()
+    trainer = transformers.Trainer(model=_gpt2(), args=_args(tmp_path / "p", max_steps=6, save_steps=3),
+                                   train_dataset=TokenDataset(), callbacks=[cb, rec, rng_prof])
+    trainer.train()
+    assert torch.equal(rng_plain.state, rng_prof.state)
+    prof = cb.profile
+    assert prof is not None and prof.batches == 2 and prof.units == list(gnmr_fx.controller(trainer.model).names)
+    top = sorted(prof.order()[:2])
+    ctl = gnmr_fx.controller(trainer.model)
+    assert ctl.pinned.nonzero().flatten().tolist() == top
+    assert all(all(rec.plans[s][1][i] for i in top) for s in rec.plans)  # high on every step
+    assert all(h["gnmr/pinned"] == 2 for h in trainer.state.log_history if "loss" in h)
+    # Resume at step 3: the pins come back from the checkpoint's controller state.
+    torch._dynamo.reset()
+    cb2 = GNMRCallback(CFG, backend="eager", pin_profile=2, profile_batches=2)
+    trainer2 = transformers.Trainer(model=_gpt2(), args=_args(tmp_path / "p", max_steps=6, save_steps=3),
+                                    train_dataset=TokenDataset(), callbacks=[cb2])
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "p" / "checkpoint-3"))
+    assert cb2.profile is None
+    assert gnmr_fx.controller(trainer2.model).pinned.nonzero().flatten().tolist() == top
+
+
+@pytest.mark.parametrize("kw,match", [({"pin_profile": 0}, "pin_profile must be"),
+                                      ({"pin_profile": 1.5}, "pin_profile must be"),
+                                      ({"pin_profile": "x%"}, "pin_profile"),
+                                      ({"pin_profile": 2, "profile_batches": 0}, "profile_batches must be")])
+def test_pin_profile_arguments_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GNMRCallback(CFG, **kw)

@@ -19,5 +19,5 @@ def test_readme_trainer_example_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "controller step 8 global step 8" in out.stdout, out.stdout
     assert re.search(r"\{'gnmr/step': 8, 'gnmr/units_high': \d+, 'gnmr/triggered': \d+, 'gnmr/denied': \d+, "
-                     r"'gnmr/budget_used': [\d.]+, 'gnmr/budget': 2.0\}", out.stdout), out.stdout
+                     r"'gnmr/budget_used': [\d.]+, 'gnmr/budget': 2.0, 'gnmr/pinned': 0\}", out.stdout), out.stdout
     assert re.search(r"tensor\(\[\[ *5, +9, +12(, +\d+){6}\]\]\)", out.stdout), out.stdout

@@ -39,10 +39,12 @@ callback does, by Trainer event:
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import tempfile
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -57,10 +59,14 @@ except ImportError as e:  # an optional extra: say how to get it
 from gnmr_fx import distributed
 from gnmr_fx.api import compile as gnmr_compile
 from gnmr_fx.api import runtime as runtime_of
+from gnmr_fx.arguments import InputError, parse_max_o
 from gnmr_fx.backend import COMPILERS
 from gnmr_fx.compiled_call import CompiledCall
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.runtime import GNMRRuntime
+from gnmr_fx.tools.profile import Profile, profile
+
+logger = logging.getLogger(__name__)
 
 CONTROLLER_FILE = "gnmr_controller.pt"
 _PREFIX = "_gnmr."
@@ -83,6 +89,15 @@ class GNMRCallback(TrainerCallback):
         strict_resume: a resumed run whose checkpoint has no controller state
             raises (default); with False it warns and the controller starts
             fresh (warm-up again).
+        pin_profile: at the start of a fresh run, profile the units on the
+            first ``profile_batches`` training batches (``gnmr_fx.profile``:
+            how far the whole gradient moves with only that unit low) and pin
+            high the units of largest error within this budget (a unit count,
+            a FLOP fraction such as ``0.1`` or ``"10%"``; pins count against
+            ``max_o``). The profile is kept as ``callback.profile`` and the
+            pinned units are logged; a resumed run takes its pins from the
+            checkpoint's controller state instead. None (default): no profile.
+        profile_batches: how many training batches the profile uses (>= 1).
 
     The model must be uncompiled, or compiled in place with the same config
     (``gnmr_fx.compile(model, config, inplace=True)``).
@@ -108,6 +123,8 @@ class GNMRCallback(TrainerCallback):
         on_inactive: str = "raise",
         resume_from: Optional[str] = None,
         strict_resume: bool = True,
+        pin_profile: Optional[Union[int, float, str]] = None,
+        profile_batches: int = 4,
     ) -> None:
         config = config if config is not None else GNMRConfig()
         if not isinstance(config, GNMRConfig):
@@ -121,6 +138,21 @@ class GNMRCallback(TrainerCallback):
         self.on_inactive = on_inactive
         self.resume_from = resume_from
         self.strict_resume = bool(strict_resume)
+        if pin_profile is not None:
+            try:
+                pin_profile = parse_max_o(pin_profile) if isinstance(pin_profile, str) else pin_profile
+            except InputError as e:
+                raise ValueError(f"pin_profile: {e}") from None
+            if (isinstance(pin_profile, bool) or not isinstance(pin_profile, (int, float))
+                    or (isinstance(pin_profile, int) and pin_profile < 1)
+                    or (isinstance(pin_profile, float) and not 0.0 < pin_profile <= 1.0)):
+                raise ValueError(f"pin_profile must be a unit count (int >= 1) or a FLOP fraction in (0, 1] "
+                                 f"(got {pin_profile!r})")
+        if isinstance(profile_batches, bool) or not isinstance(profile_batches, int) or profile_batches < 1:
+            raise ValueError(f"profile_batches must be an int >= 1 (got {profile_batches!r})")
+        self.pin_profile = pin_profile
+        self.profile_batches = profile_batches
+        self.profile: Optional[Profile] = None
         self.runtime: Optional[GNMRRuntime] = None
         self._logged: Optional[tuple[int, int]] = None  # cumulative (triggers, denied) at the last log
 
@@ -157,6 +189,8 @@ class GNMRCallback(TrainerCallback):
         rt = self._compile(model, _torch_optimizer(optimizer))
         if state.global_step > 0:
             self._restore(rt, args, state)
+        elif self.pin_profile is not None:
+            self._profile_and_pin(rt, model, kwargs.get("train_dataloader"))
         # A restored state reaches the controller as the units compile (the
         # first forward): count triggers from there, before the first update.
         self._logged = None
@@ -188,6 +222,21 @@ class GNMRCallback(TrainerCallback):
         save_controller(self.runtime, os.path.join(folder, CONTROLLER_FILE), global_step=state.global_step)
 
     # ----------------------------------------------------------- helpers
+    def _profile_and_pin(self, rt: GNMRRuntime, model: torch.nn.Module, loader: Any) -> None:
+        if loader is None:
+            raise RuntimeError("GNMRCallback(pin_profile=...): the Trainer passed no train_dataloader at train begin")
+        # A forked RNG: drawing the batches (and the profile's passes) leaves
+        # the run's data order and randomness as they would be without it.
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            batches = list(itertools.islice(iter(loader), self.profile_batches))
+        if not batches:
+            raise RuntimeError("GNMRCallback(pin_profile=...): the train dataloader yielded no batch to profile")
+        self.profile = profile(model, batches)
+        rt.pin(self.profile.pick(self.pin_profile))
+        pinned = [n for n, p in zip(rt.controller.names, rt.controller.pinned.tolist()) if p]
+        logger.info("GNMR: pinned %d unit(s) high from a profile of %d batch(es): %s",
+                    len(pinned), len(batches), ", ".join(pinned))
+
     def scalars(self) -> dict[str, float]:
         """The GNMR scalars of a training log (read on the host: a few scalar copies per log, not per step)."""
         ctl = self.runtime.controller
@@ -199,6 +248,7 @@ class GNMRCallback(TrainerCallback):
             "gnmr/denied": denied - self._logged[1],
             "gnmr/budget_used": float(ctl.budget_used()),
             "gnmr/budget": float(ctl.budget),
+            "gnmr/pinned": int(ctl.pinned.sum()),
         }
         self._logged = (triggers, denied)
         return out
@@ -289,6 +339,10 @@ def load_controller(rt: GNMRRuntime, path: str) -> int:
     step = int(blob.pop(_GLOBAL_STEP))
     rt.load_state_dict({k[len(_PREFIX):]: v for k, v in blob.items() if k.startswith(_PREFIX)}, prefix=_PREFIX)
     return step
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 def _check_args(args: Any) -> None:

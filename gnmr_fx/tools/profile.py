@@ -125,23 +125,46 @@ class Profile:
                 "all_low_error": self.all_low_error, "batches": self.batches, **self.extra}
 
 
+def _scalar(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"profile: loss_fn must return a scalar tensor (got {type(loss).__name__}"
+                         f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))})")
+    return loss
+
+
 def profile(model: torch.nn.Module, batches: Iterable, *, loss_fn: Optional[LossFn] = None,
             seed: int = 0) -> Profile:
     """Profile the units of ``model`` (compiled by ``gnmr_fx.compile``) on
     ``batches`` (see the module docstring). ``loss_fn(model, batch)`` returns
     the scalar loss of one batch (default :func:`default_loss`; wrap the
     forward in autocast there if training does). ``seed`` seeds the forked
-    RNG every pass draws from."""
+    RNG every pass draws from. A compiled model that has not run yet runs
+    the first batch once first, so that its units exist."""
     rt = runtime_of(model)
     batches = list(batches)
     if not batches:
         raise ValueError("profile: batches is empty; give at least one batch")
     loss_fn = loss_fn or default_loss
     ctl = rt.controller
-    n = ctl.num_units
-    if n == 0:
-        raise ValueError("profile: the model has no units yet; run one forward pass through it first")
     params = [p for p in model.parameters() if p.requires_grad]
+    if ctl.num_units == 0:
+        # Units join at the first forward: run the first batch once (no
+        # controller update, the RNG forked, its gradients dropped).
+        saved_grads = [p.grad for p in params]
+        try:
+            with rt.paused(), torch.random.fork_rng(devices=sorted(
+                    {p.device.index or 0 for p in params if p.device.type == "cuda"})):
+                _scalar(loss_fn(model, batches[0])).backward()
+        finally:
+            for p, g in zip(params, saved_grads):
+                p.grad = g
+            for rec in rt.records:
+                if rec.probe is not None:
+                    rec.probe.grad = None
+        if ctl.num_units == 0:
+            raise ValueError("profile: the model has no units after a forward pass (no recoverable op ran; "
+                             "see gnmr_fx.inspect)")
+    n = ctl.num_units
     device = ctl.plan.device
     saved_plan = ctl.plan.detach().clone()
     saved_grads = [p.grad for p in params]
@@ -160,11 +183,7 @@ def profile(model: torch.nn.Module, batches: Iterable, *, loss_fn: Optional[Loss
         torch.manual_seed(seed)  # the same rounding / dropout draws for every plan
         clear()
         for batch in batches:
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"profile: loss_fn must return a scalar tensor (got {type(loss).__name__}"
-                                 f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(tuple(loss.shape))})")
-            loss.backward()
+            _scalar(loss_fn(model, batch)).backward()
         if key:
             sumsq = torch.zeros(n, device=device)
             for rec in probes:  # as GNMRRuntime.step reads them: a probe shared by graphs once
