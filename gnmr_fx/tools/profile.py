@@ -21,6 +21,8 @@ Memory: one fp32 copy of the all-high gradient besides the model's own
 runs while profiling), the parameters' ``.grad`` tensors and the RNG state
 (every pass draws the same stochastic-rounding and dropout randomness from a
 forked generator). Cost: (units + 2) x len(batches) forward/backward passes.
+Tested on one process; under DDP every rank must call it (each backward
+all-reduces), and under FSDP2 it has not been tried.
 """
 
 from __future__ import annotations
