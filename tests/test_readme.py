@@ -13,14 +13,24 @@ def _python_blocks(text):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def test_readme_usage_example_runs():
-    block = _python_blocks((ROOT / "README.md").read_text())[0]
+def test_readme_usage_and_profile_examples_run():
+    """The first example, then the gnmr_fx.profile example on its model (one process for both)."""
+    blocks = _python_blocks((ROOT / "README.md").read_text())
+    block = blocks[0]
     assert "gnmr_fx.compile(" in block
-    out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    prof = next(b for b in blocks if "gnmr_fx.profile(" in b)
+    marker = "print('--- profile')\n"
+    code = block + marker + prof + "print(int(gnmr_fx.controller(model).pinned.sum()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
+    usage, profiled = out.stdout.split("--- profile\n")
     # report(top=3): a title line naming the step, then a table of 3 units.
-    assert re.search(r"GNMR step 3: \d+/13 units high", out.stdout), out.stdout
-    assert len([l for l in out.stdout.splitlines() if l.startswith("blocks.") or l.startswith("head")]) == 3
+    assert re.search(r"GNMR step 3: \d+/13 units high", usage), usage
+    assert len([l for l in usage.splitlines() if l.startswith("blocks.") or l.startswith("head")]) == 3
+    # The profile: its table (3 rows) and the all-low line, then the picked units are pinned.
+    assert "every unit low: grad error" in profiled and "(2 batches)" in profiled
+    assert len([l for l in profiled.splitlines() if l.startswith("blocks.") or l.startswith("head")]) == 3
+    assert int(profiled.split()[-1]) >= 1
 
 
 def test_readme_starts_with_install_and_test_commands():
@@ -53,13 +63,3 @@ def test_cli_demo_exit_code_and_bad_recipe():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "unknown recipe 'fp7'" in out.stderr
-
-
-def test_readme_profile_example_runs_after_the_usage_example():
-    blocks = _python_blocks((ROOT / "README.md").read_text())
-    prof = next(b for b in blocks if "gnmr_fx.profile(" in b)
-    out = subprocess.run([sys.executable, "-c", blocks[0] + prof + "print(int(gnmr_fx.controller(model).pinned.sum()))"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "every unit low: grad error" in out.stdout and "(2 batches)" in out.stdout
-    assert int(out.stdout.split()[-1]) >= 1  # the picked units are pinned
