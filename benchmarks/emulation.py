@@ -210,6 +210,47 @@ def measure(arms: list[Arm], args: argparse.Namespace, device: torch.device) -> 
             arm.recompiles += _graph_count() - g0
 
 
+def profile_arms(arms: list[Arm], device: torch.device, rows: int = 12) -> dict:
+    """One profiled step per arm (``torch.profiler``): where a step's time goes.
+
+    Per arm: the step's wall time, the ATen ops the host dispatched (``aten_ops``:
+    what each step costs in launches and dispatcher work whatever the device),
+    and on a GPU the device kernels (``kernels``), their summed time
+    (``device_ms``) and ``busy`` = device_ms / wall_ms: well under 1 means the
+    step waits on the host (launches, Python, the dispatcher), not on the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {}
+    for arm in arms:
+        arm.before()
+        arm.step()
+        sync()
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            arm.step()
+            sync()
+            wall = 1e3 * (time.perf_counter() - t0)
+        ka = prof.key_averages()
+        aten = sum(e.count for e in ka if e.key.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU)
+        rec = {"wall_ms": round(wall, 3), "aten_ops": int(aten)}
+        if cuda:
+            dev = [e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA]
+            rec["device_ms"] = round(sum(e.self_device_time_total for e in dev) / 1e3, 3)
+            rec["kernels"] = int(sum(e.count for e in dev))
+            rec["busy"] = round(rec["device_ms"] / wall, 3) if wall > 0 else None
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        rec["table"] = ka.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+        key = arm.name if arm.recipe is None else f"{arm.name}:{arm.recipe}"
+        out[key] = rec
+        print(f"\n=== profile {key}: " + ", ".join(f"{k} {v}" for k, v in rec.items() if k != "table")
+              + f" ===\n{rec['table']}", file=sys.stderr)
+    return out
+
+
 def rows_of(arms: list[Arm]) -> list[dict]:
     med = {(a.name, a.recipe): statistics.median(a.step_ms) for a in arms}
     rows = []
@@ -259,6 +300,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "other jobs from stalling every parallel region")
     p.add_argument("--limit", type=positive_float, default=1.2, help="target ratio for --check (default 1.2)")
     p.add_argument("--check", action="store_true", help="exit 1 when a high/low arm misses --limit")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one step per arm: ATen ops dispatched, and on a GPU kernels, "
+                        "device time and how busy the device was")
     p.add_argument("--out", type=output_file, default="emulation.json", help="JSON results")
     p.add_argument("--md", type=output_file, default=None, help="also write a markdown table here")
 
@@ -287,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
     torch._dynamo.reset()
     arms = build_arms(args, device)
     measure(arms, args, device)
+    profiles = profile_arms(arms, device) if args.profile else None
     rows = rows_of(arms)
     targets = targets_of(rows, args.limit)
     head = ["arm", "recipe", "step_ms", "step_ms_min", "vs", "ratio", "compile_s", "recompiles", "n_steps"]
@@ -302,6 +347,10 @@ def run(args: argparse.Namespace) -> int:
         "backend": args.backend, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
         "rows": rows, "targets": targets,
     }
+    if profiles is not None:
+        result["profiles"] = profiles
+        cols = ["wall_ms", "aten_ops"] + (["device_ms", "kernels", "busy"] if device.type == "cuda" else [])
+        print(tabulate([[k] + [v.get(c) for c in cols] for k, v in profiles.items()], headers=["arm"] + cols))
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     if args.md:
@@ -311,6 +360,10 @@ def run(args: argparse.Namespace) -> int:
                     f"- date (UTC): {env['date']}\n- command: `{result['command']}`\n\n"
                     + tabulate([[r[h] for h in head] for r in rows], headers=head, tablefmt="github",
                                floatfmt=".3g") + "\n")
+            if profiles is not None:
+                f.write("\nOne profiled step per arm (`--profile`):\n\n"
+                        + tabulate([[k] + [v.get(c) for c in cols] for k, v in profiles.items()],
+                                   headers=["arm"] + cols, tablefmt="github") + "\n")
     return 1 if args.check and not all(t["met"] for t in targets) else 0
 
 
@@ -320,7 +373,8 @@ def _command(args: argparse.Namespace) -> str:
             f"--layers {args.layers} --embd {args.embd} --heads {args.heads} --context {args.context} "
             f"--batch {args.batch} --steps {args.steps} --rounds {args.rounds} --warmup {args.warmup} "
             f"--backend {args.backend} --device {args.device} --autocast {args.autocast}"
-            + (f" --threads {args.threads}" if args.threads is not None else ""))
+            + (f" --threads {args.threads}" if args.threads is not None else "")
+            + (" --profile" if args.profile else ""))
 
 
 def _environment(device: torch.device) -> dict:

@@ -92,7 +92,7 @@ def test_emulation_harness_writes_its_table(tmp_path, capsys):
     out, md = tmp_path / "emulation.json", tmp_path / "emulation.md"
     args = _args(emulation, ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "16", "--batch", "2",
                              "--steps", "1", "--rounds", "2", "--warmup", "0", "--backend", "eager",
-                             "--check", "--limit", "1e-9", "--out", str(out), "--md", str(md)])
+                             "--check", "--limit", "1e-9", "--profile", "--out", str(out), "--md", str(md)])
     assert emulation.run(args) == 1  # --check: no arm runs in a billionth of its reference's time
     # One progress line per arm as its compile ends (what a call cut by its timeout still shows).
     progress = [l for l in capsys.readouterr().err.splitlines() if "first step (compile)" in l]
@@ -109,6 +109,14 @@ def test_emulation_harness_writes_its_table(tmp_path, capsys):
     assert [(t["arm"], t["vs"], t["met"]) for t in res["targets"]] == [("high", "plain", False),
                                                                        ("low", "fake_quant", False)]
     assert "command: `gnmr-fx bench emulation --arms plain,fake_quant,high,low" in md.read_text()
+    # --profile: one profiled step per arm; the host-dispatch GNMR arms dispatch more ATen ops than
+    # the models without GNMR computing the same numbers (the statistics nodes, the plan reads).
+    prof = res["profiles"]
+    assert list(prof) == ["plain"] + [f"{a}:int8" for a in emulation.ARMS[1:]]
+    assert all(p["aten_ops"] > 0 and p["wall_ms"] > 0 for p in prof.values())
+    assert prof["high:int8"]["aten_ops"] > prof["plain"]["aten_ops"]
+    assert prof["low:int8"]["aten_ops"] > prof["fake_quant:int8"]["aten_ops"]
+    assert "One profiled step per arm" in md.read_text() and res["command"].endswith("--profile")
 
 
 @pytest.mark.parametrize("dispatch", ["host", "select"])
