@@ -213,7 +213,8 @@ def measure(arms: list[Arm], args: argparse.Namespace, device: torch.device) -> 
 def profile_arms(arms: list[Arm], device: torch.device, rows: int = 12) -> dict:
     """One profiled step per arm (``torch.profiler``): where a step's time goes.
 
-    Per arm: the step's wall time, the ATen ops the host dispatched (``aten_ops``:
+    Per arm: the step's wall time (under the profiler, whose overhead it
+    includes: compare arms, not with the timed medians), the ATen ops the host dispatched (``aten_ops``:
     what each step costs in launches and dispatcher work whatever the device),
     and on a GPU the device kernels (``kernels``), their summed time
     (``device_ms``) and ``busy`` = device_ms / wall_ms: well under 1 means the
