@@ -76,6 +76,7 @@ from typing import Optional, Union
 import torch
 
 from gnmr_fx.arguments import InputError, parse_max_o
+from gnmr_fx.tools.profile import pick_by_score
 
 ARM_KINDS = ("always_high", "always_low", "clip", "zclip", "static", "static_named", "static_tuned", "static_grad",
              "random", "high_first", "gnmr")
@@ -297,18 +298,7 @@ def pick_by_gain(gain: torch.Tensor, costs: torch.Tensor, budget: Union[int, flo
     >>> pick_by_gain(torch.tensor([0.1, 0.5, 0.2]), torch.tensor([1.0, 8.0, 1.0]), 0.25).tolist()
     [True, False, True]
     """
-    plan = torch.zeros(gain.numel(), dtype=torch.bool)
-    cap = budget * float(costs.sum()) if isinstance(budget, float) else None
-    spent, n = 0.0, 0
-    for i in torch.argsort(gain, descending=True, stable=True).tolist():
-        if gain[i] <= 0 or (cap is None and n >= budget):
-            break
-        if cap is not None and spent + float(costs[i]) > cap * (1 + 1e-6):
-            continue
-        plan[i] = True
-        spent += float(costs[i])
-        n += 1
-    return plan
+    return pick_by_score(gain, costs, budget, positive_only=True)
 
 
 class HighFirst:

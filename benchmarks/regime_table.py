@@ -445,6 +445,57 @@ def format_lr_ranges(ranges: list[dict]) -> str:
     return tabulate(body, headers=head, tablefmt="github")
 
 
+STANDOUT = 5.0
+"""A unit "stands out" in a gradient-error profile when its error is at least this many times the median."""
+
+
+def profile_rows(runs: list[dict]) -> list[dict]:
+    """The gradient-error profiles of the ``static_grad`` runs (``gnmr_fx.profile`` on the tune
+    split at the starting weights), one row per (variant, LR): the units whose error is at least
+    ``STANDOUT`` x the median (with their error and norm-ratio ranges over seeds), the median
+    error, every unit's norm-ratio range (what GNMR's statistic sees) and the all-low error."""
+    groups: dict = {}
+    for r in runs:
+        t = r.get("static_tuning") or {}
+        if t.get("criterion") == "grad_error":
+            groups.setdefault((r["variant"], r["lr"]), {})[r["seed"]] = (t, r.get("units") or [])
+    rows = []
+    for (variant, lr), by_seed in sorted(groups.items()):
+        out, med, ratios, all_low = {}, [], [], []
+        for t, units in by_seed.values():
+            err, ratio = t["gain_list"], t.get("stat_ratio_list") or []
+            m = statistics.median(err)
+            med.append(m)
+            ratios += ratio
+            all_low.append(t["all_low_grad_error"])
+            for i, e in enumerate(err):
+                if e >= STANDOUT * m:
+                    name = units[i] if i < len(units) else str(i)
+                    out.setdefault(name, ([], []))[0].append(e)
+                    if i < len(ratio):
+                        out[name][1].append(ratio[i])
+        rows.append({"variant": variant, "lr": lr, "seeds": sorted(by_seed), "standout": out, "median": med,
+                     "ratios": ratios, "all_low": all_low})
+    return rows
+
+
+def format_profile_rows(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    def rng(xs: list, fmt: str = ".3f") -> str:
+        return "-" if not xs else (f"{min(xs):{fmt}}" if min(xs) == max(xs) else f"{min(xs):{fmt}}–{max(xs):{fmt}}")
+
+    body = []
+    for r in rows:
+        units = "; ".join(f"{u} {rng(e)} (norm {rng(q, '.2f')})" for u, (e, q) in
+                          sorted(r["standout"].items(), key=lambda kv: -max(kv[1][0]))) or "none"
+        body.append([r["variant"], f"{r['lr']:g}", ",".join(map(str, r["seeds"])), units, rng(r["median"]),
+                     rng(r["ratios"], ".2f"), rng(r["all_low"])])
+    return tabulate(body, headers=["variant", "LR", "seeds", f"units >= {STANDOUT:g}x the median error "
+                                   "(error, norm ratio low/high)", "median error", "all units' norm ratios",
+                                   "all-low error"], tablefmt="github")
+
+
 def run(args: argparse.Namespace) -> int:
     runs = load_runs(args.folders, tuple(args.exclude))
     if not runs:
@@ -476,6 +527,10 @@ def run(args: argparse.Namespace) -> int:
                 png = Path(args.plots) / f"lr_{variant}.png"
                 plot_lr_sensitivity(ranges, f"{variant}: final val loss vs LR", png)
                 parts[-1] += f"\n\n![LR sensitivity of {variant}]({png.name})"
+    prof = profile_rows(runs)
+    if prof:
+        parts.append("### Gradient-error profiles of the static_grad runs (`gnmr_fx.profile`, per seed at the "
+                     "starting weights; ranges over seeds)\n\n" + format_profile_rows(prof))
     text = "\n\n".join(parts)
     print(text)
     if args.md:

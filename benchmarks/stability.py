@@ -603,7 +603,7 @@ def run_task(task: dict) -> dict:
                                 lambda *a, **k: train_arm(*a, **k), checkpoint=init if s.finetune else None)
     grad_profile: dict = {}
     if any(parse_arm(a).kind == "static_grad" for a in task["arms"]):
-        grad_profile = profile_grad_error(model, cm, rt, p, corpus.tune, seed, autocast, init,
+        grad_profile = profile_grad_error(model, cm, p, corpus.tune, seed, autocast, init,
                                           "checkpoint" if s.finetune else "initial weights")
     runs = [train_arm(a, parse_arm(a), p.steps, lr, data_seed, init) for a in task["arms"]]
     for r in runs:
@@ -714,7 +714,7 @@ GRAD_PROFILE_BATCHES = 4
 """Batches of ``Preset.batch`` tune windows each that ``profile_grad_error`` sums gradients over."""
 
 
-def profile_grad_error(model, cm, rt, p: Preset, tune: torch.Tensor, seed: int, autocast, weights: dict,
+def profile_grad_error(model, cm, p: Preset, tune: torch.Tensor, seed: int, autocast, weights: dict,
                        profiled: str) -> dict:
     """Per unit, how far the whole model's gradient moves when that unit
     alone runs on the low path (``gnmr_fx.profile``), measured on

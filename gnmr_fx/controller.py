@@ -327,6 +327,21 @@ class GNMRController:
         self.pinned = mask.clone()
         if self.config.policy == "gnmr":
             self.plan = self._derived_plan(self.lock, self.step)
+            self._warn_if_pins_fill_budget()
+
+    def _warn_if_pins_fill_budget(self) -> None:
+        """Pins hold budget like locks: pins that leave no room for any other
+        unit turn GNMR's own control off, which must not happen silently."""
+        free_units = ~self.pinned
+        if not bool(self.pinned.any()) or not bool(free_units.any()):
+            return
+        costs = self.costs if self.config.budget_is_fraction else torch.ones_like(self.costs)
+        left = self.budget - float((costs * self.pinned).sum())
+        if left < float(costs[free_units].min()) * (1.0 - 1e-6):
+            warnings.warn(f"GNMR: the {int(self.pinned.sum())} pinned unit(s) hold {self.budget - left:g} of the "
+                          f"budget max_o={self.config.max_o} ({self.budget:g}); no other unit fits in what is left, "
+                          "so GNMR cannot move any unit high: raise max_o above the pins' share",
+                          UserWarning, stacklevel=3)
 
     def _derived_plan(self, lock: Tensor, step: int) -> Tensor:
         """The plan of optimizer step ``step`` given the locks: every unit in

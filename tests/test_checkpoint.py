@@ -423,3 +423,17 @@ def test_model_state_dict_carries_the_pins_through_weights_only_load():
     ctl = gnmr_fx.controller(m2)
     assert ctl.pinned.tolist() == [False, True, False, False] and bool(ctl.plan[1])
     assert _graph_plans(gnmr_fx.runtime(m2))[0][1] is True
+
+
+def test_pins_that_leave_no_room_for_another_unit_say_so():
+    """Pins hold budget: when they leave less than the cheapest other unit, GNMR can move no
+    unit high, and pin() warns instead of leaving the controller silently idle."""
+    c = GNMRController(3, GNMRConfig(max_o=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c.pin(torch.tensor([False, True, False]))  # one unit of room left: quiet
+    with pytest.warns(UserWarning, match=r"2 pinned unit\(s\) hold 2 of the budget max_o=2.*cannot move any unit"):
+        c.pin(torch.tensor([True, True, False]))
+    f = GNMRController(3, GNMRConfig(max_o=0.5), costs=[6.0, 2.0, 2.0])
+    with pytest.warns(UserWarning, match="cannot move any unit high"):
+        f.pin(torch.tensor([True, False, False]))  # 6 of 10 FLOPs pinned: over the 5 allowed

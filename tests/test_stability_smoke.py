@@ -618,3 +618,17 @@ def test_grad_error_profile_picks_its_set_and_leaves_the_other_arms_bitwise(tmp_
     # What GNMR sees of the same passes: one finite, positive norm ratio (all low / all high) per unit.
     ratio = torch.tensor(prof["stat_ratio_list"])
     assert ratio.numel() == err.numel() and bool(torch.isfinite(ratio).all()) and bool((ratio > 0).all())
+
+
+def test_profile_rows_name_the_units_that_stand_out():
+    def run(seed, err, ratio):
+        return {"variant": "d", "lr": 1e-3, "seed": seed, "units": ["u0", "u1", "head"],
+                "static_tuning": {"criterion": "grad_error", "gain_list": err, "stat_ratio_list": ratio,
+                                  "all_low_grad_error": 0.9}}
+
+    rows = regime_table.profile_rows([run(0, [0.1, 0.1, 0.6], [1.2, 3.0, 1.3]), run(1, [0.1, 0.12, 0.65], [1.1, 2.0, 1.3]),
+                                      {"variant": "d", "lr": 1e-3, "seed": 2, "static_tuning": {"criterion": "loss"}}])
+    assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
+    assert list(rows[0]["standout"]) == ["head"] and rows[0]["standout"]["head"] == ([0.6, 0.65], [1.3, 1.3])
+    text = regime_table.format_profile_rows(rows)
+    assert "head 0.600–0.650 (norm 1.30)" in text and "1.10–3.00" in text

@@ -64,7 +64,7 @@ from gnmr_fx.backend import COMPILERS
 from gnmr_fx.compiled_call import CompiledCall
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.runtime import GNMRRuntime
-from gnmr_fx.tools.profile import Profile, profile
+from gnmr_fx.tools.profile import Profile, profile, rng_devices
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class GNMRCallback(TrainerCallback):
             how far the whole gradient moves with only that unit low) and pin
             high the units of largest error within this budget (a unit count,
             a FLOP fraction such as ``0.1`` or ``"10%"``; pins count against
-            ``max_o``). The profile is kept as ``callback.profile`` and the
+            ``max_o``: keep it below, or ``pin`` warns that GNMR has no room
+            left). The profile is kept as ``callback.profile`` and the
             pinned units are logged; a resumed run takes its pins from the
             checkpoint's controller state instead. None (default): no profile.
         profile_batches: how many training batches the profile uses (>= 1).
@@ -227,7 +228,7 @@ class GNMRCallback(TrainerCallback):
             raise RuntimeError("GNMRCallback(pin_profile=...): the Trainer passed no train_dataloader at train begin")
         # A forked RNG: drawing the batches (and the profile's passes) leaves
         # the run's data order and randomness as they would be without it.
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
+        with torch.random.fork_rng(devices=rng_devices(model)):
             batches = list(itertools.islice(iter(loader), self.profile_batches))
         if not batches:
             raise RuntimeError("GNMRCallback(pin_profile=...): the train dataloader yielded no batch to profile")
@@ -339,10 +340,6 @@ def load_controller(rt: GNMRRuntime, path: str) -> int:
     step = int(blob.pop(_GLOBAL_STEP))
     rt.load_state_dict({k[len(_PREFIX):]: v for k, v in blob.items() if k.startswith(_PREFIX)}, prefix=_PREFIX)
     return step
-
-
-def _cuda_devices(model: torch.nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 def _check_args(args: Any) -> None:

@@ -8,7 +8,8 @@ backward starts) changes its own gradient norm less than other units do
 (1.3x on the H200, where others reach 3.1x) while it bends every other unit's
 gradient. This tool
 finds such units before training, in a few forward/backward passes, so they
-can be pinned high (``gnmr_fx.runtime(model).pin(profile.pick(0.01))``).
+can be pinned high (``gnmr_fx.runtime(model).pin(profile.pick(0.05))``; pins
+count against ``max_o``, and ``pin`` warns when they leave no room for GNMR).
 
 For a model compiled by ``gnmr_fx.compile``, on the batches given, the
 gradient of every trainable parameter is summed once with every unit high
@@ -29,7 +30,7 @@ all-reduces), and under FSDP2 it has not been tried.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -54,6 +55,33 @@ def default_loss(model: torch.nn.Module, batch: Any) -> Tensor:
     return getattr(out, "loss", out)
 
 
+def pick_by_score(score: Tensor, costs: Tensor, budget: Union[int, float], *,
+                  positive_only: bool = False) -> Tensor:
+    """The units of largest ``score`` within ``budget`` (bool per unit): an
+    int counts units; a float is a fraction of the summed ``costs``, filled
+    in order of score with the units that fit. A non-finite score ranks above
+    every finite one; with ``positive_only``, units scoring <= 0 are never
+    taken. One rule for :meth:`Profile.pick` and the stability benchmark's
+    tuned static sets.
+
+    >>> pick_by_score(torch.tensor([0.1, 0.9, 0.3]), torch.tensor([1.0, 8.0, 1.0]), 0.25).tolist()
+    [True, False, True]
+    """
+    key = torch.where(torch.isfinite(score), score, torch.full_like(score, math.inf))
+    plan = torch.zeros(score.numel(), dtype=torch.bool)
+    cap = budget * float(costs.sum()) * (1 + 1e-6) if isinstance(budget, float) else None
+    spent, n = 0.0, 0
+    for i in torch.argsort(key, descending=True, stable=True).tolist():
+        if (positive_only and bool(score[i] <= 0)) or (cap is None and n >= budget):
+            break
+        if cap is not None and spent + float(costs[i]) > cap:
+            continue
+        plan[i] = True
+        spent += float(costs[i])
+        n += 1
+    return plan
+
+
 @dataclass
 class Profile:
     """Per-unit results of :func:`profile`, in the controller's unit order."""
@@ -67,7 +95,6 @@ class Profile:
     """The units' costs (FLOPs) as the controller holds them, for a fractional budget."""
     all_low_error: float
     batches: int
-    extra: dict = field(default_factory=dict)
 
     def order(self) -> list:
         """Unit indices, largest ``grad_error`` first; a non-finite error
@@ -78,10 +105,9 @@ class Profile:
 
     def pick(self, max_o: Union[int, float, str]) -> Tensor:
         """The plan (bool per unit, True = high) that keeps the units of
-        largest error high within ``max_o``: an int counts units, a float in
-        (0, 1] (or ``"5%"``) is a fraction of the units' FLOPs, filled in
-        order of error with the units that fit. ``max_o`` is read as
-        ``GNMRConfig.max_o`` is.
+        largest error high within ``max_o`` (:func:`pick_by_score`): an int
+        counts units, a float in (0, 1] (or ``"5%"``) is a fraction of the
+        units' FLOPs. ``max_o`` is read as ``GNMRConfig.max_o`` is.
 
         >>> p = Profile(["a", "b", "c"], torch.tensor([0.1, 0.9, 0.3]), torch.ones(3),
         ...             torch.tensor([1.0, 8.0, 1.0]), 1.0, 1)
@@ -92,18 +118,7 @@ class Profile:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0 or (
                 isinstance(budget, float) and not 0.0 < budget <= 1.0):
             raise ValueError(f"max_o must be a unit count (int >= 0) or a FLOP fraction in (0, 1] (got {max_o!r})")
-        plan = torch.zeros(len(self.units), dtype=torch.bool)
-        cap = budget * float(self.costs.sum()) * (1 + 1e-6) if isinstance(budget, float) else None
-        spent, n = 0.0, 0
-        for i in self.order():
-            if cap is None and n >= budget:
-                break
-            if cap is not None and spent + float(self.costs[i]) > cap:
-                continue
-            plan[i] = True
-            spent += float(self.costs[i])
-            n += 1
-        return plan
+        return pick_by_score(self.grad_error, self.costs, budget)
 
     def rows(self) -> list:
         """One dict per unit, largest error first."""
@@ -122,10 +137,10 @@ class Profile:
                         headers=["unit", "grad error (only it low)", "norm low/high", "% FLOPs"])
         return f"{body}\nevery unit low: grad error {self.all_low_error:.3f} ({self.batches} batches)"
 
-    def to_dict(self) -> dict:
-        return {"units": list(self.units), "grad_error": self.grad_error.tolist(),
-                "stat_ratio": self.stat_ratio.tolist(), "costs": self.costs.tolist(),
-                "all_low_error": self.all_low_error, "batches": self.batches, **self.extra}
+
+def rng_devices(module: torch.nn.Module) -> list:
+    """The CUDA device indices of ``module``'s parameters, for ``torch.random.fork_rng``."""
+    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
 
 
 def _scalar(loss: Any) -> Tensor:
@@ -148,68 +163,53 @@ def profile(model: torch.nn.Module, batches: Iterable, *, loss_fn: Optional[Loss
     if not batches:
         raise ValueError("profile: batches is empty; give at least one batch")
     loss_fn = loss_fn or default_loss
-    ctl = rt.controller
     params = [p for p in model.parameters() if p.requires_grad]
-    if ctl.num_units == 0:
-        # Units join at the first forward: run the first batch once (no
-        # controller update, the RNG forked, its gradients dropped).
-        saved_grads = [p.grad for p in params]
-        try:
-            with rt.paused(), torch.random.fork_rng(devices=sorted(
-                    {p.device.index or 0 for p in params if p.device.type == "cuda"})):
-                _scalar(loss_fn(model, batches[0])).backward()
-        finally:
-            for p, g in zip(params, saved_grads):
-                p.grad = g
-            for rec in rt.records:
-                if rec.probe is not None:
-                    rec.probe.grad = None
-        if ctl.num_units == 0:
-            raise ValueError("profile: the model has no units after a forward pass (no recoverable op ran; "
-                             "see gnmr_fx.inspect)")
-    ctl = rt.controller
-    n = ctl.num_units
-    device = ctl.plan.device
-    saved_plan = ctl.plan.detach().clone()
     saved_grads = [p.grad for p in params]
-    probes = [rec for rec in rt.records if rec.plan is not None and rec.probe is not None]
-    saved_probe_grads = [rec.probe.grad for rec in probes]
+    # Probes that exist now keep their pending statistics; any a warm-up adds start empty.
+    saved_probe_grads = {id(rec.probe): rec.probe.grad for rec in rt.records if rec.probe is not None}
+    saved_plan = None
     stat: dict = {}
-
-    def clear() -> None:
-        for p in params:
-            p.grad = None
-        for rec in probes:
-            rec.probe.grad = None
-
-    def grad(plan: Tensor, key: str = "") -> Tensor:
-        rt.force_plan(plan)
-        torch.manual_seed(seed)  # the same rounding / dropout draws for every plan
-        clear()
-        for batch in batches:
-            _scalar(loss_fn(model, batch)).backward()
-        if key:
-            sumsq = torch.zeros(n, device=device)
-            for rec in probes:  # as GNMRRuntime.step reads them: a probe shared by graphs once
-                if rec.probe.grad is not None:
-                    sumsq.index_add_(0, rec.unit_ids, rec.probe.grad.to(device))
-                    rec.probe.grad = None
-            stat[key] = sumsq.sqrt().float().cpu()
-        return [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
-
-    def distance(grads: list, ref: list) -> Tensor:
-        """|grads - ref| over all parameters, one tensor at a time (no flat copy)."""
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for g, r in zip(grads, ref):
-            total += (g.float() - r).pow(2).sum().to(device, torch.float64)
-        return total.sqrt()
-
-    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     try:
-        with rt.paused(), torch.random.fork_rng(devices=cuda):
+        with rt.paused(), torch.random.fork_rng(devices=rng_devices(model)):
+            if rt.controller.num_units == 0:
+                # Units join at the first forward: run the first batch once.
+                _scalar(loss_fn(model, batches[0])).backward()
+            ctl = rt.controller
+            n = ctl.num_units
+            if n == 0:
+                raise ValueError("profile: the model has no units after a forward pass (no recoverable op ran; "
+                                 "see gnmr_fx.inspect)")
+            device = ctl.plan.device
+            saved_plan = ctl.plan.detach().clone()
+            probes = [rec for rec in rt.records if rec.plan is not None and rec.probe is not None]
+
+            def grad(plan: Tensor, key: str = "") -> list:
+                rt.force_plan(plan)
+                torch.manual_seed(seed)  # the same rounding / dropout draws for every plan
+                for p in params:
+                    p.grad = None
+                for rec in probes:
+                    rec.probe.grad = None
+                for batch in batches:
+                    _scalar(loss_fn(model, batch)).backward()
+                if key:
+                    sumsq = torch.zeros(n, device=device)
+                    for rec in probes:  # as GNMRRuntime.step reads them: a probe shared by graphs once
+                        if rec.probe.grad is not None:
+                            sumsq.index_add_(0, rec.unit_ids, rec.probe.grad.to(device))
+                            rec.probe.grad = None
+                    stat[key] = sumsq.sqrt().float().cpu()
+                return [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+            def distance(grads: list, ref: list) -> Tensor:
+                """|grads - ref| over all parameters, one tensor at a time (no flat copy)."""
+                total = torch.zeros((), dtype=torch.float64, device=device)
+                for g, r in zip(grads, ref):
+                    total += (g.float() - r).pow(2).sum().to(device, torch.float64)
+                return total.sqrt()
+
             g_high = [g.float().clone() for g in grad(torch.ones(n, dtype=torch.bool), "high")]
-            zeros = [torch.zeros((), device=g.device) for g in g_high]
-            ref = distance(g_high, zeros)
+            ref = distance(g_high, [torch.zeros((), device=g.device) for g in g_high])
             if not bool(torch.isfinite(ref)) or float(ref) == 0.0:
                 raise RuntimeError(f"profile: the gradient with every unit high has norm {float(ref)}; "
                                    "there is nothing to measure the low paths against")
@@ -222,8 +222,10 @@ def profile(model: torch.nn.Module, batches: Iterable, *, loss_fn: Optional[Loss
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
-        for rec, g in zip(probes, saved_probe_grads):
-            rec.probe.grad = g
-        rt.force_plan(saved_plan)
+        for rec in rt.records:
+            if rec.probe is not None:
+                rec.probe.grad = saved_probe_grads.get(id(rec.probe))
+        if saved_plan is not None:
+            rt.force_plan(saved_plan)
     ratio = stat["low"] / stat["high"].clamp_min(torch.finfo(torch.float32).tiny)
     return Profile(list(ctl.names), err, ratio, ctl.costs.detach().float().cpu().clone(), all_low, len(batches))
