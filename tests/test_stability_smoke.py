@@ -621,6 +621,8 @@ def test_grad_error_profile_picks_its_set_and_leaves_the_other_arms_bitwise(tmp_
 
 
 def test_profile_rows_name_the_units_that_stand_out():
+    from gnmr_fx.benchmarks import regime_table
+
     def run(seed, err, ratio):
         return {"variant": "d", "lr": 1e-3, "seed": seed, "units": ["u0", "u1", "head"],
                 "static_tuning": {"criterion": "grad_error", "gain_list": err, "stat_ratio_list": ratio,
