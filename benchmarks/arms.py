@@ -35,14 +35,23 @@ static_grad@k        the k units (or the FLOP budget) whose low path
 high_first@n         every unit high for the first n steps (an int) or that
                      fraction of the run (5%, 0.1), then every unit low
                      ("train the unstable start in high precision")
+static_grad@k+high_first@n
+                     every unit high for the first n steps, then the
+                     static_grad@k set (the profile's units with a high start)
 random@k             random units high: every free budget slot gets a
                      random unit locked high for ``lock_steps`` steps; with a
                      FLOP fraction, random idle units are locked high while
                      their FLOPs fit what the held units leave of the budget
 gnmr@m               the GNMR controller with ``max_o = m`` (an int counts
                      units, a float is a fraction of the units' FLOPs)
+gnmr@m+pin_grad@k    GNMR with the static_grad@k units pinned high
+                     (``GNMRRuntime.pin``, as ``GNMRCallback(pin_profile=)``
+                     does): the pins hold k of the budget m, GNMR moves
+                     other units high in what is left (m > k)
 gnmr@m+high_first@n  GNMR with a high start: every unit high for the first
                      n steps (``GNMRConfig.high_start_steps``), then GNMR
+                     (after +pin_grad@k too: the profile's pins, a high
+                     start and GNMR, the product's full recipe)
 gnmr@m+lock@n        GNMR with ``lock_steps = n`` (default 10) and
                      ``max_lock_steps = max(50, 5 n)`` (the default's five
                      locks): units stay high longer once triggered
@@ -90,7 +99,10 @@ class ArmSpec:
     kind: str
     budget: Union[int, float] = 0
     high_start: Union[int, float] = 0
-    """gnmr arms: the high start (steps, or a fraction of the run); 0 none."""
+    """gnmr and static_grad arms: the high start (steps, or a fraction of the run); 0 none."""
+    pins: Union[int, float] = 0
+    """gnmr arms: the budget of the gradient-error profile's units pinned
+    high (``+pin_grad@K``, read as ``max_o`` is); 0 none."""
     plan_lag: int = 0
     """gnmr arms: ``GNMRConfig.plan_lag``."""
     units: str = ""
@@ -130,8 +142,9 @@ _BUDGET_KINDS = ("static", "static_tuned", "static_grad", "random", "high_first"
 BUDGET_RULE = "flops"
 """Recorded in every results file's meta: a FLOP-fraction budget caps the
 FLOPs of static and random arms (before it, it only set their unit count)."""
-ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, static_grad@K, random@K, "
-             "high_first@N (steps) or @P%, gnmr@K or gnmr@P%, gnmr@K+high_first@N, gnmr@K+lock@N, any gnmr form +lag")
+ARM_FORMS = ("always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, static_grad@K, "
+             "static_grad@K+high_first@N, random@K, high_first@N (steps) or @P%, gnmr@K or gnmr@P%, "
+             "gnmr@K+pin_grad@J, gnmr@K+high_first@N, gnmr@K+lock@N, any gnmr form +lag")
 
 
 def parse_arm(name: str) -> ArmSpec:
@@ -141,11 +154,15 @@ def parse_arm(name: str) -> ArmSpec:
     :class:`~gnmr_fx.arguments.InputError` naming the valid forms.
 
     >>> parse_arm("gnmr@10%")
-    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0, plan_lag=0, units='', lock_steps=0)
+    ArmSpec(name='gnmr@10%', kind='gnmr', budget=0.1, high_start=0, pins=0, plan_lag=0, units='', lock_steps=0)
     >>> parse_arm("gnmr@0.05").name
     'gnmr@5%'
     >>> parse_arm("gnmr@2+high_first@0.05")
-    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05, plan_lag=0, units='', lock_steps=0)
+    ArmSpec(name='gnmr@2+high_first@5%', kind='gnmr', budget=2, high_start=0.05, pins=0, plan_lag=0, units='', lock_steps=0)
+    >>> parse_arm("gnmr@0.2+pin_grad@0.1+high_first@10%").name
+    'gnmr@20%+pin_grad@10%+high_first@10%'
+    >>> parse_arm("static_grad@10%+high_first@200").high_start
+    200
     >>> parse_arm("gnmr@10%+lag").plan_lag
     1
     >>> parse_arm("gnmr@10%+lock@100+lag").lock_steps
@@ -180,14 +197,28 @@ def parse_arm(name: str) -> ArmSpec:
     base, plus, start = name.partition("+high_first@")
     if plus:
         spec = parse_arm(base)
-        if spec.kind != "gnmr":
-            raise InputError(f"arm {name!r}: a high start (+high_first@N) goes with gnmr arms only; "
-                             "high_first@N alone is every unit high, then every unit low")
+        if spec.kind not in ("gnmr", "static_grad") or spec.high_start:
+            raise InputError(f"arm {name!r}: a high start (+high_first@N) goes once, after a gnmr or static_grad "
+                             "arm; high_first@N alone is every unit high, then every unit low")
         try:
             n = parse_max_o(start)
         except InputError as e:
             raise InputError(f"arm {name!r}: {e}") from None
-        return ArmSpec(f"{spec.name}+{arm_name('high_first', n)}", "gnmr", spec.budget, n)
+        return dataclasses.replace(spec, name=f"{spec.name}+{arm_name('high_first', n)}", high_start=n)
+    base, plus, pins = name.rpartition("+pin_grad@")
+    if plus:
+        spec = parse_arm(base)
+        if spec.kind != "gnmr" or spec.pins:
+            raise InputError(f"arm {name!r}: +pin_grad@K (the profile's units pinned) goes once, right after "
+                             "gnmr@M (then +high_first@N, +lock@N, +lag)")
+        try:
+            k = parse_max_o(pins)
+        except InputError as e:
+            raise InputError(f"arm {name!r}: {e}") from None
+        if k == 0:
+            raise InputError(f"arm {name!r}: +pin_grad@K needs K > 0 (gnmr@M alone pins nothing)")
+        label = arm_name("gnmr", k).split("@", 1)[1]
+        return dataclasses.replace(spec, name=f"{spec.name}+pin_grad@{label}", pins=k)
     kind, at, b = name.partition("@")
     if kind.startswith("low+") and not at and kind[4:] in ("clip", "zclip"):
         return ArmSpec(name, kind[4:])
@@ -200,6 +231,11 @@ def parse_arm(name: str) -> ArmSpec:
             raise InputError(f"arm {name!r}: {e}") from None
         return ArmSpec(arm_name(kind, budget), kind, budget)
     raise InputError(f"unknown arm {name!r}; arms are {ARM_FORMS}")
+
+
+def uses_grad_profile(spec: ArmSpec) -> bool:
+    """Whether the arm needs the gradient-error profile (static_grad sets, +pin_grad pins)."""
+    return spec.kind == "static_grad" or bool(spec.pins)
 
 
 def arm_argument(name: str) -> str:
@@ -302,19 +338,21 @@ def pick_by_gain(gain: torch.Tensor, costs: torch.Tensor, budget: Union[int, flo
 
 
 class HighFirst:
-    """Every unit high for the first ``n_steps`` steps, then every unit low."""
+    """Every unit high for the first ``n_steps`` steps, then the plan
+    ``then`` (default: every unit low)."""
 
-    def __init__(self, num_units: int, n_steps: int) -> None:
+    def __init__(self, num_units: int, n_steps: int, then: Optional[torch.Tensor] = None) -> None:
         self.num_units, self.n_steps = num_units, n_steps
+        self.then = torch.zeros(num_units, dtype=torch.bool) if then is None else then.to(torch.bool)
         self.done = 0  # optimizer steps completed
-        self.plan = torch.full((num_units,), n_steps > 0, dtype=torch.bool)
+        self.plan = torch.ones(num_units, dtype=torch.bool) if n_steps > 0 else self.then
 
     def __call__(self, runtime) -> None:
         # Runs after each update, whose controller (policy always_low) has
         # just written its own plan: set the plan of the next step.
         self.done += 1
         if self.done == self.n_steps:
-            self.plan = torch.zeros(self.num_units, dtype=torch.bool)
+            self.plan = self.then
         runtime.set_plan(self.plan)
 
 

@@ -56,6 +56,7 @@ from gnmr_fx.benchmarks.arms import (
     named_units_plan,
     parse_arm,
     pick_by_gain,
+    uses_grad_profile,
 )
 from gnmr_fx.benchmarks.data import fixed_windows, load_corpus, random_batch
 from gnmr_fx.models import GPTConfig
@@ -172,7 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. e-mxfp4 (several variants of one scenario can run in one call)")
     parser.add_argument("--arms", nargs="+", type=arm_argument, default=list(DEFAULT_ARMS),
                         help="arm names (always_high, always_low, low+clip, low+zclip, static@K, static=REGEX, static_tuned@K, "
-                             "static_grad@K, random@K, high_first@N, gnmr@K / gnmr@P%%)")
+                             "static_grad@K, static_grad@K+high_first@N, random@K, high_first@N, gnmr@K / gnmr@P%%, "
+                             "gnmr@M+pin_grad@K, +high_first@N, +lock@N and +lag after a gnmr form)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="+", type=positive_float, default=None,
                         help="learning-rate sweep: one task per (scenario, seed, LR) instead of the scenario's LR")
@@ -479,13 +481,18 @@ def run_task(task: dict) -> dict:
     def train_arm(arm_label: str, arm, steps: int, lr: float, data_seed: int, init_sd: dict,
                   validate: bool = True) -> dict:
         model.load_state_dict(init_sd)
+        gnmr_start = arm.high_start if arm.kind == "gnmr" else 0  # a static_grad high start is its driver's
         cfg = base.replace(policy=arm.policy, max_o=arm.budget if arm.kind == "gnmr" else 0,
-                           high_start_steps=high_first_steps(arm.high_start, steps) if arm.high_start else 0,
+                           high_start_steps=high_first_steps(gnmr_start, steps) if gnmr_start else 0,
                            plan_lag=arm.plan_lag)
         if arm.lock_steps:
             cfg = cfg.replace(lock_steps=arm.lock_steps,
                               max_lock_steps=max(base.max_lock_steps, 5 * arm.lock_steps))
         ctl = rt.reset_controller(cfg)  # a fresh controller per arm on the shared compiled graphs
+        if arm.pins:
+            # The product's pin_profile: the profile's units held high through every update (they
+            # count against max_o; pin() warns when they leave GNMR no room).
+            rt.pin(pick_by_gain(grad_profile["gain"], costs, arm.pins))
         driver = None
         if arm.kind == "static":
             driver = StaticPlan(len(names), plan=first_last_plan(costs, arm.budget))
@@ -493,6 +500,9 @@ def run_task(task: dict) -> dict:
             driver = StaticPlan(len(names), plan=named_units_plan(arm.units, names))
         elif arm.kind == "static_tuned":
             driver = StaticPlan(len(names), plan=pick_by_gain(tuned["gain"], costs, arm.budget))
+        elif arm.kind == "static_grad" and arm.high_start:
+            driver = HighFirst(len(names), high_first_steps(arm.high_start, steps),
+                               then=pick_by_gain(grad_profile["gain"], costs, arm.budget))
         elif arm.kind == "static_grad":
             driver = StaticPlan(len(names), plan=pick_by_gain(grad_profile["gain"], costs, arm.budget))
         elif arm.kind == "high_first":
@@ -602,16 +612,17 @@ def run_task(task: dict) -> dict:
         tuned = tune_static_set(model, cm, rt, p, corpus.tune, seed, lr, autocast,
                                 lambda *a, **k: train_arm(*a, **k), checkpoint=init if s.finetune else None)
     grad_profile: dict = {}
-    if any(parse_arm(a).kind == "static_grad" for a in task["arms"]):
+    if any(uses_grad_profile(parse_arm(a)) for a in task["arms"]):
         grad_profile = profile_grad_error(model, cm, p, corpus.tune, seed, autocast, init,
                                           "checkpoint" if s.finetune else "initial weights")
     runs = [train_arm(a, parse_arm(a), p.steps, lr, data_seed, init) for a in task["arms"]]
     for r in runs:
-        kind = parse_arm(r["arm"]).kind
-        if kind in ("static_tuned", "static_grad"):
-            prof = tuned if kind == "static_tuned" else grad_profile
-            r["static_set"] = [names[i] for i in torch.nonzero(
-                pick_by_gain(prof["gain"], costs, parse_arm(r["arm"]).budget)).flatten().tolist()]
+        spec = parse_arm(r["arm"])
+        if spec.kind in ("static_tuned", "static_grad") or spec.pins:
+            prof = tuned if spec.kind == "static_tuned" else grad_profile
+            chosen = [names[i] for i in torch.nonzero(pick_by_gain(
+                prof["gain"], costs, spec.pins or spec.budget)).flatten().tolist()]
+            r["pinned_set" if spec.pins else "static_set"] = chosen
             # What the set was chosen from (per-unit gains, the profiled model) goes with the run.
             r["static_tuning"] = {k: v for k, v in prof.items() if k != "gain"}
     return {"scenario": s.key, "seed": seed, "lr": lr, "units": names, "costs": costs.tolist(),

@@ -319,7 +319,7 @@ def test_pick_by_gain_and_high_first_parse():
     assert (spec.name, spec.kind, spec.budget, spec.high_start) == ("gnmr@10%+high_first@5%", "gnmr", 0.1, 0.05)
     lag = arms.parse_arm("gnmr@10%+high_first@5%+lag")
     assert (lag.name, lag.high_start, lag.plan_lag) == ("gnmr@10%+high_first@5%+lag", 0.05, 1)
-    for bad, msg in (("static@2+high_first@5%", "gnmr arms only"), ("gnmr@2+high_first@x", "gnmr@2\\+high_first@x"),
+    for bad, msg in (("static@2+high_first@5%", "after a gnmr or static_grad arm"), ("gnmr@2+high_first@x", "gnmr@2\\+high_first@x"),
                      ("always_low+lag", "goes once, after a gnmr arm"), ("gnmr@2+lag+lag", "goes once")):
         with pytest.raises(InputError, match=msg):
             arms.parse_arm(bad)
@@ -634,3 +634,31 @@ def test_profile_rows_name_the_units_that_stand_out():
     assert list(rows[0]["standout"]) == ["head"] and rows[0]["standout"]["head"] == ([0.6, 0.65], [1.3, 1.3])
     text = regime_table.format_profile_rows(rows)
     assert "head 0.600–0.650 (norm 1.30)" in text and "1.10–3.00" in text
+
+
+def test_profile_pins_combine_with_a_high_start_and_with_gnmr(tmp_path):
+    """static_grad@K+high_first@N: every unit high for N steps, then exactly static_grad@K's set;
+    gnmr@M+pin_grad@K: the same set pinned (GNMRRuntime.pin) on every step's plan under GNMR,
+    and recorded as the run's pinned_set; the pins' budget counts against M."""
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+    args = parser.parse_args(["--preset", "smoke", "--scenarios", "d-mxfp4_sr", "--seeds", "0", "--no-plots",
+                              "--arms", "static_grad@2", "static_grad@2+high_first@3", "gnmr@3+pin_grad@2",
+                              "--out", str(tmp_path)])
+    assert stability.run(args) == 0
+    sc = next(iter(json.loads((tmp_path / "results.json").read_text())["scenarios"].values()))
+    runs = {r["arm"]: r for r in sc["runs"]}
+    n = len(sc["units"])
+    chosen = sorted(sc["units"].index(u) for u in runs["static_grad@2"]["static_set"])
+    assert len(chosen) == 2
+    started = runs["static_grad@2+high_first@3"]
+    assert started["static_set"] == runs["static_grad@2"]["static_set"]
+    assert started["plans"] == [list(range(n))] * 3 + [chosen] * (len(started["plans"]) - 3)
+    pinned = runs["gnmr@3+pin_grad@2"]
+    assert sorted(sc["units"].index(u) for u in pinned["pinned_set"]) == chosen
+    assert "static_set" not in pinned and pinned["static_tuning"]["criterion"] == "grad_error"
+    assert all(set(chosen) <= set(plan) and len(plan) <= 3 for plan in pinned["plans"])
+    with pytest.raises(InputError, match="pin_grad"):
+        arms.parse_arm("static_grad@2+pin_grad@1")
+    with pytest.raises(InputError, match="high start"):
+        arms.parse_arm("static@2+high_first@3")
