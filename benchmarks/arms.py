@@ -200,10 +200,7 @@ def parse_arm(name: str) -> ArmSpec:
         if spec.kind not in ("gnmr", "static_grad") or spec.high_start:
             raise InputError(f"arm {name!r}: a high start (+high_first@N) goes once, after a gnmr or static_grad "
                              "arm; high_first@N alone is every unit high, then every unit low")
-        try:
-            n = parse_max_o(start)
-        except InputError as e:
-            raise InputError(f"arm {name!r}: {e}") from None
+        n = _arm_budget(name, start)
         return dataclasses.replace(spec, name=f"{spec.name}+{arm_name('high_first', n)}", high_start=n)
     base, plus, pins = name.rpartition("+pin_grad@")
     if plus:
@@ -211,10 +208,7 @@ def parse_arm(name: str) -> ArmSpec:
         if spec.kind != "gnmr" or spec.pins:
             raise InputError(f"arm {name!r}: +pin_grad@K (the profile's units pinned) goes once, right after "
                              "gnmr@M (then +high_first@N, +lock@N, +lag)")
-        try:
-            k = parse_max_o(pins)
-        except InputError as e:
-            raise InputError(f"arm {name!r}: {e}") from None
+        k = _arm_budget(name, pins)
         if k == 0:
             raise InputError(f"arm {name!r}: +pin_grad@K needs K > 0 (gnmr@M alone pins nothing)")
         label = arm_name("gnmr", k).split("@", 1)[1]
@@ -225,12 +219,17 @@ def parse_arm(name: str) -> ArmSpec:
     if not at and kind in ("always_high", "always_low"):
         return ArmSpec(name, kind)
     if at and kind in _BUDGET_KINDS:
-        try:
-            budget = parse_max_o(b)
-        except InputError as e:
-            raise InputError(f"arm {name!r}: {e}") from None
+        budget = _arm_budget(name, b)
         return ArmSpec(arm_name(kind, budget), kind, budget)
     raise InputError(f"unknown arm {name!r}; arms are {ARM_FORMS}")
+
+
+def _arm_budget(name: str, text: str) -> Union[int, float]:
+    """A budget inside arm ``name`` (:func:`parse_max_o`), its error naming the arm."""
+    try:
+        return parse_max_o(text)
+    except InputError as e:
+        raise InputError(f"arm {name!r}: {e}") from None
 
 
 def uses_grad_profile(spec: ArmSpec) -> bool:
