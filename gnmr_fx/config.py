@@ -121,8 +121,10 @@ class GNMRConfig:
     plan. The H200 runs of the evidence issue found regimes (int4 activations,
     MXFP4 with stochastic-rounding gradients) whose damage is done in the
     first steps, where no gradient-norm statistic can see it yet
-    (benchmarks/RESULTS.md). Off by default until GNMR with a high start has
-    its own GPU runs. At most ``MAX_STEPS``."""
+    (benchmarks/RESULTS.md): there, 10% of the steps high closes 85-86% of the
+    gap, and GNMR after it adds nothing. Off by default: where low precision is
+    harmless it only costs high-path FLOPs. ``GNMRCallback(high_start=0.1)``
+    sets it from the Trainer's ``max_steps``. At most ``MAX_STEPS``."""
 
     emulate: Optional[bool] = None
     """Low-path kernels. None: real fp8 kernels (``torch._scaled_mm``) where

@@ -313,3 +313,33 @@ def test_pin_profile_pins_the_profiles_units_and_a_resume_keeps_them(tmp_path):
 def test_pin_profile_arguments_are_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         GNMRCallback(CFG, **kw)
+
+
+def test_high_start_is_a_fraction_of_max_steps_then_the_policy_plans(tmp_path):
+    """GNMRCallback(high_start=0.5) with max_steps=6: every unit high for steps 0-2
+    (GNMRConfig.high_start_steps=3, resolved at train begin), then GNMR's own plan,
+    which never holds more than max_o=3 units."""
+    torch._dynamo.reset()
+    cb = GNMRCallback(CFG, backend="eager", high_start=0.5)
+    rec = PlanRecorder()
+    trainer = transformers.Trainer(model=_gpt2(), args=_args(tmp_path, max_steps=6, save_steps=100),
+                                   train_dataset=TokenDataset(), callbacks=[cb, rec])
+    trainer.train()
+    ctl = gnmr_fx.controller(trainer.model)
+    assert ctl.config.high_start_steps == 3 and ctl.step == 6
+    n = ctl.num_units
+    assert n > 3
+    # rec.plans[s]: the plan after optimizer step s, i.e. the plan of step s (0-based).
+    assert [sum(rec.plans[s][1]) for s in (1, 2)] == [n, n]
+    assert all(sum(rec.plans[s][1]) <= 3 for s in (3, 4, 5, 6))
+
+
+@pytest.mark.parametrize("kw,match", [({"high_start": 0}, "high_start must be"),
+                                      ({"high_start": 1.0}, "high_start must be"),
+                                      ({"high_start": "x%"}, "high_start"),
+                                      ({"high_start": 5, "config": CFG.replace(high_start_steps=2)},
+                                       "already has high_start_steps=2")])
+def test_high_start_arguments_are_checked(kw, match):
+    config = kw.pop("config", CFG)
+    with pytest.raises(ValueError, match=match):
+        GNMRCallback(config, **kw)

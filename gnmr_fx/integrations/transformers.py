@@ -99,6 +99,13 @@ class GNMRCallback(TrainerCallback):
             pinned units are logged; a resumed run takes its pins from the
             checkpoint's controller state instead. None (default): no profile.
         profile_batches: how many training batches the profile uses (>= 1).
+        high_start: every unit on the high path for the first steps of the
+            run (``GNMRConfig.high_start_steps``, outside ``max_o``): a step
+            count (int >= 1) or a fraction of the Trainer's ``max_steps``
+            (a float in (0, 1) or ``"10%"``), resolved at train begin. The
+            remedy the GPU evidence supports where no unit stands out in the
+            profile (benchmarks/RESULTS.md). None (default): the config's
+            ``high_start_steps``; giving both raises.
 
     The model must be uncompiled, or compiled in place with the same config
     (``gnmr_fx.compile(model, config, inplace=True)``).
@@ -126,6 +133,7 @@ class GNMRCallback(TrainerCallback):
         strict_resume: bool = True,
         pin_profile: Optional[Union[int, float, str]] = None,
         profile_batches: int = 4,
+        high_start: Optional[Union[int, float, str]] = None,
     ) -> None:
         config = config if config is not None else GNMRConfig()
         if not isinstance(config, GNMRConfig):
@@ -151,8 +159,22 @@ class GNMRCallback(TrainerCallback):
                                  f"(got {pin_profile!r})")
         if isinstance(profile_batches, bool) or not isinstance(profile_batches, int) or profile_batches < 1:
             raise ValueError(f"profile_batches must be an int >= 1 (got {profile_batches!r})")
+        if high_start is not None:
+            try:
+                high_start = parse_max_o(high_start) if isinstance(high_start, str) else high_start
+            except InputError as e:
+                raise ValueError(f"high_start: {e}") from None
+            if (isinstance(high_start, bool) or not isinstance(high_start, (int, float))
+                    or (isinstance(high_start, int) and high_start < 1)
+                    or (isinstance(high_start, float) and not 0.0 < high_start < 1.0)):
+                raise ValueError(f"high_start must be a step count (int >= 1) or a fraction of max_steps in (0, 1) "
+                                 f"(got {high_start!r})")
+            if config.high_start_steps:
+                raise ValueError(f"high_start: the config already has high_start_steps={config.high_start_steps}; "
+                                 "give one of them")
         self.pin_profile = pin_profile
         self.profile_batches = profile_batches
+        self.high_start = high_start
         self.profile: Optional[Profile] = None
         self.runtime: Optional[GNMRRuntime] = None
         self._logged: Optional[tuple[int, int]] = None  # cumulative (triggers, denied) at the last log
@@ -188,6 +210,8 @@ class GNMRCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("GNMRCallback: the Trainer passed no model or no optimizer at train begin")
         rt = self._compile(model, _torch_optimizer(optimizer))
+        if self.high_start is not None:
+            self._set_high_start(rt, state)
         if state.global_step > 0:
             self._restore(rt, args, state)
         elif self.pin_profile is not None:
@@ -238,6 +262,20 @@ class GNMRCallback(TrainerCallback):
         logger.info("GNMR: pinned %d unit(s) high from a profile of %d batch(es): %s",
                     len(pinned), len(batches), ", ".join(pinned))
 
+    def _set_high_start(self, rt: GNMRRuntime, state: Any) -> None:
+        if isinstance(self.high_start, int):
+            steps = self.high_start
+        else:
+            max_steps = int(getattr(state, "max_steps", 0) or 0)
+            if max_steps < 1:
+                raise RuntimeError(f"GNMRCallback(high_start={self.high_start!r}): the Trainer's max_steps is "
+                                   f"{max_steps} at train begin; give high_start as a step count")
+            steps = max(1, round(self.high_start * max_steps))
+        if rt.config.high_start_steps != steps:
+            # Before the first update of this run (a resume restores the state after it).
+            rt.reset_controller(rt.config.replace(high_start_steps=steps))
+        logger.info("GNMR: every unit high for the first %d optimizer step(s)", steps)
+
     def scalars(self) -> dict[str, float]:
         """The GNMR scalars of a training log (read on the host: a few scalar copies per log, not per step)."""
         ctl = self.runtime.controller
@@ -264,7 +302,8 @@ class GNMRCallback(TrainerCallback):
                 "gnmr_fx.compile(model, config, inplace=True)"
             )
         rt = _existing_runtime(model)
-        if rt is not None and rt.config != self.config:
+        # The high start is resolved from max_steps at train begin (a second train() may see another).
+        if rt is not None and rt.config.replace(high_start_steps=self.config.high_start_steps) != self.config:
             raise ValueError(
                 "GNMRCallback: the model is already compiled with a different GNMRConfig; pass the same "
                 "config, or give the Trainer an uncompiled model"
