@@ -201,6 +201,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also score the validation windows through the compiled model on the arm's current "
                              "plan (the path it trains on: low-path units quantized), as val_path beside val "
                              "(the eager all-high model); costs one more compile per task")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels in every worker (torch.use_deterministic_algorithms, Inductor's "
+                             "deterministic mode, a fixed cuBLAS workspace): a seed's GPU runs repeat bitwise across "
+                             "calls, so fine-tuning arms split over calls share one checkpoint (slower; ops without "
+                             "a deterministic kernel warn)")
     parser.add_argument("--per-arm", action="store_true",
                         help="one task (worker process) per arm instead of one per (scenario, seed, LR): with "
                              "--jobs N, N arms train side by side (one GPU shared under CUDA MPS); scenario d's "
@@ -243,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
     tasks = [dict(scenario=dataclasses.asdict(s), seed=seed, lr=lr if lr is not None else s.lr,
                   preset=preset_name, preset_obj=_preset_dict(preset), arms=group,
                   device=device, backend=backend, threads=args.threads, out=str(out), dispatch=args.dispatch,
-                  split="tune" if args.tuning else "val", pretrain_cache=pretrain_cache, val_path=args.val_path)
+                  split="tune" if args.tuning else "val", pretrain_cache=pretrain_cache, val_path=args.val_path,
+                  deterministic=args.deterministic)
              for seed in args.seeds for s in scenarios.values() for lr in (args.lrs or [None])
              for group in arm_groups]
     # Seed-major, so a deadline cuts whole later seeds rather than whole
@@ -257,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         "meta": {
             "command": "gnmr-fx bench stability " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "stability"] else sys.argv[1:]),
             "preset": preset_name, "preset_config": _preset_dict(preset), "seeds": list(args.seeds),
-            "lrs": args.lrs, "per_arm": args.per_arm, "val_path": args.val_path, "dispatch": args.dispatch, "arms": [a.name for a in arms], "budget_rule": BUDGET_RULE, "device": device, "backend": backend, "jobs": jobs,
+            "lrs": args.lrs, "per_arm": args.per_arm, "val_path": args.val_path, "deterministic": args.deterministic, "dispatch": args.dispatch, "arms": [a.name for a in arms], "budget_rule": BUDGET_RULE, "device": device, "backend": backend, "jobs": jobs,
             "threads_per_job": args.threads, "split": "tune (tuning run)" if args.tuning else "train / val",
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": _machine(), "wall_s": round(wall, 1), "corpus": corpus.describe(),
@@ -424,6 +430,8 @@ def run_task(task: dict) -> dict:
     from gnmr_fx.models import TinyGPT
 
     torch.set_num_threads(task["threads"])
+    if task.get("deterministic"):
+        use_deterministic_kernels()
     s = Scenario(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in task["scenario"].items()})
     p = _preset_from_dict(task["preset_obj"])
     seed, device = task["seed"], torch.device(task["device"])
@@ -606,6 +614,7 @@ def run_task(task: dict) -> dict:
             torch.save(_weights(model), ckpt)
         init = torch.load(ckpt, weights_only=True, map_location=device)
         pretrain["checkpoint"] = str(ckpt)
+        pretrain["weights_sha256"] = weights_digest(init)
         data_seed += 1  # fine-tune on fresh batches
     tuned: dict = {}
     if any(parse_arm(a).kind == "static_tuned" for a in task["arms"]):
@@ -637,7 +646,8 @@ def pretrain_key(task: dict, s: "Scenario") -> str:
     import hashlib
     what = {"preset": task["preset_obj"], "pretrain_lr": s.pretrain_lr, "split": task["split"],
             "seed": task["seed"], "device": task["device"], "backend": task["backend"],
-            "dispatch": task.get("dispatch", "host")}
+            "dispatch": task.get("dispatch", "host"),
+            **({"deterministic": True} if task.get("deterministic") else {})}
     digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"pretrain_seed{task['seed']}_{digest}"
 
@@ -1128,6 +1138,33 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
         return (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def use_deterministic_kernels() -> None:
+    """What ``--deterministic`` sets in a worker before anything compiles."""
+    import torch._inductor.config as inductor_config
+
+    from gnmr_fx.arguments import InputError
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if not hasattr(inductor_config, "deterministic"):
+        raise InputError(f"--deterministic: this torch ({torch.__version__}) has no Inductor deterministic mode; "
+                         "run without --deterministic")
+    inductor_config.deterministic = True
+
+
+def weights_digest(weights: dict) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and bytes: equal digests
+    are bitwise-equal checkpoints (what tells two calls' pretraining apart)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        t = weights[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _weights(model: torch.nn.Module) -> dict:

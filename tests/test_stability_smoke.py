@@ -662,3 +662,34 @@ def test_profile_pins_combine_with_a_high_start_and_with_gnmr(tmp_path):
         arms.parse_arm("static_grad@2+pin_grad@1")
     with pytest.raises(InputError, match="high start"):
         arms.parse_arm("static@2+high_first@3")
+
+
+def test_fine_tuning_records_its_checkpoint_digest_and_deterministic_runs_repeat(tmp_path):
+    """--deterministic (deterministic kernels in the worker) is recorded in the meta; each
+    seed's pretraining record carries the sha256 of the checkpoint the arms fine-tune: two
+    commands of one seed give the same digest and bitwise the same losses, another seed
+    another digest."""
+    parser = argparse.ArgumentParser()
+    stability.add_arguments(parser)
+
+    def bench(out, seed):
+        args = parser.parse_args(["--preset", "smoke", "--scenarios", "d", "--seeds", str(seed), "--no-plots",
+                                  "--arms", "always_low", "--deterministic", "--out", str(out)])
+        import torch._inductor.config as inductor_config
+
+        try:
+            assert stability.run(args) == 0
+        finally:  # run_task set them in this (test) process: the tests after this one compile
+            torch.use_deterministic_algorithms(False)
+            inductor_config.deterministic = False
+        doc = json.loads((out / "results.json").read_text())
+        (sc,) = doc["scenarios"].values()
+        (pre,) = sc["pretrain"]
+        return doc["meta"], sc["runs"][0], pre["weights_sha256"]
+
+    meta, run_a, digest_a = bench(tmp_path / "a", 0)
+    _, run_b, digest_b = bench(tmp_path / "b", 0)
+    _, _, digest_c = bench(tmp_path / "c", 1)
+    assert meta["deterministic"] is True
+    assert digest_a == digest_b != digest_c and len(digest_a) == 64
+    assert run_a["train_loss"] == run_b["train_loss"]
