@@ -1,5 +1,18 @@
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`-n auto --dist loadfile`: each test file runs in one worker, so a
+# module-scoped fixture is built once) the workers share the machine's cores: one
+# intra-op thread each (the models here are tiny), and Inductor compiles in the worker
+# itself instead of starting a pool of compile processes in every worker.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1
 
 
 @pytest.fixture(autouse=True)
