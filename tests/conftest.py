@@ -1,5 +1,20 @@
+import os
+
 import pytest
 import torch
+
+# One intra-op thread per test process: the models here are tiny, and once an Inductor
+# graph has been compiled and run in a process, its small eager ops are many times slower
+# with 2 threads (measured on the 2-core CI machine: test_passes.py's TestCheckpoint, eager,
+# 1.1 s alone, 12 s right after the module's Inductor fixture with 2 threads, 1.1 s with 1).
+# Under pytest-xdist (`-n auto --dist loadfile`: each file in one worker, so a
+# module-scoped fixture is built once) the workers fill the cores, so Inductor also
+# compiles in the worker instead of starting a pool of compile processes in each.
+torch.set_num_threads(1)
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1
 
 
 @pytest.fixture(autouse=True)

@@ -37,10 +37,10 @@ LLAMA_UNITS = [f"model.layers.{i}.{u}" for i in range(2)
 LLAMA_UNITS += ["lm_head"]
 
 
-def _train(model, steps=4, recipe="int8"):
+def _train(model, steps=4, recipe="int8", backend="aot_eager"):
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    m = gnmr_fx.compile(model, GNMRConfig(recipe=recipe, warmup_steps=1, max_o=2), backend="aot_eager", optimizer=opt)
+    m = gnmr_fx.compile(model, GNMRConfig(recipe=recipe, warmup_steps=1, max_o=2), backend=backend, optimizer=opt)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(steps):
@@ -64,8 +64,12 @@ def test_hf_model_trains_with_units_discovered(factory, units):
     assert int(ctl.n_obs.min()) >= 3  # every unit's gradient was observed every step
 
 
+# The tests of what discovery finds run the rewritten graphs with backend="eager": units are
+# found on Dynamo's graph, before any inner compiler (aot_eager and Inductor see the same
+# units; the tests above and test_moe_experts_are_one_unit_per_expert_weight train through
+# aot_eager).
 def test_gpt2_conv1d_units_are_addmm_weight_units():
-    m, _ = _train(_gpt2(), steps=1)
+    m, _ = _train(_gpt2(), steps=1, backend="eager")
     units = {u.name: u for u in gnmr_fx.runtime(m).units}
     assert units["transformer.h.0.attn.c_attn"].op_name == "addmm"
     assert units["transformer.h.0.attn.c_attn"].weight == "transformer.h.0.attn.c_attn.weight"
@@ -74,7 +78,7 @@ def test_gpt2_conv1d_units_are_addmm_weight_units():
 
 
 def test_sdpa_attention_is_reported_not_recoverable():
-    m, _ = _train(_llama(attn="sdpa"), steps=1)
+    m, _ = _train(_llama(attn="sdpa"), steps=1, backend="eager")
     rt = gnmr_fx.runtime(m)
     assert "model.layers.0.self_attn.matmul" not in rt.unit_names
     seen = {}
@@ -85,15 +89,30 @@ def test_sdpa_attention_is_reported_not_recoverable():
     assert len(rt.unit_names) == 15
 
 
-def test_torch_compile_backend_gnmr_keeps_the_runtime_on_llama():
+def test_torch_compile_backend_gnmr_keeps_the_runtime_on_llama(monkeypatch):
     # transformers wraps forward as wrapper(*args, **kwargs): the captured
     # frame has no `self`, and the runtime used to be rootless (unreachable,
     # no _gnmr.* keys in checkpoints) while its controller ran.
+    # The runtime is found from the captured frame before the inner compiler runs:
+    # aot_eager here instead of the entry point's Inductor (minutes of CPU compile for
+    # this graph). Inductor under backend="gnmr": test_passes.py's
+    # test_gnmr_backend_entry_point_without_import and test_trust.py.
+    from gnmr_fx import backend as gnmr_backend
+
+    compile_graph = gnmr_backend.compile_graph
+    compilers = []
+
+    def aot_eager(runtime, gm, example_inputs, compiler):
+        compilers.append(compiler)
+        return compile_graph(runtime, gm, example_inputs, "aot_eager")
+
+    monkeypatch.setattr(gnmr_backend, "compile_graph", aot_eager)
     torch.manual_seed(0)
     model = _llama()
     compiled = torch.compile(model, backend="gnmr", options={"recipe": "int8", "max_o": 2})
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     compiled(input_ids=ids, labels=ids).loss.backward()
+    assert compilers == ["inductor"]  # one graph, through the gnmr entry point
     rt = gnmr_fx.runtime(model)
     assert gnmr_fx.runtime(compiled) is rt and rt.root is model
     assert rt.unit_names == LLAMA_UNITS
@@ -135,9 +154,11 @@ def _moe_train(model, steps=2, backend="aot_eager", **cfg):
     return m, losses
 
 
-@pytest.mark.parametrize("dtype,op", [(torch.float32, "grouped_mm_fallback"), (torch.bfloat16, "grouped_mm")],
-                         ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+# Each model once and each expert op once: the op follows the weights' dtype in
+# transformers' experts code shared by both models (integrations/moe.py), not the model.
+@pytest.mark.parametrize("kind,dtype,op", [("mixtral", torch.float32, "grouped_mm_fallback"),
+                                           ("qwen3_moe", torch.bfloat16, "grouped_mm")],
+                         ids=["mixtral-fp32", "qwen3_moe-bf16"])
 def test_moe_experts_are_one_unit_per_expert_weight(kind, dtype, op):
     # fp32 experts run transformers' grouped_mm fallback (an opaque op):
     # they used to be no unit, silently, while holding most of the FLOPs.
@@ -169,7 +190,7 @@ def test_moe_fp32_experts_high_path_is_exact_and_low_path_is_the_recipe():
 
 
 def test_moe_batched_mm_experts_are_bmm_units():
-    m, _ = _moe_train(_moe("mixtral", experts="batched_mm"), steps=1)
+    m, _ = _moe_train(_moe("mixtral", experts="batched_mm"), steps=1, backend="eager")
     units = [u for u in gnmr_fx.runtime(m).units if ".experts." in u.name]
     assert [(u.name, u.op_name) for u in units] == [("model.layers.0.mlp.experts.bmm", "bmm"),
                                                      ("model.layers.0.mlp.experts.bmm_1", "bmm")]
@@ -179,7 +200,7 @@ def test_moe_eager_experts_loop_is_reported_with_its_flop_share():
     # The per-expert loop over data-dependent indices cannot be captured.
     model = _moe("mixtral", experts="eager")
     with pytest.warns(RuntimeWarning) as caught:
-        m, _ = _moe_train(model, steps=1)
+        m, _ = _moe_train(model, steps=1, backend="eager")
     rt = gnmr_fx.runtime(m)
     assert not [n for n in rt.unit_names if ".experts." in n]
     assert rt.uncovered_weights() == [("model.layers.0.mlp.experts.gate_up_proj", (4, 128, 32)),

@@ -246,8 +246,9 @@ def test_high_path_in_a_named_dtype():
 
 def _deferred_run(defer):
     # Four steps; a runtime callback decides the next step's plan (all-low, all-high, ...), as the
-    # controller would, so every step changes what the host plan must say.
-    model, cm, rt, opt, idx = _compiled()
+    # controller would, so every step changes what the host plan must say. The deferral is the
+    # runtime's (CompiledCall's forward entry), whatever runs the graph: backend="eager".
+    model, cm, rt, opt, idx = _compiled(backend="eager")
     rt.defer_host_copy = defer
 
     def alternate(r):

@@ -31,6 +31,18 @@ def _gpt(seed=0):
     return TinyGPT(TINY)
 
 
+# One block (7 units: the block's 6 and the head): what the compilers and the dispatch
+# modes do to a unit does not depend on how many blocks repeat it, and the compiles
+# (Inductor's above all) cost time per graph node.
+TINY1 = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
+TINY1_UNITS = 7  # blocks.0's six units and head
+
+
+def _gpt1(seed=0):
+    torch.manual_seed(seed)
+    return TinyGPT(TINY1)
+
+
 def _batch(seed=0, b=4):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, TINY.vocab_size, (b, TINY.block_size), generator=g)
@@ -188,7 +200,7 @@ class TestNumerics:
     @pytest.mark.parametrize("dispatch", DISPATCHES)
     @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
     def test_all_high_equals_uncompiled(self, backend, dispatch):
-        ref_model = _gpt()
+        ref_model = _gpt1()
         model = copy.deepcopy(ref_model)
         batch = _batch()
         ref_loss = ref_model(*batch)
@@ -302,13 +314,14 @@ def inductor_vs_eager():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     results = {}
-    plan = torch.zeros(13, dtype=torch.bool)
+    plan = torch.zeros(TINY1_UNITS, dtype=torch.bool)
     plan[::2] = True
     for dispatch in DISPATCHES:
         for backend in ("eager", "aot_eager", "inductor"):
-            model = _gpt()
+            model = _gpt1()
             cfg = GNMRConfig(recipe="fp8_e4m3", dispatch=dispatch)
             m = gnmr_fx.compile(model, cfg, backend=backend, example_inputs=_batch())
+            assert gnmr_fx.runtime(m).unit_names == TINY_GPT_UNITS[:6] + ["head"]
             losses, grads = _run(model, m, plan, _batch())
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             flipped = []
@@ -355,15 +368,16 @@ class TestDispatch:
     @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
     def test_only_the_planned_branch_runs(self, backend):
         batch = _batch()
-        plain = torch.compile(_gpt(), backend=backend)
+        plain = torch.compile(_gpt1(), backend=backend)
         plain(*batch).backward()  # compile outside the profile
         counts = {"plain": _op_counts(lambda: plain(*batch).backward())}
         for dispatch in DISPATCHES:
-            model = _gpt()
+            model = _gpt1()
             m = gnmr_fx.compile(model, GNMRConfig(recipe="int8", dispatch=dispatch), backend=backend)
             m(*batch).backward()  # compile outside the profile
+            assert gnmr_fx.controller(m).num_units == TINY1_UNITS
             for plan in ("high", "low"):
-                gnmr_fx.runtime(m).force_plan([plan == "high"] * 13)
+                gnmr_fx.runtime(m).force_plan([plan == "high"] * TINY1_UNITS)
                 counts[dispatch, plan] = _op_counts(lambda: m(*batch).backward())
         gemms, rounds = counts["plain"]
         assert gemms > 0 and rounds == 0
@@ -373,7 +387,7 @@ class TestDispatch:
         assert counts["host", "low"][0] == gemms, counts
         assert counts["host", "low"][1] == (1 if backend == "eager" else 2) * counts["select", "low"][1], counts
         # select: both branches, whatever the plan; 2 roundings (a and b) per unit.
-        assert counts["select", "high"] == counts["select", "low"] == (2 * gemms, 2 * 13), counts
+        assert counts["select", "high"] == counts["select", "low"] == (2 * gemms, 2 * TINY1_UNITS), counts
 
     def test_aliased_operands_traced_as_eager(self):
         # q and k of the attention matmul are views of one qkv output
@@ -639,7 +653,7 @@ def test_grouped_mm_unit():
 
 
 def test_bf16_autocast_training():
-    model = _gpt()
+    model = _gpt1()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     m = gnmr_fx.compile(model, GNMRConfig(recipe="fp8_e4m3"), backend="aot_eager", optimizer=opt)
     for _ in range(2):
@@ -649,7 +663,7 @@ def test_bf16_autocast_training():
         opt.step()
         opt.zero_grad()
     ctl = gnmr_fx.controller(m)
-    assert ctl.step == 2 and ctl.names == TINY_GPT_UNITS
+    assert ctl.step == 2 and ctl.names == TINY_GPT_UNITS[:6] + ["head"]
     assert torch.isfinite(ctl.norm).all() and (ctl.norm > 0).all()
 
 
