@@ -73,6 +73,22 @@ _PREFIX = "_gnmr."
 _GLOBAL_STEP = "trainer_global_step"  # which checkpoint the file belongs to
 
 
+def _count_or_fraction(value: Any, field: str, what: str, *, top_inclusive: bool) -> Optional[Union[int, float]]:
+    """A callback argument that is None, an int >= 1, or a fraction (a float
+    or ``"10%"``, read as ``max_o`` is) in (0, 1) or (0, 1]; else ValueError naming ``field``."""
+    if value is None:
+        return None
+    try:
+        value = parse_max_o(value) if isinstance(value, str) else value
+    except InputError as e:
+        raise ValueError(f"{field}: {e}") from None
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, int) and value < 1)
+            or (isinstance(value, float) and not (0.0 < value <= 1.0 if top_inclusive else 0.0 < value < 1.0))):
+        raise ValueError(f"{field} must be {what} (got {value!r})")
+    return value
+
+
 class GNMRCallback(TrainerCallback):
     """Train a Hugging Face model under GNMR with ``transformers.Trainer``.
 
@@ -147,31 +163,15 @@ class GNMRCallback(TrainerCallback):
         self.on_inactive = on_inactive
         self.resume_from = resume_from
         self.strict_resume = bool(strict_resume)
-        if pin_profile is not None:
-            try:
-                pin_profile = parse_max_o(pin_profile) if isinstance(pin_profile, str) else pin_profile
-            except InputError as e:
-                raise ValueError(f"pin_profile: {e}") from None
-            if (isinstance(pin_profile, bool) or not isinstance(pin_profile, (int, float))
-                    or (isinstance(pin_profile, int) and pin_profile < 1)
-                    or (isinstance(pin_profile, float) and not 0.0 < pin_profile <= 1.0)):
-                raise ValueError(f"pin_profile must be a unit count (int >= 1) or a FLOP fraction in (0, 1] "
-                                 f"(got {pin_profile!r})")
+        pin_profile = _count_or_fraction(pin_profile, "pin_profile", "a unit count (int >= 1) or a FLOP fraction in (0, 1]",
+                                         top_inclusive=True)
         if isinstance(profile_batches, bool) or not isinstance(profile_batches, int) or profile_batches < 1:
             raise ValueError(f"profile_batches must be an int >= 1 (got {profile_batches!r})")
-        if high_start is not None:
-            try:
-                high_start = parse_max_o(high_start) if isinstance(high_start, str) else high_start
-            except InputError as e:
-                raise ValueError(f"high_start: {e}") from None
-            if (isinstance(high_start, bool) or not isinstance(high_start, (int, float))
-                    or (isinstance(high_start, int) and high_start < 1)
-                    or (isinstance(high_start, float) and not 0.0 < high_start < 1.0)):
-                raise ValueError(f"high_start must be a step count (int >= 1) or a fraction of max_steps in (0, 1) "
-                                 f"(got {high_start!r})")
-            if config.high_start_steps:
-                raise ValueError(f"high_start: the config already has high_start_steps={config.high_start_steps}; "
-                                 "give one of them")
+        high_start = _count_or_fraction(high_start, "high_start",
+                                        "a step count (int >= 1) or a fraction of max_steps in (0, 1)", top_inclusive=False)
+        if high_start is not None and config.high_start_steps:
+            raise ValueError(f"high_start: the config already has high_start_steps={config.high_start_steps}; "
+                             "give one of them")
         self.pin_profile = pin_profile
         self.profile_batches = profile_batches
         self.high_start = high_start
