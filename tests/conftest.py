@@ -27,6 +27,26 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def gnmr_backend_aot_eager(monkeypatch):
+    """``torch.compile(backend="gnmr")`` with aot_eager in place of the entry point's Inductor,
+    for tests of what the entry point does before its inner compiler runs (finding the
+    model and its runtime): Inductor's CPU compile costs tens of seconds on a fresh machine.
+    Returns the compilers the entry point asked for, one per graph. Inductor under
+    backend="gnmr" stays tested by the tests that do not take this fixture."""
+    from gnmr_fx import backend
+
+    compile_graph = backend.compile_graph
+    asked = []
+
+    def aot_eager(runtime, gm, example_inputs, compiler):
+        asked.append(compiler)
+        return compile_graph(runtime, gm, example_inputs, "aot_eager")
+
+    monkeypatch.setattr(backend, "compile_graph", aot_eager)
+    return asked
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

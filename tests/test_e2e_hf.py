@@ -89,30 +89,20 @@ def test_sdpa_attention_is_reported_not_recoverable():
     assert len(rt.unit_names) == 15
 
 
-def test_torch_compile_backend_gnmr_keeps_the_runtime_on_llama(monkeypatch):
+def test_torch_compile_backend_gnmr_keeps_the_runtime_on_llama(gnmr_backend_aot_eager):
     # transformers wraps forward as wrapper(*args, **kwargs): the captured
     # frame has no `self`, and the runtime used to be rootless (unreachable,
     # no _gnmr.* keys in checkpoints) while its controller ran.
     # The runtime is found from the captured frame before the inner compiler runs:
     # aot_eager here instead of the entry point's Inductor (minutes of CPU compile for
-    # this graph). Inductor under backend="gnmr": test_passes.py's
-    # test_gnmr_backend_entry_point_without_import and test_trust.py.
-    from gnmr_fx import backend as gnmr_backend
-
-    compile_graph = gnmr_backend.compile_graph
-    compilers = []
-
-    def aot_eager(runtime, gm, example_inputs, compiler):
-        compilers.append(compiler)
-        return compile_graph(runtime, gm, example_inputs, "aot_eager")
-
-    monkeypatch.setattr(gnmr_backend, "compile_graph", aot_eager)
+    # this graph on a fresh machine); Inductor under backend="gnmr": test_passes.py's
+    # test_gnmr_backend_entry_point_without_import and test_trust.py's decorated forward.
     torch.manual_seed(0)
     model = _llama()
     compiled = torch.compile(model, backend="gnmr", options={"recipe": "int8", "max_o": 2})
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     compiled(input_ids=ids, labels=ids).loss.backward()
-    assert compilers == ["inductor"]  # one graph, through the gnmr entry point
+    assert gnmr_backend_aot_eager == ["inductor"]  # one graph, through the gnmr entry point
     rt = gnmr_fx.runtime(model)
     assert gnmr_fx.runtime(compiled) is rt and rt.root is model
     assert rt.unit_names == LLAMA_UNITS

@@ -121,13 +121,16 @@ class TestRuntimeOfTorchCompile:
         assert {"_gnmr.names", "_gnmr.step"} <= set(model.state_dict())
         assert "_orig_mod._gnmr.names" in compiled.state_dict()
 
-    def test_model_passed_as_an_argument_is_the_root(self):
+    # The tests below check what the entry point does before its inner compiler runs:
+    # aot_eager in place of Inductor (the test above keeps Inductor).
+    def test_model_passed_as_an_argument_is_the_root(self, gnmr_backend_aot_eager):
         model = DecoratedMLP()
         fn = torch.compile(lambda m, x: m(x), backend="gnmr", options={"recipe": "int8"})
         fn(model, torch.randn(4, 8)).sum().backward()
         assert gnmr_fx.runtime(model).unit_names == ["fc1", "fc2"]
+        assert gnmr_backend_aot_eager == ["inductor"]
 
-    def test_two_models_of_one_class_each_get_their_runtime(self):
+    def test_two_models_of_one_class_each_get_their_runtime(self, gnmr_backend_aot_eager):
         a, b = DecoratedMLP(), DecoratedMLP()
         opts = {"recipe": "int8"}
         ca = torch.compile(a, backend="gnmr", options=opts, isolate_recompiles=True)
@@ -144,6 +147,7 @@ class TestRuntimeOfTorchCompile:
         torch.compile(c, backend="gnmr", options=opts)(torch.randn(2, 8))
         with pytest.raises(RuntimeError, match=r"isolate_recompiles=True"):
             torch.compile(d, backend="gnmr", options=opts)(torch.randn(2, 8))
+        assert gnmr_backend_aot_eager == ["inductor"] * 3  # a, b and c: d reused c's graph
 
     def test_graph_without_a_model_raises(self):
         fn = torch.compile(lambda a, b: a @ b, backend="gnmr", options={"recipe": "int8"})
