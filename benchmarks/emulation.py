@@ -29,7 +29,6 @@ table. ``--check`` exits 1 when a ratio misses ``--limit``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -43,7 +42,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 import gnmr_fx
 from gnmr_fx.backends.paths import low_path
@@ -51,8 +49,6 @@ from gnmr_fx.models import GPTConfig, TinyGPT
 from gnmr_fx.runtime import GNMRRuntime
 
 ARMS = ("plain", "fake_quant", "high", "low", "high_select", "low_select")
-# The record_function ranges of a training step that --profile counts apart.
-PHASES = ("bench:forward", "bench:backward", "bench:optimizer")
 # Arm -> (GNMR policy, dispatch); the other arms are models without GNMR.
 GNMR_ARMS = {"high": ("always_high", "host"), "low": ("always_low", "host"),
              "high_select": ("always_high", "select"), "low_select": ("always_low", "select")}
@@ -135,14 +131,11 @@ def build_arms(args: argparse.Namespace, device: torch.device) -> list[Arm]:
     autocast = args.autocast == "bf16"
 
     def trainer(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
-        # The ranges name the phases --profile splits a step into (PHASES).
         def step() -> None:
-            with record_function(PHASES[0]), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = model(idx, tgt)
-            with record_function(PHASES[1]):
-                loss.backward()
-            with record_function(PHASES[2]):
-                opt.step()  # GNMR's update runs in the optimizer's pre-hook
+            loss.backward()
+            opt.step()
             opt.zero_grad(set_to_none=True)
         return step
 
@@ -226,11 +219,6 @@ def profile_arms(arms: list[Arm], device: torch.device, rows: int = 12) -> dict:
     and on a GPU the device kernels (``kernels``), their summed time
     (``device_ms``) and ``busy`` = device_ms / wall_ms: well under 1 means the
     step waits on the host (launches, Python, the dispatcher), not on the GPU.
-    On the CPU under Inductor, ``kernels`` counts the C++ kernels Inductor
-    generated that the step ran (``run`` turns on their profiler ranges).
-    ``phases`` splits the ATen ops and kernels into forward, backward and the
-    optimizer step (which holds GNMR's update): kernels on a GPU by the CPU op
-    that launched them, Inductor's CPU kernels by their own range.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -255,39 +243,12 @@ def profile_arms(arms: list[Arm], device: torch.device, rows: int = 12) -> dict:
             rec["device_ms"] = round(sum(e.self_device_time_total for e in dev) / 1e3, 3)
             rec["kernels"] = int(sum(e.count for e in dev))
             rec["busy"] = round(rec["device_ms"] / wall, 3) if wall > 0 else None
-        elif any(_INDUCTOR_CPU_KERNEL in e.key for e in ka):
-            rec["kernels"] = int(sum(e.count for e in ka if _INDUCTOR_CPU_KERNEL in e.key))
-        rec["phases"] = _phases(prof.events(), cuda)
         sort = "cuda_time_total" if cuda else "cpu_time_total"
         rec["table"] = ka.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
         key = arm.name if arm.recipe is None else f"{arm.name}:{arm.recipe}"
         out[key] = rec
         print(f"\n=== profile {key}: " + ", ".join(f"{k} {v}" for k, v in rec.items() if k != "table")
               + f" ===\n{rec['table']}", file=sys.stderr)
-    return out
-
-
-_INDUCTOR_CPU_KERNEL = "cpp_fused"  # in the name of every C++ kernel Inductor generates
-
-
-def _phases(events: list, cuda: bool) -> dict:
-    """ATen ops and kernels per phase of a profiled step (``PHASES``).
-
-    An event belongs to the phase whose range holds it in time: backward ops
-    run on the autograd engine's threads while the caller waits in its range.
-    """
-    ranges = {e.name: e.time_range for e in events if e.name in PHASES}
-    out = {name.split(":")[1]: {"aten_ops": 0, "kernels": 0} for name in PHASES if name in ranges}
-    for e in events:
-        if e.device_type != torch.autograd.DeviceType.CPU or e.name in PHASES:
-            continue
-        phase = next((name for name, r in ranges.items()
-                      if r.start <= e.time_range.start and e.time_range.end <= r.end), None)
-        if phase is None:
-            continue
-        rec = out[phase.split(":")[1]]
-        rec["aten_ops"] += e.name.startswith("aten::")
-        rec["kernels"] += len(e.kernels) if cuda else _INDUCTOR_CPU_KERNEL in e.name
     return out
 
 
@@ -369,13 +330,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch._dynamo.reset()
-    # On the CPU, a profiler range around each C++ kernel Inductor generates,
-    # so that --profile counts them (in force while the arms compile).
-    ranges = args.profile and device.type == "cpu" and args.backend == "inductor"
-    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}) if ranges else contextlib.nullcontext():
-        arms = build_arms(args, device)
-        measure(arms, args, device)
-        profiles = profile_arms(arms, device) if args.profile else None
+    arms = build_arms(args, device)
+    measure(arms, args, device)
+    profiles = profile_arms(arms, device) if args.profile else None
     rows = rows_of(arms)
     targets = targets_of(rows, args.limit)
     head = ["arm", "recipe", "step_ms", "step_ms_min", "vs", "ratio", "compile_s", "recompiles", "n_steps"]
@@ -393,11 +350,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if profiles is not None:
         result["profiles"] = profiles
-        cols = ["wall_ms", "aten_ops"] + (["device_ms", "kernels", "busy"] if device.type == "cuda" else
-                                          ["kernels"] if any("kernels" in v for v in profiles.values()) else [])
-        cols += [f"{p.split(':')[1]}_{c}" for p in PHASES for c in ("aten_ops", "kernels")]
-        prof_rows = [[k] + [_flat(v).get(c) for c in cols] for k, v in profiles.items()]
-        print(tabulate(prof_rows, headers=["arm"] + cols))
+        cols = ["wall_ms", "aten_ops"] + (["device_ms", "kernels", "busy"] if device.type == "cuda" else [])
+        print(tabulate([[k] + [v.get(c) for c in cols] for k, v in profiles.items()], headers=["arm"] + cols))
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     if args.md:
@@ -409,13 +363,9 @@ def run(args: argparse.Namespace) -> int:
                                floatfmt=".3g") + "\n")
             if profiles is not None:
                 f.write("\nOne profiled step per arm (`--profile`):\n\n"
-                        + tabulate(prof_rows, headers=["arm"] + cols, tablefmt="github") + "\n")
+                        + tabulate([[k] + [v.get(c) for c in cols] for k, v in profiles.items()],
+                                   headers=["arm"] + cols, tablefmt="github") + "\n")
     return 1 if args.check and not all(t["met"] for t in targets) else 0
-
-
-def _flat(profile: dict) -> dict:
-    """An arm's profile with its phases as columns (``backward_kernels``, ...)."""
-    return {**profile, **{f"{p}_{c}": n for p, rec in profile["phases"].items() for c, n in rec.items()}}
 
 
 def _command(args: argparse.Namespace) -> str:

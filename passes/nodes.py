@@ -83,52 +83,15 @@ def dispatch_path(*args: Any, plan: Tensor, slot: int, op: str, recipe: str, hig
     >>> torch.equal(dispatch_path(x, w, plan=plan, slot=1, **kw), F.linear(x, w))
     False
     """
-    pred = plan[slot]
-    if not is_fake(pred):
-        high_fn, low_fn, operands = _branches(args, kwargs, op, recipe, high, b_is_weight)
-        return (high_fn if pred else low_fn)(*operands)[0]
-    # Traced: both branches go into the graph, the choice stays a run-time one.
-    # What both branches would do alike stays outside the cond, where
-    # Inductor fuses it with its neighbours as in the model without GNMR.
-    high_fn, low_fn, operands = _branches(args, kwargs, op, recipe, high, b_is_weight)
-    if op == "matmul":
-        operands = _batched_copies(operands)
-    return torch.ops.higher_order.cond(pred, high_fn, low_fn, _unaliased(operands))[0]
-
-
-def _branches(args: tuple, kwargs: dict, op: str, recipe: str, high: str, b_is_weight: bool) -> tuple:
-    """The high and low branch of a unit as functions of its tensors, and those tensors."""
     spec = OPS[op]
     high_fn = _branch(high_path, args, kwargs, op, high=high)
     low_fn = _branch(low_path, args, kwargs, op, recipe=recipe, a_index=spec.a_index, b_index=spec.b_index,
                      b_kdim=spec.b_kdim, b_is_weight=b_is_weight)
+    pred = plan[slot]
     operands = tuple(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor))
-    return high_fn, low_fn, operands
-
-
-def _batched_copies(operands: tuple) -> tuple:
-    """The two operands of a batched ``torch.matmul``, copied here where the
-    matmul would copy them inside either branch.
-
-    ``torch.matmul`` of two operands with the same batch dims runs ``bmm``
-    on ``reshape(-1, n, k)`` of each, which copies an operand whose batch
-    dims cannot be merged (the q, k and v of attention: strided views of one
-    qkv output). Inside ``torch.cond`` that copy is a kernel of its own that
-    nothing outside fuses with, and the backward, which gets only the cond's
-    operands, copies them again. Made here, the copy is the same values in
-    the layout the matmul makes (bitwise the same product, on either branch),
-    Inductor fuses it with the operand's producer as in the model without
-    GNMR, the backward reads the copies it saves, and copies share no storage,
-    so ``_unaliased`` has nothing left to copy."""
-    a, b = operands[0], operands[1]
-    if a.dim() < 3 or b.dim() < 3 or a.shape[:-2] != b.shape[:-2]:
-        return operands  # 2-D or broadcast operands: matmul folds or expands them, left as written
-    out = []
-    for t in (a, b):
-        merged = t.reshape(-1, *t.shape[-2:])
-        shared = StorageWeakRef(merged.untyped_storage()) == StorageWeakRef(t.untyped_storage())
-        out.append(t if shared else merged.view(t.shape))
-    return (*out, *operands[2:])
+    if is_fake(pred):  # traced: both branches go into the graph, the choice stays a run-time one
+        return torch.ops.higher_order.cond(pred, high_fn, low_fn, _unaliased(operands))[0]
+    return (high_fn if pred else low_fn)(*operands)[0]
 
 
 def _unaliased(operands: tuple) -> tuple:

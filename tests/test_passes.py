@@ -389,54 +389,6 @@ class TestDispatch:
         # select: both branches, whatever the plan; 2 roundings (a and b) per unit.
         assert counts["select", "high"] == counts["select", "low"] == (2 * gemms, 2 * TINY1_UNITS), counts
 
-    @staticmethod
-    def _cond_graphs(recipe):
-        """The forward and backward graphs AOTAutograd traces for an attention
-        block rewritten by the passes, and the ops inside their cond branches."""
-        from functorch.compile import aot_module, make_boxed_func
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        from gnmr_fx.passes import run_passes
-
-        class Attention(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.qkv = nn.Linear(8, 24)
-
-            def forward(self, x):
-                h = F.linear(x, self.qkv.weight, self.qkv.bias)  # q, k and v: strided views of one output
-                q, k, v = (h[..., 8 * i:8 * i + 8].view(2, 5, 2, 4).transpose(1, 2) for i in range(3))
-                return (q @ k.transpose(-2, -1)).softmax(-1) @ v
-
-        torch.manual_seed(0)
-        gm = torch.fx.symbolic_trace(Attention())
-        x = torch.randn(2, 5, 8, requires_grad=True)
-        ShapeProp(gm).propagate(x)
-        gm = run_passes(gm, GNMRConfig(recipe=recipe, policy="always_high"))
-        graphs = []
-
-        def record(g, _inputs):
-            graphs.append(g)
-            return make_boxed_func(g)
-
-        aot_module(gm, fw_compiler=record, bw_compiler=record)(x).sum().backward()
-        branch_ops = [n.target for g in graphs for name, sub in g.named_children() if "graph" in name
-                      for n in sub.graph.nodes if n.op == "call_function"]
-        return graphs, branch_ops
-
-    def test_traced_branches_hold_only_what_differs(self):
-        # Work both branches would do alike stays outside the cond, where Inductor
-        # fuses it with its neighbours: the copies a batched matmul makes of
-        # strided q, k and v (made once, in forward, and saved; no extra copy for
-        # the aliasing of q and k).
-        aten = torch.ops.aten
-        graphs, ops = self._cond_graphs("int8")
-        assert len(graphs) == 2 and ops.count(torch.ops.higher_order.cond) == 0
-        conds = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.higher_order.cond]
-        assert len(conds) == 6  # 3 units, forward and backward
-        assert aten.clone.default not in ops, ops
-        assert ops.count(aten.bmm.default) == 2 * 2 + 4 * 2  # 2 matmul units x 2 branches, x 2 GEMMs in backward
-
     def test_aliased_operands_traced_as_eager(self):
         # q and k of the attention matmul are views of one qkv output
         # (operands torch.cond refuses to alias): traced and eager agree.

@@ -116,13 +116,6 @@ def test_emulation_harness_writes_its_table(tmp_path, capsys):
     assert all(p["aten_ops"] > 0 and p["wall_ms"] > 0 for p in prof.values())
     assert prof["high:int8"]["aten_ops"] > prof["plain"]["aten_ops"]
     assert prof["low:int8"]["aten_ops"] > prof["fake_quant:int8"]["aten_ops"]
-    # Split by phase: every ATen op of the step but zero_grad's, and GNMR's update in the optimizer step.
-    for p in prof.values():
-        assert list(p["phases"]) == ["forward", "backward", "optimizer"]
-        assert 0 < sum(ph["aten_ops"] for ph in p["phases"].values()) <= p["aten_ops"]
-        assert all(ph["kernels"] == 0 for ph in p["phases"].values())  # eager: no Inductor kernels
-    opt_ops = {k: p["phases"]["optimizer"]["aten_ops"] for k, p in prof.items()}
-    assert opt_ops["high:int8"] > opt_ops["plain"] == opt_ops["fake_quant:int8"], opt_ops
     assert "One profiled step per arm" in md.read_text() and res["command"].endswith("--profile")
 
 
