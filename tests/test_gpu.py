@@ -250,3 +250,36 @@ def test_emulated_dispatch_runs_the_model_or_the_recipe(recipe):
         # fp4 grids are coarse: a last-bit difference between Inductor and eager can move an
         # element to the next grid point, so the low path is compared as a loss, to 1e-3.
         torch.testing.assert_close(loss["always_low"], FakeQuantGPT(ref, recipe)(idx, idx), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("recipe", ["int4", "mxfp4_sr"])
+def test_no_grad_forward_after_training_under_autocast(recipe):
+    """The stability benchmark's evaluation: after training steps under bf16
+    autocast, the compiled model runs under no_grad (Inductor compiles an
+    inference graph whose conds take the attention's strided q, k, v views)
+    and gives the training forward's loss on the same weights and plan.
+    Regression: a copy of the operands made before the cond was once dropped
+    by Inductor on CUDA, and the cond's branch asserted on the strides."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128)
+    model = TinyGPT(cfg).cuda()
+    idx = torch.randint(0, 256, (8, 64), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cm = gnmr_fx.compile(model, GNMRConfig(recipe=recipe), backend="inductor", optimizer=opt,
+                             example_inputs=(idx, idx))
+    rt = gnmr_fx.runtime(cm)
+    for policy in ("always_low", "always_high"):
+        rt.reset_controller(rt.config.replace(policy=policy))
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = cm(idx, idx)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            train_loss = cm(idx, idx)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            eval_loss = cm(idx, idx)
+        assert torch.isfinite(eval_loss)
+        torch.testing.assert_close(eval_loss.float(), train_loss.detach().float(), rtol=2e-2, atol=2e-2)
