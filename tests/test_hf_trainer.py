@@ -334,6 +334,27 @@ def test_high_start_is_a_fraction_of_max_steps_then_the_policy_plans(tmp_path):
     assert all(sum(rec.plans[s][1]) <= 3 for s in (3, 4, 5, 6))
 
 
+def test_high_start_with_pin_profile_then_pins_stay_high(tmp_path):
+    """The setting the GPU evidence measured in both pretraining regimes
+    (`gnmr@M+pin_grad@K+high_first@N`): high_start=0.5 and pin_profile=2 together,
+    max_steps=6: every unit high for steps 0-2, then the profile's two units high on
+    every step under GNMR's plan, never more than max_o=3 units."""
+    torch._dynamo.reset()
+    cb = GNMRCallback(CFG, backend="eager", high_start=0.5, pin_profile=2, profile_batches=2)
+    rec = PlanRecorder()
+    trainer = transformers.Trainer(model=_gpt2(), args=_args(tmp_path, max_steps=6, save_steps=100),
+                                   train_dataset=TokenDataset(), callbacks=[cb, rec])
+    trainer.train()
+    ctl = gnmr_fx.controller(trainer.model)
+    assert ctl.config.high_start_steps == 3 and ctl.step == 6
+    top = sorted(cb.profile.order()[:2])
+    assert ctl.pinned.nonzero().flatten().tolist() == top
+    n = ctl.num_units
+    assert [sum(rec.plans[s][1]) for s in (1, 2)] == [n, n]
+    for s in (3, 4, 5, 6):
+        assert all(rec.plans[s][1][i] for i in top) and 2 <= sum(rec.plans[s][1]) <= 3, (s, rec.plans[s])
+
+
 @pytest.mark.parametrize("kw,match", [({"high_start": 0}, "high_start must be"),
                                       ({"high_start": 1.0}, "high_start must be"),
                                       ({"high_start": "x%"}, "high_start"),
