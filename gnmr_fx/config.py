@@ -155,6 +155,14 @@ class GNMRConfig:
     step measured on an H100). 1: the copy is asynchronous and those units
     switch one step late; the controller's decisions are unchanged."""
 
+    compile_controller: bool = False
+    """Run the controller's per-step decision rule through ``torch.compile``
+    (Inductor): a few fused kernels instead of ~80 small ops, each a kernel
+    launch on a GPU. The same rule and state (plans, locks and counters
+    equal to the eager rule's; tests/test_controller.py); the first step
+    compiles it (seconds), once per unit count and (policy, budget kind).
+    Off by default until the H200 measures what it saves."""
+
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch
     patterns on unit names, or a callable ``(name, op) -> bool``. Every
@@ -193,6 +201,8 @@ class GNMRConfig:
         _check(self.emulate is None or isinstance(self.emulate, bool), "emulate", "None, True or False", self.emulate)
         _check_choice(self.dispatch, "dispatch", DISPATCHES)
         _check(_is_int(self.plan_lag) and self.plan_lag in (0, 1), "plan_lag", "the int 0 or 1", self.plan_lag)
+        _check(isinstance(self.compile_controller, bool), "compile_controller", "True or False",
+               self.compile_controller)
         object.__setattr__(self, "unit_filter", _checked_unit_filter(self.unit_filter))
         object.__setattr__(self, "log", _checked_log(self.log))
         _check_int(self.log_every, "log_every", 1, MAX_LOG_EVERY)

@@ -208,101 +208,50 @@ class GNMRController:
         self.to(norms.device)
         g = norms.detach().float()
         obs = torch.ones_like(g, dtype=torch.bool) if observed is None else observed.to(g.device, torch.bool)
-
-        finite = torch.isfinite(g)
-        bad = obs & ~finite
-        healthy = obs & finite
-        # A zero norm (frozen, unused or gated unit) carries no scale: it is
-        # no history, like a step the unit did not run. Counted, it would give
-        # mu=0 and, at the first non-zero norm, GNMR ~1e30 for good.
-        usable = healthy & (g > 0)
-        has_hist = (self.n_obs > 0) & (self.ema > 0)
-        ratio = torch.where(has_hist, g / self.mu.nan_to_num(0.0).clamp_min(_TINY), torch.ones_like(g))
-        ratio = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
-        delta = ratio - self.hist.min(dim=0).values
-        delta = torch.where(healthy, delta, torch.full_like(g, float("inf")))
-        # inf - inf (no history yet) is NaN: no history means no jump. (Not
-        # nan_to_num: it would also clamp the +/-inf entries to finite values.)
-        delta = torch.where(torch.isnan(delta), torch.full_like(delta, float("-inf")), delta)
-
-        warm = (self.n_obs < cfg.warmup_steps) | ~has_hist
-        trig = healthy & ~warm & ((ratio >= cfg.threshold) | (delta >= cfg.delta_threshold))
-        trig = trig | bad
-        risk = torch.maximum(ratio / cfg.threshold, delta / cfg.delta_threshold)
-        risk = torch.where(trig, risk, torch.zeros_like(risk))
-
-        # Streak of steps triggered or locked; past max_lock_steps the unit
-        # is released. A pinned unit is held on purpose: no streak.
-        pinned = self.pinned
-        in_run = (trig | (self.lock > 0)) & ~pinned
-        streak = torch.where(in_run, self.streak + 1, torch.zeros_like(self.streak))
-        release = streak > cfg.max_lock_steps
-        streak = streak.masked_fill(release, 0)
-
-        # History mean: usable, non-triggering steps only, so a spike never
-        # inflates its own baseline and a NaN never enters it.
-        upd = usable & ~trig
-        self.ema = torch.where(upd, cfg.beta * self.ema + (1.0 - cfg.beta) * g.nan_to_num(0.0), self.ema)
-        self.n_obs = self.n_obs + upd.long()
-        # Delta-GNMR history; +inf marks "no usable ratio" and never wins a min.
-        self.hist[self.step % cfg.delta_window] = torch.where(
-            usable & has_hist, ratio, torch.full_like(g, float("inf")))
-        # A released unit forgets its baseline and re-learns in warm-up: the
-        # level it held the high path for is its new normal.
-        self.ema = self.ema.masked_fill(release, 0.0)
-        self.n_obs = self.n_obs.masked_fill(release, 0)
-        self.hist = self.hist.masked_fill(release.unsqueeze(0), float("inf"))
-
-        # Locks: the step just taken consumed one step of every lock.
-        lock = (self.lock - 1).clamp_min(0)
-        lock = lock.masked_fill(release, 0)
-        held = (lock > 0) | pinned
-        lock = torch.where(trig & (lock > 0), torch.full_like(lock, cfg.lock_steps), lock)
-        cand = trig & ~held & ~release
-        if cfg.policy == "gnmr":
-            admit = self._admit(cand, held, risk)
-        else:
-            admit = torch.zeros_like(cand)
-        lock = torch.where(admit, torch.full_like(lock, cfg.lock_steps), lock)
-        if cfg.policy != "gnmr":
-            lock = torch.zeros_like(lock)
+        decide = _decide_compiled if cfg.compile_controller else _decide
+        # The history row this step overwrites, as a mask (a view: no kernel,
+        # no host-to-device copy), so the compiled rule needs no host int.
+        row = self._rows()[self.step % cfg.delta_window]
+        (self.ema, self.n_obs, self.hist, lock, self.streak, trig, denied, risk, self.gnmr, self.delta_gnmr,
+         self.norm, release) = decide(
+            g, obs, self.ema, self.n_obs, self.hist, row, self.lock, self.streak, self.pinned, self.costs,
+            self._consts(), gnmr_policy=cfg.policy == "gnmr", fraction=cfg.budget_is_fraction)
         plan = self._derived_plan(lock, self.step + 1)  # the plan is for the next step
 
         self.lock = lock
         self.plan = plan
         self.triggered = trig
-        self.denied = cand & ~admit
+        self.denied = denied
         self.risk = risk
-        self.gnmr = torch.where(obs, torch.where(finite, ratio, torch.full_like(g, float("inf"))),
-                                torch.full_like(g, float("nan")))
-        self.delta_gnmr = torch.where(obs, delta, torch.full_like(g, float("nan")))
-        self.norm = torch.where(obs, g, torch.full_like(g, float("nan")))
         self.n_triggers = self.n_triggers + trig.long()
-        self.n_denied = self.n_denied + self.denied.long()
+        self.n_denied = self.n_denied + denied.long()
         self.n_high_steps = self.n_high_steps + plan.long()
-        self.streak = streak
         self.released = release
         self.n_released = self.n_released + release.long()
         self.step += 1
         return plan
 
-    def _admit(self, cand: Tensor, held: Tensor, risk: Tensor) -> Tensor:
-        """New triggers by descending risk while their cumulative cost fits.
+    def _consts(self) -> Tensor:
+        """The config's numbers the rule reads, one float64 vector on the
+        state's device (made once per device: tensors, so a compiled rule
+        serves every config without recompiling)."""
+        cached = getattr(self, "_consts_cache", None)
+        if cached is None or cached.device != self._device:
+            cfg = self.config
+            # 1 - beta in double, as the Python scalar was: the rule rounds each to float32.
+            cached = torch.tensor([cfg.beta, 1.0 - cfg.beta, cfg.threshold, cfg.delta_threshold, float(cfg.max_o),
+                                   cfg.warmup_steps, cfg.max_lock_steps, cfg.lock_steps],
+                                  dtype=torch.float64).to(self._device)
+            self._consts_cache = cached
+        return cached
 
-        Admission stops at the first candidate that does not fit (a prefix of
-        the risk order), which keeps this a sort + cumsum with no loop.
-        """
-        cfg = self.config
-        costs = self.costs if cfg.budget_is_fraction else torch.ones_like(self.costs)
-        # Python scalars, not new device tensors: no host-to-device copy per step.
-        cap = cfg.max_o * costs.sum() if cfg.budget_is_fraction else float(cfg.max_o)
-        free = cap - (costs * held).sum()
-        key = torch.where(cand, risk, torch.full_like(risk, float("-inf")))
-        order = torch.argsort(key, descending=True, stable=True)
-        c_sorted = torch.where(cand, costs, torch.zeros_like(costs))[order]
-        fits = torch.cumsum(c_sorted, 0) <= free * (1.0 + 1e-6)
-        admit_sorted = cand[order] & fits
-        return torch.zeros_like(cand).scatter(0, order, admit_sorted)
+    def _rows(self) -> Tensor:
+        """``[delta_window, delta_window]`` identity: row ``i`` masks history row ``i``."""
+        cached = getattr(self, "_rows_cache", None)
+        if cached is None or cached.device != self._device:
+            cached = torch.eye(self.config.delta_window, dtype=torch.bool).to(self._device)
+            self._rows_cache = cached
+        return cached
 
     def set_plan(self, plan: Tensor) -> None:
         """Take ``plan`` (bool per unit) as the current plan; the next
@@ -569,3 +518,99 @@ class GNMRController:
         title = (f"GNMR step {self.step}: {int(self.plan.sum())}/{self.num_units} units high, "
                  f"budget {used:g}/{self.budget:g} ({self.config.policy}, recipe {self.config.recipe})")
         return title + "\n" + tabulate(rows, headers=head, floatfmt=".3g")
+
+
+def _decide(g: Tensor, obs: Tensor, ema: Tensor, n_obs: Tensor, hist: Tensor, row: Tensor, lock: Tensor,
+            streak: Tensor, pinned: Tensor, costs: Tensor, consts: Tensor, *, gnmr_policy: bool,
+            fraction: bool) -> tuple:
+    """One step of the decision rule as a pure function of the state: the
+    new history, locks and streaks, and what the step saw. The same tensor
+    ops eager or compiled (``GNMRConfig.compile_controller``)."""
+    beta, one_minus_beta, threshold, delta_threshold, max_o = consts[:5].float().unbind()
+    warmup, max_lock_steps, lock_steps = consts[5:].long().unbind()
+    finite = torch.isfinite(g)
+    bad = obs & ~finite
+    healthy = obs & finite
+    # A zero norm (frozen, unused or gated unit) carries no scale: it is
+    # no history, like a step the unit did not run. Counted, it would give
+    # mu=0 and, at the first non-zero norm, GNMR ~1e30 for good.
+    usable = healthy & (g > 0)
+    has_hist = (n_obs > 0) & (ema > 0)
+    corr = 1.0 - torch.pow(beta, n_obs.float())
+    mu = torch.where(n_obs > 0, ema / corr.clamp_min(_TINY), torch.full_like(ema, float("nan")))
+    ratio = torch.where(has_hist, g / mu.nan_to_num(0.0).clamp_min(_TINY), torch.ones_like(g))
+    ratio = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
+    delta = ratio - hist.min(dim=0).values
+    delta = torch.where(healthy, delta, torch.full_like(g, float("inf")))
+    # inf - inf (no history yet) is NaN: no history means no jump. (Not
+    # nan_to_num: it would also clamp the +/-inf entries to finite values.)
+    delta = torch.where(torch.isnan(delta), torch.full_like(delta, float("-inf")), delta)
+
+    warm = (n_obs < warmup) | ~has_hist
+    trig = healthy & ~warm & ((ratio >= threshold) | (delta >= delta_threshold))
+    trig = trig | bad
+    risk = torch.maximum(ratio / threshold, delta / delta_threshold)
+    risk = torch.where(trig, risk, torch.zeros_like(risk))
+
+    # Streak of steps triggered or locked; past max_lock_steps the unit
+    # is released. A pinned unit is held on purpose: no streak.
+    in_run = (trig | (lock > 0)) & ~pinned
+    streak = torch.where(in_run, streak + 1, torch.zeros_like(streak))
+    release = streak > max_lock_steps
+    streak = streak.masked_fill(release, 0)
+
+    # History mean: usable, non-triggering steps only, so a spike never
+    # inflates its own baseline and a NaN never enters it.
+    upd = usable & ~trig
+    ema = torch.where(upd, beta * ema + one_minus_beta * g.nan_to_num(0.0), ema)
+    n_obs = n_obs + upd.long()
+    # Delta-GNMR history (a ring: this step's row); +inf marks "no usable
+    # ratio" and never wins a min.
+    new_row = torch.where(usable & has_hist, ratio, torch.full_like(g, float("inf")))
+    hist = torch.where(row.unsqueeze(1), new_row.unsqueeze(0), hist)
+    # A released unit forgets its baseline and re-learns in warm-up: the
+    # level it held the high path for is its new normal.
+    ema = ema.masked_fill(release, 0.0)
+    n_obs = n_obs.masked_fill(release, 0)
+    hist = hist.masked_fill(release.unsqueeze(0), float("inf"))
+
+    # Locks: the step just taken consumed one step of every lock.
+    lock = (lock - 1).clamp_min(0)
+    lock = lock.masked_fill(release, 0)
+    held = (lock > 0) | pinned
+    new_lock = torch.full_like(lock, 1) * lock_steps
+    lock = torch.where(trig & (lock > 0), new_lock, lock)
+    cand = trig & ~held & ~release
+    if gnmr_policy:
+        admit = _admit(cand, held, risk, costs, max_o, fraction)
+        lock = torch.where(admit, new_lock, lock)
+    else:
+        admit = torch.zeros_like(cand)
+        lock = torch.zeros_like(lock)
+    gnmr = torch.where(obs, torch.where(finite, ratio, torch.full_like(g, float("inf"))),
+                       torch.full_like(g, float("nan")))
+    delta_gnmr = torch.where(obs, delta, torch.full_like(g, float("nan")))
+    norm = torch.where(obs, g, torch.full_like(g, float("nan")))
+    return ema, n_obs, hist, lock, streak, trig, cand & ~admit, risk, gnmr, delta_gnmr, norm, release
+
+
+def _admit(cand: Tensor, held: Tensor, risk: Tensor, costs: Tensor, max_o: Tensor, fraction: bool) -> Tensor:
+    """New triggers by descending risk while their cumulative cost fits.
+
+    Admission stops at the first candidate that does not fit (a prefix of
+    the risk order), which keeps this a sort + cumsum with no loop.
+    """
+    costs = costs if fraction else torch.ones_like(costs)
+    cap = max_o * costs.sum() if fraction else max_o
+    free = cap - (costs * held).sum()
+    key = torch.where(cand, risk, torch.full_like(risk, float("-inf")))
+    order = torch.argsort(key, descending=True, stable=True)
+    c_sorted = torch.where(cand, costs, torch.zeros_like(costs))[order]
+    fits = torch.cumsum(c_sorted, 0) <= free * (1.0 + 1e-6)
+    admit_sorted = cand[order] & fits
+    return torch.zeros_like(cand).scatter(0, order, admit_sorted)
+
+
+# The rule compiled (GNMRConfig.compile_controller): one graph per unit count
+# and (policy, budget kind), the config's numbers are tensor inputs.
+_decide_compiled = torch.compile(_decide, fullgraph=True, dynamic=False)

@@ -347,6 +347,67 @@ class TestVectorised:
         assert counts[10] == counts[1000], counts
 
 
+class TestCompiledRule:
+    """GNMRConfig(compile_controller=True): the decision rule through Inductor."""
+
+    @staticmethod
+    def _sequence(n, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(steps, n, generator=g) + 0.5
+        spikes = torch.rand(steps, n, generator=g) < 0.05
+        x = torch.where(spikes, x * (2 + 10 * torch.rand(steps, n, generator=g)), x)
+        x[torch.rand(steps, n, generator=g) < 0.02] = float("nan")
+        x[torch.rand(steps, n, generator=g) < 0.02] = 0.0
+        x[torch.rand(steps, n, generator=g) < 0.01] = float("inf")
+        return x, torch.rand(steps, n, generator=g) > 0.05
+
+    @pytest.mark.parametrize("kw", [dict(max_o=0.3, warmup_steps=3, lock_steps=4, max_lock_steps=7),
+                                    dict(policy="always_low", high_start_steps=3)], ids=["gnmr-fraction", "always_low"])
+    def test_same_decisions_as_the_eager_rule_and_no_recompile(self, kw):
+        from torch._dynamo.utils import counters
+
+        n, steps = 9, 60
+        costs = torch.linspace(1.0, 3.0, n)
+        x, obs = self._sequence(n, steps, seed=1)
+        eager = GNMRController(n, GNMRConfig(**kw), costs=costs)
+        comp = GNMRController(n, GNMRConfig(**kw, compile_controller=True), costs=costs)
+        pins = torch.zeros(n, dtype=torch.bool)
+        pins[[2, 5]] = True
+        graphs = None
+        for t in range(steps):
+            if t == 20:
+                eager.pin(pins)
+                comp.pin(pins)
+            assert torch.equal(eager.update(x[t], observed=obs[t]), comp.update(x[t], observed=obs[t])), t
+            if t == 0:
+                graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs, "the compiled rule recompiled as the plan changed"
+        a, b = eager.state_dict(), comp.state_dict()
+        assert a["step"] == b["step"] == steps
+        for key in a:
+            if key in ("names", "step"):
+                continue
+            if a[key].is_floating_point():  # Inductor may round a quotient's last bit differently
+                torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=0.0, equal_nan=True, msg=key)
+            else:
+                assert torch.equal(a[key], b[key]), key
+        if kw.get("policy", "gnmr") == "gnmr":
+            assert int(a["n_triggers"].sum()) > 10 and bool(a["plan"].any()) and int(a["n_denied"].sum()) > 0
+
+    def test_compiled_rule_is_few_ops(self):
+        # What the flag is for: the rule's ~80 dispatched ops become one
+        # compiled call (its kernels are not ATen dispatches).
+        counts = {}
+        for compiled in (False, True):
+            ctl = GNMRController(6, GNMRConfig(warmup_steps=2, max_o=2, compile_controller=compiled))
+            _steady(ctl, 3)
+            ctl.update(torch.ones(6))  # compiled before the count
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                ctl.update(torch.ones(6))
+            counts[compiled] = sum(e.name.startswith("aten::") for e in prof.events())
+        assert counts[False] > 60 and counts[True] < counts[False] / 3, counts
+
+
 class TestConfig:
     @pytest.mark.parametrize(
         "field,value",
