@@ -48,11 +48,12 @@ ARMS = ("bf16", "lowp", "gnmr", "pin@5%", "pin@10%", "torchao")
 # the host (``nosync``), without the runtime step at all (``nostep``), or
 # with the plan copied one step late (``lag``, GNMRConfig.plan_lag=1), or
 # with the step's host copy waited for at the step (``drain``: the behaviour
-# before the copy was deferred to the next forward).
-DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag", "gnmr_drain")
+# before the copy was deferred to the next forward), or with the controller's
+# rule compiled (``compiled``: GNMRConfig.compile_controller=True).
+DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag", "gnmr_drain", "gnmr_compiled")
 # The share of the FLOPs each GNMR arm pins on the high path (budget max_o as a fraction).
 GNMR_HIGH_FRACTION = {"gnmr": 0.0, "pin@5%": 0.05, "pin@10%": 0.10, "gnmr_nosync": 0.0, "gnmr_nostep": 0.0,
-                      "gnmr_lag": 0.0, "gnmr_drain": 0.0}
+                      "gnmr_lag": 0.0, "gnmr_drain": 0.0, "gnmr_compiled": 0.0}
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,11 @@ def _plan_setter(rt: Any, fraction: float, arm: str) -> Callable[[], None]:
         rt.set_plan_lag(1 if arm == "gnmr_lag" else 0)
         rt.before_forward()  # a copy pending from the arm before lands now
         rt.defer_host_copy = arm != "gnmr_drain"
+        compiled = arm == "gnmr_compiled"
+        if rt.config.compile_controller != compiled:
+            # A fresh controller with the rule eager or compiled (its state is
+            # nothing to keep: the thresholds are out of reach).
+            rt.reset_controller(rt.config.replace(compile_controller=compiled))
         ctl = rt.controller
         if ctl.num_units == 0:  # not compiled yet: the first step discovers the units
             return

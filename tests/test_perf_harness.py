@@ -168,3 +168,18 @@ def test_perf_call_runs_parts_in_turn_under_the_budget_and_bundles_after_each(tm
     bad = subprocess.run(["bash", "benchmarks/perf_call.sh", str(tmp_path / "missing")], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_perf_harness_compiled_controller_arm(tmp_path):
+    # gnmr_compiled: the same model and runtime, the controller's rule compiled
+    # (GNMRConfig.compile_controller); switching arms swaps the controller, and
+    # no timed step compiles anything.
+    out = tmp_path / "perf.json"
+    args = _args(perf, ["--sizes", "tiny", "--arms", "lowp,gnmr,gnmr_compiled", "--device", "cpu", "--backend", "eager",
+                        "--steps", "2", "--rounds", "2", "--warmup", "1", "--out", str(out)])
+    assert perf.run(args) == 0
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["lowp", "gnmr", "gnmr_compiled"]
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["n_steps"] == 4 and r["recompiles"] == 0, r
+    assert rows["gnmr_compiled"]["high_flops"] == 0.0
