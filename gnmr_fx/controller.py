@@ -231,17 +231,19 @@ class GNMRController:
         self.step += 1
         return plan
 
-    def _consts(self) -> Tensor:
-        """The config's numbers the rule reads, one float64 vector on the
-        state's device (made once per device: tensors, so a compiled rule
-        serves every config without recompiling)."""
+    def _consts(self) -> tuple[Tensor, Tensor]:
+        """The config's numbers the rule reads, as a float32 and an int64
+        vector on the state's device, made once per device (tensors, so a
+        compiled rule serves every config without recompiling, and no step
+        copies a number to the device)."""
         cached = getattr(self, "_consts_cache", None)
-        if cached is None or cached.device != self._device:
+        if cached is None or cached[0].device != self._device:
             cfg = self.config
-            # 1 - beta in double, as the Python scalar was: the rule rounds each to float32.
-            cached = torch.tensor([cfg.beta, 1.0 - cfg.beta, cfg.threshold, cfg.delta_threshold, float(cfg.max_o),
-                                   cfg.warmup_steps, cfg.max_lock_steps, cfg.lock_steps],
-                                  dtype=torch.float64).to(self._device)
+            # Each rounded from double to float32 as the Python scalars were (1 - beta in double).
+            floats = torch.tensor([cfg.beta, 1.0 - cfg.beta, cfg.threshold, cfg.delta_threshold, float(cfg.max_o)],
+                                  dtype=torch.float64).float()
+            ints = torch.tensor([cfg.warmup_steps, cfg.max_lock_steps, cfg.lock_steps], dtype=torch.long)
+            cached = (floats.to(self._device), ints.to(self._device))
             self._consts_cache = cached
         return cached
 
@@ -521,13 +523,13 @@ class GNMRController:
 
 
 def _decide(g: Tensor, obs: Tensor, ema: Tensor, n_obs: Tensor, hist: Tensor, row: Tensor, lock: Tensor,
-            streak: Tensor, pinned: Tensor, costs: Tensor, consts: Tensor, *, gnmr_policy: bool,
+            streak: Tensor, pinned: Tensor, costs: Tensor, consts: tuple[Tensor, Tensor], *, gnmr_policy: bool,
             fraction: bool) -> tuple:
     """One step of the decision rule as a pure function of the state: the
     new history, locks and streaks, and what the step saw. The same tensor
     ops eager or compiled (``GNMRConfig.compile_controller``)."""
-    beta, one_minus_beta, threshold, delta_threshold, max_o = consts[:5].float().unbind()
-    warmup, max_lock_steps, lock_steps = consts[5:].long().unbind()
+    beta, one_minus_beta, threshold, delta_threshold, max_o = consts[0].unbind()
+    warmup, max_lock_steps, lock_steps = consts[1].unbind()
     finite = torch.isfinite(g)
     bad = obs & ~finite
     healthy = obs & finite
@@ -578,12 +580,11 @@ def _decide(g: Tensor, obs: Tensor, ema: Tensor, n_obs: Tensor, hist: Tensor, ro
     lock = (lock - 1).clamp_min(0)
     lock = lock.masked_fill(release, 0)
     held = (lock > 0) | pinned
-    new_lock = torch.full_like(lock, 1) * lock_steps
-    lock = torch.where(trig & (lock > 0), new_lock, lock)
+    lock = torch.where(trig & (lock > 0), lock_steps, lock)
     cand = trig & ~held & ~release
     if gnmr_policy:
         admit = _admit(cand, held, risk, costs, max_o, fraction)
-        lock = torch.where(admit, new_lock, lock)
+        lock = torch.where(admit, lock_steps, lock)
     else:
         admit = torch.zeros_like(cand)
         lock = torch.zeros_like(lock)
