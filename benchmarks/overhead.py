@@ -41,21 +41,27 @@ def _norms(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     return (1.0 + 0.05 * torch.randn(n, generator=gen)).to(device)
 
 
-def measure(n: int, reps: int, device: torch.device, warmup: int = 5) -> dict:
-    """Time and op count of one controller update over ``n`` units."""
+def measure(n: int, reps: int, device: torch.device, warmup: int = 5, compiled: bool = False) -> dict:
+    """Time and op count of one controller update over ``n`` units (the
+    rule eager, or compiled: ``GNMRConfig.compile_controller``, whose ops
+    run inside Inductor's kernels and are not counted)."""
     from gnmr_fx.config import GNMRConfig
     from gnmr_fx.controller import GNMRController
 
     gen = torch.Generator().manual_seed(n)
-    ctl = GNMRController(n, GNMRConfig(warmup_steps=2, max_o=0.1), device=device)
+    ctl = GNMRController(n, GNMRConfig(warmup_steps=2, max_o=0.1, compile_controller=compiled), device=device)
     norms = [_norms(n, gen, device) for _ in range(reps + warmup)]
     # One spike per update after warm-up, so the trigger/admission path runs.
     for i, v in enumerate(norms):
         v[i % n] *= 10.0
     for v in norms[:warmup]:
         ctl.update(v)
-    with _CountOps() as counter:
+    counter = _CountOps()
+    if compiled:  # a dispatch mode cannot run around a compiled function
         ctl.update(norms[warmup])
+    else:
+        with counter:
+            ctl.update(norms[warmup])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for v in norms[warmup + 1:]:
@@ -64,6 +70,8 @@ def measure(n: int, reps: int, device: torch.device, warmup: int = 5) -> dict:
         ctl.update(v)
         sync()
         times.append(1e6 * (time.perf_counter() - t0))
+    if compiled:
+        return {"update_us_compiled": statistics.median(times), "update_us_compiled_min": min(times)}
     return {"units": n, "update_us": statistics.median(times), "update_us_min": min(times),
             "ops_per_update": sum(counter.ops.values()), "distinct_ops": len(counter.ops)}
 
@@ -123,6 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=positive_int, default=50, help="timed updates per unit count")
     p.add_argument("--device", type=parse_device, default="cpu")
     p.add_argument("--no-reference", action="store_true", help="skip the reference training step")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time the rule compiled (GNMRConfig.compile_controller), after the eager one")
     p.add_argument("--out", type=output_file, default="overhead.json", help="JSON results")
 
 
@@ -133,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(1)  # the controller's tensors are tiny; threads only add noise
     rows = [measure(n, args.reps, device) for n in units]
+    if args.compiled:
+        for r in rows:
+            r.update(measure(r["units"], args.reps, device, compiled=True))
+            r["compiled_vs_eager"] = r["update_us_compiled"] / r["update_us"]
     ref: Optional[float] = None if args.no_reference else reference_step_ms()
     for r in rows:
         r["per_unit_us"] = r["update_us"] / r["units"]
@@ -140,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     expo = growth_exponent(rows)
     constant_ops = len({r["ops_per_update"] for r in rows}) == 1
     head = ["units", "update_us", "update_us_min", "per_unit_us", "ops_per_update", "distinct_ops", "vs_step"]
+    if args.compiled:
+        head += ["update_us_compiled", "compiled_vs_eager"]
     print(tabulate([[r[h] for h in head] for r in rows], headers=head, floatfmt=".3g"))
     print(f"growth exponent {expo:.2f} (1.0 = linear); ops per update constant: {constant_ops}"
           + (f"; reference step (TinyGPT, emulated GNMR, eager) {ref:.1f} ms" if ref else ""))

@@ -88,6 +88,14 @@ def test_overhead_bench_constant_ops(tmp_path):
     assert res["constant_ops"] is True
 
 
+def test_overhead_bench_times_the_compiled_rule(tmp_path):
+    out = tmp_path / "overhead.json"
+    args = _args(overhead, ["--units", "10", "--reps", "3", "--no-reference", "--compiled", "--out", str(out)])
+    assert overhead.run(args) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["update_us_compiled"] > 0 and row["compiled_vs_eager"] == row["update_us_compiled"] / row["update_us"]
+
+
 def test_emulation_harness_writes_its_table(tmp_path, capsys):
     out, md = tmp_path / "emulation.json", tmp_path / "emulation.md"
     args = _args(emulation, ["--layers", "1", "--embd", "32", "--heads", "2", "--context", "16", "--batch", "2",
