@@ -160,8 +160,10 @@ class GNMRConfig:
     (Inductor): a few fused kernels instead of ~80 small ops, each a kernel
     launch on a GPU. The same rule and state (plans, locks and counters
     equal to the eager rule's; tests/test_controller.py); the first step
-    compiles it (seconds), once per unit count and (policy, budget kind).
-    Off by default until the H200 measures what it saves."""
+    compiles it (seconds), with symbolic sizes: once per device and
+    (policy, budget kind) in a process. Should torch._dynamo refuse another
+    variant (its recompile limit), the eager rule runs from then on, with a
+    warning. Off by default until the H200 measures what it saves."""
 
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch

@@ -208,7 +208,7 @@ class GNMRController:
         self.to(norms.device)
         g = norms.detach().float()
         obs = torch.ones_like(g, dtype=torch.bool) if observed is None else observed.to(g.device, torch.bool)
-        decide = _decide_compiled if cfg.compile_controller else _decide
+        decide = _decide_compiled_or_eager if cfg.compile_controller else _decide
         # The history row this step overwrites, as a mask (a view: no kernel,
         # no host-to-device copy), so the compiled rule needs no host int.
         row = self._rows()[self.step % cfg.delta_window]
@@ -612,6 +612,25 @@ def _admit(cand: Tensor, held: Tensor, risk: Tensor, costs: Tensor, max_o: Tenso
     return torch.zeros_like(cand).scatter(0, order, admit_sorted)
 
 
-# The rule compiled (GNMRConfig.compile_controller): one graph per unit count
-# and (policy, budget kind), the config's numbers are tensor inputs.
-_decide_compiled = torch.compile(_decide, fullgraph=True, dynamic=False)
+# The rule compiled (GNMRConfig.compile_controller): sizes symbolic, the
+# config's numbers tensor inputs, so a process compiles it once per device and
+# (policy, budget kind), a few times more for special sizes (one unit, as
+# many units as history rows).
+_decide_compiled = torch.compile(_decide, fullgraph=True, dynamic=True)
+_compiled_rule_failed = False
+
+
+def _decide_compiled_or_eager(*args: Tensor, **kwargs: bool) -> tuple:
+    """The compiled rule; the eager one, with a warning, once torch._dynamo
+    refuses to compile another variant (its recompile limit) in this process."""
+    global _compiled_rule_failed
+    if not _compiled_rule_failed:
+        try:
+            return _decide_compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            _compiled_rule_failed = True
+            warnings.warn("GNMR: compile_controller=True, but torch._dynamo refused to compile another variant "
+                          f"of the controller's rule in this process ({type(e).__name__}); every controller of "
+                          "this process now runs the eager rule (the same decisions, more kernel launches)",
+                          UserWarning, stacklevel=3)
+    return _decide(*args, **kwargs)

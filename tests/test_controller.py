@@ -394,6 +394,26 @@ class TestCompiledRule:
         if kw.get("policy", "gnmr") == "gnmr":
             assert int(a["n_triggers"].sum()) > 10 and bool(a["plan"].any()) and int(a["n_denied"].sum()) > 0
 
+    def test_recompile_limit_falls_back_to_the_eager_rule_loudly(self, monkeypatch):
+        import importlib
+
+        ctl_mod = importlib.import_module("gnmr_fx.controller")
+        monkeypatch.setattr(ctl_mod, "_compiled_rule_failed", False)
+        torch._dynamo.reset()
+        norms = torch.tensor([1.0, 1.0, 9.0, 1.0])
+        with torch._dynamo.config.patch(recompile_limit=1):
+            first = GNMRController(4, GNMRConfig(warmup_steps=0, max_o=1, compile_controller=True))
+            first.update(torch.ones(4))  # compiles the one variant allowed
+            other = GNMRController(4, GNMRConfig(warmup_steps=0, max_o=0.5, compile_controller=True))
+            eager = GNMRController(4, GNMRConfig(warmup_steps=0, max_o=0.5))
+            with pytest.warns(UserWarning, match="compile_controller=True, but torch._dynamo refused"):
+                other.update(torch.ones(4))  # a second variant (a FLOP budget): refused
+            assert ctl_mod._compiled_rule_failed
+            eager.update(torch.ones(4))
+            plan = other.update(norms)
+            assert torch.equal(plan, eager.update(norms)) and plan.tolist() == [False, False, True, False]
+        torch._dynamo.reset()
+
     def test_compiled_rule_is_few_ops(self):
         # What the flag is for: the rule's ~80 dispatched ops become one
         # compiled call (its kernels are not ATen dispatches).
