@@ -33,7 +33,7 @@ The formulas are this project's interpretation of the GNMR abstract
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -172,8 +172,7 @@ class GNMRController:
     @property
     def mu(self) -> Tensor:
         """Bias-corrected history mean per unit (NaN before the first healthy step)."""
-        corr = 1.0 - torch.pow(self.config.beta, self.n_obs.float())
-        return torch.where(self.n_obs > 0, self.ema / corr.clamp_min(_TINY), torch.full_like(self.ema, float("nan")))
+        return _history_mean(self.ema, self.n_obs, self.config.beta)
 
     @property
     def budget(self) -> float:
@@ -522,6 +521,13 @@ class GNMRController:
         return title + "\n" + tabulate(rows, headers=head, floatfmt=".3g")
 
 
+def _history_mean(ema: Tensor, n_obs: Tensor, beta: Union[float, Tensor]) -> Tensor:
+    """mu: the bias-corrected EMA of each unit's gradient norm (NaN before
+    its first healthy step)."""
+    corr = 1.0 - torch.pow(beta, n_obs.float())
+    return torch.where(n_obs > 0, ema / corr.clamp_min(_TINY), torch.full_like(ema, float("nan")))
+
+
 def _decide(g: Tensor, obs: Tensor, ema: Tensor, n_obs: Tensor, hist: Tensor, row: Tensor, lock: Tensor,
             streak: Tensor, pinned: Tensor, costs: Tensor, consts: tuple[Tensor, Tensor], *, gnmr_policy: bool,
             fraction: bool) -> tuple:
@@ -538,8 +544,7 @@ def _decide(g: Tensor, obs: Tensor, ema: Tensor, n_obs: Tensor, hist: Tensor, ro
     # mu=0 and, at the first non-zero norm, GNMR ~1e30 for good.
     usable = healthy & (g > 0)
     has_hist = (n_obs > 0) & (ema > 0)
-    corr = 1.0 - torch.pow(beta, n_obs.float())
-    mu = torch.where(n_obs > 0, ema / corr.clamp_min(_TINY), torch.full_like(ema, float("nan")))
+    mu = _history_mean(ema, n_obs, beta)
     ratio = torch.where(has_hist, g / mu.nan_to_num(0.0).clamp_min(_TINY), torch.ones_like(g))
     ratio = torch.where(healthy, ratio, torch.full_like(g, float("inf")))
     delta = ratio - hist.min(dim=0).values
@@ -612,22 +617,28 @@ def _admit(cand: Tensor, held: Tensor, risk: Tensor, costs: Tensor, max_o: Tenso
     return torch.zeros_like(cand).scatter(0, order, admit_sorted)
 
 
-# The rule compiled (GNMRConfig.compile_controller): sizes symbolic, the
-# config's numbers tensor inputs, so a process compiles it once per device and
-# (policy, budget kind), a few times more for special sizes (one unit, as
-# many units as history rows).
-_decide_compiled = torch.compile(_decide, fullgraph=True, dynamic=True)
+# The rule compiled (GNMRConfig.compile_controller), made at its first use
+# (torch._dynamo is not imported before): sizes symbolic, the config's
+# numbers tensor inputs, so a process compiles it once per device and (policy,
+# budget kind), a few times more for special sizes (one unit, as many units
+# as history rows).
+_compiled_rule: Optional[Callable[..., tuple]] = None
 _compiled_rule_failed = False
 
 
 def _decide_compiled_or_eager(*args: Tensor, **kwargs: bool) -> tuple:
     """The compiled rule; the eager one, with a warning, once torch._dynamo
     refuses to compile another variant (its recompile limit) in this process."""
-    global _compiled_rule_failed
+    global _compiled_rule, _compiled_rule_failed
     if not _compiled_rule_failed:
+        import torch._dynamo.exc as dynamo_exc
+
+        if _compiled_rule is None:
+            _compiled_rule = torch.compile(_decide, fullgraph=True, dynamic=True)
+        limit_hit = getattr(dynamo_exc, "FailOnRecompileLimitHit", None) or getattr(dynamo_exc, "FailOnCacheLimitHit", ())
         try:
-            return _decide_compiled(*args, **kwargs)
-        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            return _compiled_rule(*args, **kwargs)
+        except limit_hit as e:
             _compiled_rule_failed = True
             warnings.warn("GNMR: compile_controller=True, but torch._dynamo refused to compile another variant "
                           f"of the controller's rule in this process ({type(e).__name__}); every controller of "
