@@ -301,14 +301,15 @@ def _plan_setter(rt: Any, fraction: float, arm: str) -> Callable[[], None]:
     def apply() -> None:
         # Diagnostic arms switch parts of the per-step work off; others restore it.
         rt.configure_step(update=arm != "gnmr_nostep", host_copy=arm != "gnmr_nosync")
-        rt.set_plan_lag(1 if arm == "gnmr_lag" else 0)
-        rt.before_forward()  # a copy pending from the arm before lands now
-        rt.defer_host_copy = arm != "gnmr_drain"
         compiled = arm == "gnmr_compiled"
         if rt.config.compile_controller != compiled:
             # A fresh controller with the rule eager or compiled (its state is
-            # nothing to keep: the thresholds are out of reach).
+            # nothing to keep: the thresholds are out of reach); first, since
+            # a reset re-applies the config's plan_lag.
             rt.reset_controller(rt.config.replace(compile_controller=compiled))
+        rt.set_plan_lag(1 if arm == "gnmr_lag" else 0)
+        rt.before_forward()  # a copy pending from the arm before lands now
+        rt.defer_host_copy = arm != "gnmr_drain"
         ctl = rt.controller
         if ctl.num_units == 0:  # not compiled yet: the first step discovers the units
             return

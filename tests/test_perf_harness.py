@@ -191,3 +191,24 @@ def test_perf_harness_compiled_controller_arm(tmp_path):
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["n_steps"] == 4 and r["recompiles"] == 0, r
     assert rows["gnmr_compiled"]["high_flops"] == 0.0
+
+
+def test_arm_switches_keep_each_arms_settings():
+    # Switching to gnmr_compiled swaps the controller (a reset re-applies the
+    # config's plan_lag): the arm after it must still get its own settings.
+    import gnmr_fx
+    from gnmr_fx.config import GNMRConfig
+    from gnmr_fx.models import GPTConfig, TinyGPT
+
+    model = TinyGPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cm = gnmr_fx.compile(model, GNMRConfig(recipe="int8"), backend="eager", optimizer=opt)
+    rt = gnmr_fx.runtime(cm)
+    idx = torch.randint(0, 256, (2, 8))
+    cm(idx, idx).backward()
+    opt.step()
+    for arm, lag, compiled in [("gnmr_compiled", 0, True), ("gnmr_lag", 1, False), ("gnmr_compiled", 0, True),
+                               ("gnmr", 0, False)]:
+        perf._plan_setter(rt, 0.0, arm)()
+        assert (rt.plan_lag, rt.config.compile_controller, rt.controller.config.compile_controller) == \
+            (lag, compiled, compiled), arm
