@@ -208,9 +208,10 @@ class GNMRController:
         g = norms.detach().float()
         obs = torch.ones_like(g, dtype=torch.bool) if observed is None else observed.to(g.device, torch.bool)
         decide = _decide_compiled_or_eager if cfg.compile_controller else _decide
-        # The history row this step overwrites, as a mask (a view: no kernel,
-        # no host-to-device copy), so the compiled rule needs no host int.
-        row = self._rows()[self.step % cfg.delta_window]
+        # The history row this step overwrites, as a mask (the host int goes
+        # in as a kernel argument: no copy, no sync), so the compiled rule
+        # takes no int that changes every step.
+        row = self._row_ids() == self.step % cfg.delta_window
         (self.ema, self.n_obs, self.hist, lock, self.streak, trig, denied, risk, self.gnmr, self.delta_gnmr,
          self.norm, release) = decide(
             g, obs, self.ema, self.n_obs, self.hist, row, self.lock, self.streak, self.pinned, self.costs,
@@ -246,12 +247,12 @@ class GNMRController:
             self._consts_cache = cached
         return cached
 
-    def _rows(self) -> Tensor:
-        """``[delta_window, delta_window]`` identity: row ``i`` masks history row ``i``."""
-        cached = getattr(self, "_rows_cache", None)
+    def _row_ids(self) -> Tensor:
+        """``0 .. delta_window - 1`` on the state's device, made once per device."""
+        cached = getattr(self, "_row_ids_cache", None)
         if cached is None or cached.device != self._device:
-            cached = torch.eye(self.config.delta_window, dtype=torch.bool).to(self._device)
-            self._rows_cache = cached
+            cached = torch.arange(self.config.delta_window).to(self._device)
+            self._row_ids_cache = cached
         return cached
 
     def set_plan(self, plan: Tensor) -> None:
