@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx
 from functorch.compile import make_boxed_func
+from torch._dynamo.utils import counters
 
 from gnmr_fx.config import GNMRConfig
 from gnmr_fx.frames import graph_frame_roots, graph_param_fqns, real_inputs, runtime_for
@@ -82,20 +83,46 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     runtime.add_record(record)
     exec_gm, names = _lift_state(record.rewritten)
     inputs = list(example_inputs) + [record.state[n] for n in names]
+    compiled = _compile(exec_gm, inputs, compiler)
+    if not names:
+        return compiled
+    low_gm = _all_low_copy(exec_gm) if runtime.config.low_graph else None
+    compiled_low = _compile(low_gm, inputs, compiler) if low_gm is not None else None
+    return InstanceDispatch(runtime, record, compiled, names, real, compiled_low=compiled_low)
+
+
+def _compile(gm: torch.fx.GraphModule, inputs: list, compiler: str) -> Callable:
     if compiler == "eager":
-        compiled: Callable = exec_gm.forward
-    elif compiler == "aot_eager":
+        return gm.forward
+    if compiler == "aot_eager":
         from torch._dynamo.backends.common import aot_autograd
 
         nop = lambda g, _inputs: make_boxed_func(g)  # noqa: E731
-        compiled = aot_autograd(fw_compiler=nop, bw_compiler=nop)(exec_gm, inputs)
-    else:
-        from torch._inductor.compile_fx import compile_fx
+        return aot_autograd(fw_compiler=nop, bw_compiler=nop)(gm, inputs)
+    from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(exec_gm, inputs)
-    if not names:
-        return compiled
-    return InstanceDispatch(runtime, record, compiled, names, real)
+    return compile_fx(gm, inputs)
+
+
+def _all_low_copy(gm: torch.fx.GraphModule) -> Optional[torch.fx.GraphModule]:
+    """A copy of ``gm`` with every ``dispatch_path`` unit's low branch
+    inlined (``GNMRConfig.low_graph``); None where a unit picks its path
+    otherwise (``select``, real kernels) or there is no unit."""
+    from gnmr_fx.passes.nodes import dispatch_path, low_only_path
+
+    low = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    units = 0
+    for node in low.graph.nodes:
+        if node.op != "call_function" or "gnmr_dual" not in node.meta:
+            continue
+        if node.target is not dispatch_path:
+            return None
+        node.target = low_only_path
+        units += 1
+    if not units:
+        return None
+    low.recompile()
+    return low
 
 
 class InstanceDispatch:
@@ -111,10 +138,11 @@ class InstanceDispatch:
     """
 
     def __init__(self, runtime: GNMRRuntime, record: GraphRecord, compiled: Callable,
-                 names: list[str], example_inputs: list) -> None:
+                 names: list[str], example_inputs: list, compiled_low: Optional[Callable] = None) -> None:
         self.runtime = runtime
         self.template = record
         self.compiled = compiled
+        self.compiled_low = compiled_low  # the all-low copy (GNMRConfig.low_graph), or None
         self.names = names
         self.param_pos = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         fake = any(isinstance(example_inputs[i], _FAKE) for i in self.param_pos)
@@ -142,11 +170,19 @@ class InstanceDispatch:
             else:
                 record = self._new_instance(args)
         extra = [record.state[n] for n in self.names]
+        compiled = self.compiled
+        if self.compiled_low is not None:
+            # The plan the units read on the host (the plan itself on a CPU, the
+            # runtime's host copy on a GPU): reading it never waits for a device.
+            plan = record.plan_host if record.plan_host is not None else record.plan
+            if plan.device.type == "cpu" and not bool(plan.any()):
+                compiled = self.compiled_low
+                counters["gnmr"]["low_graph_calls"] += 1
         if boxed:
             inputs = list(args) + extra
             args.clear()  # boxed convention: the callee owns (and frees) the inputs
-            return self.compiled(inputs)
-        return self.compiled(*args, *extra)
+            return compiled(inputs)
+        return compiled(*args, *extra)
 
     def _new_instance(self, args: Any) -> GraphRecord:
         rt, tpl = self.runtime, self.template

@@ -165,6 +165,13 @@ class GNMRConfig:
     variant (its recompile limit), the eager rule runs from then on, with a
     warning. Off by default until the H200 measures what it saves."""
 
+    low_graph: bool = False
+    """Also compile, for each graph, a copy with every emulated unit's low
+    path inlined (no ``torch.cond``), and run it on the steps where none of
+    the graph's units is high (read from the host plan the units already
+    use: no sync). Only for graphs whose units all use ``dispatch="host"``
+    emulation; twice the compile work. Experimental, off by default."""
+
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch
     patterns on unit names, or a callable ``(name, op) -> bool``. Every
@@ -205,6 +212,7 @@ class GNMRConfig:
         _check(_is_int(self.plan_lag) and self.plan_lag in (0, 1), "plan_lag", "the int 0 or 1", self.plan_lag)
         _check(isinstance(self.compile_controller, bool), "compile_controller", "True or False",
                self.compile_controller)
+        _check(isinstance(self.low_graph, bool), "low_graph", "True or False", self.low_graph)
         object.__setattr__(self, "unit_filter", _checked_unit_filter(self.unit_filter))
         object.__setattr__(self, "log", _checked_log(self.log))
         _check_int(self.log_every, "log_every", 1, MAX_LOG_EVERY)

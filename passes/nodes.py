@@ -94,6 +94,24 @@ def dispatch_path(*args: Any, plan: Tensor, slot: int, op: str, recipe: str, hig
     return (high_fn if pred else low_fn)(*operands)[0]
 
 
+def low_only_path(*args: Any, plan: Tensor, slot: int, op: str, recipe: str, high: str, b_is_weight: bool,
+                  **kwargs: Any) -> Tensor:
+    """A ``dispatch_path`` unit with its low branch inlined: what the unit
+    computes while the plan holds it low, with no ``cond`` around it (the
+    all-low copy of a graph, ``GNMRConfig.low_graph``). Same arguments as
+    :func:`dispatch_path`; the plan is not read.
+
+    >>> import torch
+    >>> x, w = torch.randn(4, 8), torch.randn(3, 8)
+    >>> kw = dict(plan=torch.tensor([False]), slot=0, op="linear", recipe="int8", high="native", b_is_weight=True)
+    >>> torch.equal(low_only_path(x, w, **kw), dispatch_path(x, w, **kw))
+    True
+    """
+    spec = OPS[op]
+    return low_path(op, *args, **kwargs, recipe=recipe, a_index=spec.a_index, b_index=spec.b_index,
+                    b_kdim=spec.b_kdim, b_is_weight=b_is_weight)
+
+
 def _unaliased(operands: tuple) -> tuple:
     """``operands`` with a copy of each one that shares storage with an earlier
     one: ``torch.cond`` refuses operands that alias each other, and the q

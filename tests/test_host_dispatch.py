@@ -324,3 +324,66 @@ def test_optimizer_step_updates_from_this_steps_gradients(closure):
         assert rt.controller.step == step
         # Every unit was observed at every step: the statistics came from this step's backward.
         assert rt.controller.n_obs.tolist() == [step] * rt.controller.num_units
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_low_graph_runs_on_all_low_steps_and_computes_the_same(backend):
+    """GNMRConfig(low_graph=True): an all-low step runs the graph copy with the
+    low paths inlined (no cond), any other plan the cond graph; the losses and
+    gradients equal those of the model without the copy, over plan changes."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    def run(low_graph):
+        torch.manual_seed(0)
+        model = TinyGPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=64))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cm = gnmr_fx.compile(model, GNMRConfig(recipe="mxfp4", policy="always_low", low_graph=low_graph),
+                             backend=backend, optimizer=opt)
+        rt = gnmr_fx.runtime(cm)
+        idx = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+        out, low_calls = [], []
+        for step in range(5):
+            if step == 2:
+                rt.reset_controller(rt.config.replace(policy="always_high"))
+            if step == 3:  # one unit high: not an all-low plan
+                rt.reset_controller(rt.config.replace(policy="always_low"))
+                plan = torch.zeros(rt.controller.num_units, dtype=torch.bool)
+                plan[3] = True
+                rt.controller.set_plan(plan)
+                rt.write_plan()
+            if step == 4:
+                rt.reset_controller(rt.config.replace(policy="always_low"))
+            before = dynamo_counters["gnmr"]["low_graph_calls"]
+            loss = cm(idx, idx)
+            loss.backward()
+            low_calls.append(dynamo_counters["gnmr"]["low_graph_calls"] - before)
+            out.append((loss.detach(), model.blocks[0].fc.weight.grad.clone()))
+            opt.step()
+            opt.zero_grad()
+        return out, low_calls
+
+    ref, ref_calls = run(False)
+    got, calls = run(True)
+    assert ref_calls == [0, 0, 0, 0, 0]
+    assert calls == [1, 1, 0, 0, 1]
+    for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
+        torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_low_graph_leaves_other_dispatch_alone():
+    # dispatch="select" picks the branch on the device: no all-low copy to make.
+    from gnmr_fx.backend import _all_low_copy, _lift_state
+    from gnmr_fx.passes.nodes import low_only_path
+
+    for dispatch, copied in (("select", False), ("host", True)):
+        model = TinyGPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
+        cm = gnmr_fx.compile(model, GNMRConfig(recipe="int8", dispatch=dispatch, low_graph=True), backend="eager")
+        idx = torch.randint(0, 256, (2, 8))
+        cm(idx, idx)
+        exec_gm, _ = _lift_state(gnmr_fx.runtime(cm).records[0].rewritten)
+        low = _all_low_copy(exec_gm)
+        assert (low is not None) == copied, dispatch
+        if copied:
+            targets = [n.target for n in low.graph.nodes if "gnmr_dual" in n.meta]
+            assert targets and all(t is low_only_path for t in targets)

@@ -104,11 +104,11 @@ def test_emulation_harness_writes_its_table(tmp_path, capsys):
     assert emulation.run(args) == 1  # --check: no arm runs in a billionth of its reference's time
     # One progress line per arm as its compile ends (what a call cut by its timeout still shows).
     progress = [l for l in capsys.readouterr().err.splitlines() if "first step (compile)" in l]
-    assert [l.split(" ")[0] for l in progress] == list(emulation.ARMS)
+    assert [l.split(" ")[0] for l in progress] == list(emulation.DEFAULT_ARMS)
     res = json.loads(out.read_text())
     assert {"command", "environment", "model", "backend", "rows", "targets"} <= set(res)
     rows = {r["arm"]: r for r in res["rows"]}
-    assert list(rows) == list(emulation.ARMS)
+    assert list(rows) == list(emulation.DEFAULT_ARMS)
     for arm, r in rows.items():
         assert r["n_steps"] == 2 and r["recompiles"] == 0, r
         assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0
@@ -120,7 +120,7 @@ def test_emulation_harness_writes_its_table(tmp_path, capsys):
     # --profile: one profiled step per arm; the host-dispatch GNMR arms dispatch more ATen ops than
     # the models without GNMR computing the same numbers (the statistics nodes, the plan reads).
     prof = res["profiles"]
-    assert list(prof) == ["plain"] + [f"{a}:int8" for a in emulation.ARMS[1:]]
+    assert list(prof) == ["plain"] + [f"{a}:int8" for a in emulation.DEFAULT_ARMS[1:]]
     assert all(p["aten_ops"] > 0 and p["wall_ms"] > 0 for p in prof.values())
     assert prof["high:int8"]["aten_ops"] > prof["plain"]["aten_ops"]
     assert prof["low:int8"]["aten_ops"] > prof["fake_quant:int8"]["aten_ops"]
