@@ -283,3 +283,47 @@ def test_no_grad_forward_after_training_under_autocast(recipe):
             eval_loss = cm(idx, idx)
         assert torch.isfinite(eval_loss)
         torch.testing.assert_close(eval_loss.float(), train_loss.detach().float(), rtol=2e-2, atol=2e-2)
+
+
+def test_low_graph_on_the_gpu_same_numbers_no_sync():
+    """GNMRConfig(low_graph=True) on CUDA: all-low steps run the copy with the
+    low paths inlined, chosen from the host copy of the plan with no sync
+    (sync debug mode "error" around forward and backward); the losses equal
+    those of the cond graph's; a step with a unit high runs the cond graph."""
+    from torch._dynamo.utils import counters
+
+    def run(low_graph):
+        torch.manual_seed(0)
+        model = TinyGPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        cm = gnmr_fx.compile(model, GNMRConfig(recipe="mxfp4", policy="always_low", low_graph=low_graph),
+                             backend="inductor", optimizer=opt)
+        rt = gnmr_fx.runtime(cm)
+        idx = torch.randint(0, 256, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        losses, calls = [], []
+        for step in range(4):
+            if step == 2:
+                rt.reset_controller(rt.config.replace(policy="always_high"))
+            if step == 3:
+                rt.reset_controller(rt.config.replace(policy="always_low"))
+            torch.cuda.synchronize()
+            before = counters["gnmr"]["low_graph_calls"]
+            if step > 0:  # the first step compiles
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = cm(idx, idx)
+                loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            calls.append(counters["gnmr"]["low_graph_calls"] - before)
+            losses.append(loss.detach().float())
+            opt.step()
+            opt.zero_grad()
+        return losses, calls
+
+    ref, ref_calls = run(False)
+    got, calls = run(True)
+    assert ref_calls == [0, 0, 0, 0] and calls == [1, 1, 0, 1]
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
