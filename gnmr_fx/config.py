@@ -170,7 +170,9 @@ class GNMRConfig:
     path inlined (no ``torch.cond``), and run it on the steps where none of
     the graph's units is high (read from the host plan the units already
     use: no sync). Only for graphs whose units all use ``dispatch="host"``
-    emulation; twice the compile work. Experimental, off by default."""
+    emulation; twice the compile work, all of it at the first step (both
+    graphs, forward and backward): switching between them compiles nothing.
+    Experimental, off by default."""
 
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch
