@@ -16,6 +16,7 @@ directly, with the root model known up front (``gnmr_fx.compiled_call``).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -87,6 +88,10 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     if not names:
         return compiled
     low_gm = _all_low_copy(exec_gm) if runtime.config.low_graph else None
+    if runtime.config.low_graph and low_gm is None and any("gnmr_dual" in n.meta for n in exec_gm.graph.nodes):
+        warnings.warn(f"GNMRConfig.low_graph: graph {record.index} has units that pick their path on the device "
+                      "(dispatch='select') or run real kernels, so it has no all-low copy and runs its cond "
+                      "graph on every step", UserWarning, stacklevel=2)
     compiled_low = _compile(low_gm, inputs, compiler) if low_gm is not None else None
     return InstanceDispatch(runtime, record, compiled, names, real, compiled_low=compiled_low)
 

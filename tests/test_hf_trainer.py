@@ -315,17 +315,23 @@ def test_pin_profile_arguments_are_checked(kw, match):
         GNMRCallback(CFG, **kw)
 
 
-def test_high_start_is_a_fraction_of_max_steps_then_the_policy_plans(tmp_path):
-    """GNMRCallback(high_start=0.5) with max_steps=6: every unit high for steps 0-2
-    (GNMRConfig.high_start_steps=3, resolved at train begin), then GNMR's own plan,
-    which never holds more than max_o=3 units."""
+def _six_steps_with_high_start(tmp_path, **kw):
+    """Train 6 steps with GNMRCallback(high_start=0.5, **kw); the callback, the
+    plans recorded per step and the controller."""
     torch._dynamo.reset()
-    cb = GNMRCallback(CFG, backend="eager", high_start=0.5)
+    cb = GNMRCallback(CFG, backend="eager", high_start=0.5, **kw)
     rec = PlanRecorder()
     trainer = transformers.Trainer(model=_gpt2(), args=_args(tmp_path, max_steps=6, save_steps=100),
                                    train_dataset=TokenDataset(), callbacks=[cb, rec])
     trainer.train()
-    ctl = gnmr_fx.controller(trainer.model)
+    return cb, rec, gnmr_fx.controller(trainer.model)
+
+
+def test_high_start_is_a_fraction_of_max_steps_then_the_policy_plans(tmp_path):
+    """GNMRCallback(high_start=0.5) with max_steps=6: every unit high for steps 0-2
+    (GNMRConfig.high_start_steps=3, resolved at train begin), then GNMR's own plan,
+    which never holds more than max_o=3 units."""
+    cb, rec, ctl = _six_steps_with_high_start(tmp_path)
     assert ctl.config.high_start_steps == 3 and ctl.step == 6
     n = ctl.num_units
     assert n > 3
@@ -339,13 +345,7 @@ def test_high_start_with_pin_profile_then_pins_stay_high(tmp_path):
     (`gnmr@M+pin_grad@K+high_first@N`): high_start=0.5 and pin_profile=2 together,
     max_steps=6: every unit high for steps 0-2, then the profile's two units high on
     every step under GNMR's plan, never more than max_o=3 units."""
-    torch._dynamo.reset()
-    cb = GNMRCallback(CFG, backend="eager", high_start=0.5, pin_profile=2, profile_batches=2)
-    rec = PlanRecorder()
-    trainer = transformers.Trainer(model=_gpt2(), args=_args(tmp_path, max_steps=6, save_steps=100),
-                                   train_dataset=TokenDataset(), callbacks=[cb, rec])
-    trainer.train()
-    ctl = gnmr_fx.controller(trainer.model)
+    cb, rec, ctl = _six_steps_with_high_start(tmp_path, pin_profile=2, profile_batches=2)
     assert ctl.config.high_start_steps == 3 and ctl.step == 6
     top = sorted(cb.profile.order()[:2])
     assert ctl.pinned.nonzero().flatten().tolist() == top

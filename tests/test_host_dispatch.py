@@ -6,6 +6,8 @@ test_gpu.py; here the same code paths run on the CPU.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -380,7 +382,11 @@ def test_low_graph_leaves_other_dispatch_alone():
         model = TinyGPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
         cm = gnmr_fx.compile(model, GNMRConfig(recipe="int8", dispatch=dispatch, low_graph=True), backend="eager")
         idx = torch.randint(0, 256, (2, 8))
-        cm(idx, idx)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            cm(idx, idx)
+        said = [str(w.message) for w in seen if "has no all-low copy" in str(w.message)]
+        assert len(said) == (0 if copied else 1), said  # the option doing nothing is said, once per graph
         exec_gm, _ = _lift_state(gnmr_fx.runtime(cm).records[0].rewritten)
         low = _all_low_copy(exec_gm)
         assert (low is not None) == copied, dispatch
