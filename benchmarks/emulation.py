@@ -48,15 +48,22 @@ from gnmr_fx.backends.paths import low_path
 from gnmr_fx.models import GPTConfig, TinyGPT
 from gnmr_fx.runtime import GNMRRuntime
 
-ARMS = ("plain", "fake_quant", "high", "low", "high_select", "low_select", "low_graph")
-DEFAULT_ARMS = ARMS[:-1]  # low_graph (GNMRConfig.low_graph, experimental) only on request
-# Arm -> (GNMR policy, dispatch, GNMRConfig.low_graph); the other arms are models without GNMR.
-GNMR_ARMS = {"high": ("always_high", "host", False), "low": ("always_low", "host", False),
-             "high_select": ("always_high", "select", False), "low_select": ("always_low", "select", False),
-             "low_graph": ("always_low", "host", True)}
+ARMS = ("plain", "fake_quant", "high", "low", "high_select", "low_select", "low_graph", "low_cc", "low_graph_cc")
+# The arms of the off-by-default options only on request: low_graph (GNMRConfig.low_graph,
+# experimental) and the *_cc arms (GNMRConfig.compile_controller).
+DEFAULT_ARMS = tuple(a for a in ARMS if a != "low_graph" and not a.endswith("_cc"))
+# Arm -> (GNMR policy, dispatch, GNMRConfig.low_graph, GNMRConfig.compile_controller); the other
+# arms are models without GNMR.
+GNMR_ARMS = {"high": ("always_high", "host", False, False), "low": ("always_low", "host", False, False),
+             "high_select": ("always_high", "select", False, False),
+             "low_select": ("always_low", "select", False, False),
+             "low_graph": ("always_low", "host", True, False),
+             "low_cc": ("always_low", "host", False, True),
+             "low_graph_cc": ("always_low", "host", True, True)}
 # Arm -> the arm that computes the same numbers without GNMR (the ratio's denominator).
 REFERENCE = {"fake_quant": "plain", "high": "plain", "low": "fake_quant", "high_select": "plain",
-             "low_select": "fake_quant", "low_graph": "fake_quant"}
+             "low_select": "fake_quant", "low_graph": "fake_quant", "low_cc": "fake_quant",
+             "low_graph_cc": "fake_quant"}
 
 
 # ---------------------------------------------------------------------------
@@ -158,15 +165,16 @@ def build_arms(args: argparse.Namespace, device: torch.device) -> list[Arm]:
             model = FakeQuantGPT(fresh(), recipe)
             arms.append(Arm("fake_quant", recipe, trainer(torch.compile(model, backend=args.backend), adamw(model))))
         for name in (a for a in ARMS if a in GNMR_ARMS and a in args.arms):
-            policy, dispatch, low_graph = GNMR_ARMS[name]
-            if (recipe, dispatch, low_graph) not in gnmr_models:
+            policy, dispatch, low_graph, compiled = GNMR_ARMS[name]
+            key = (recipe, dispatch, low_graph, compiled)
+            if key not in gnmr_models:
                 model = fresh()
                 opt = adamw(model)
                 config = gnmr_fx.GNMRConfig(recipe=recipe, policy=policy, dispatch=dispatch, emulate=True,
-                                            low_graph=low_graph)
+                                            low_graph=low_graph, compile_controller=compiled)
                 cm = gnmr_fx.compile(model, config, backend=args.backend, optimizer=opt)
-                gnmr_models[recipe, dispatch, low_graph] = (gnmr_fx.runtime(cm), trainer(cm, opt))
-            rt, step = gnmr_models[recipe, dispatch, low_graph]
+                gnmr_models[key] = (gnmr_fx.runtime(cm), trainer(cm, opt))
+            rt, step = gnmr_models[key]
             arms.append(Arm(name, recipe, step, before=_policy_setter(rt, policy)))
     return arms
 
@@ -287,7 +295,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from gnmr_fx.arguments import output_file, parse_device, positive_float, positive_int
 
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
-                   help=f"comma list of arms (default {','.join(DEFAULT_ARMS)}; also: low_graph)")
+                   help=f"comma list of arms (default {','.join(DEFAULT_ARMS)}; also: low_graph, low_cc, low_graph_cc)")
     p.add_argument("--recipes", default="int8", help="comma list of emulated recipes (default int8)")
     p.add_argument("--layers", type=positive_int, default=4)
     p.add_argument("--embd", type=positive_int, default=256)

@@ -127,6 +127,29 @@ def test_emulation_harness_writes_its_table(tmp_path, capsys):
     assert "One profiled step per arm" in md.read_text() and res["command"].endswith("--profile")
 
 
+def test_emulation_option_arms_build_their_configs(monkeypatch):
+    # The arms of the off-by-default options: each builds its own model with its
+    # GNMRConfig (low_graph / compile_controller), against fake_quant; none is a default arm.
+    import gnmr_fx
+
+    seen = {}
+    real = gnmr_fx.compile
+
+    def spy(model, config, **kw):
+        seen[(config.policy, config.dispatch, config.low_graph, config.compile_controller)] = config
+        return real(model, config, **kw)
+
+    monkeypatch.setattr(gnmr_fx, "compile", spy)
+    args = _args(emulation, ["--arms", "low,low_graph,low_cc,low_graph_cc", "--layers", "1", "--embd", "32",
+                             "--heads", "2", "--context", "16", "--batch", "2", "--backend", "eager"])
+    args.arms, args.recipes = args.arms.split(","), ["int8"]  # as run() parses them
+    arms = emulation.build_arms(args, torch.device("cpu"))
+    assert [a.name for a in arms] == ["low", "low_graph", "low_cc", "low_graph_cc"]
+    assert set(seen) == {("always_low", "host", lg, cc) for lg in (False, True) for cc in (False, True)}
+    assert {emulation.REFERENCE[a.name] for a in arms} == {"fake_quant"}
+    assert not {"low_graph", "low_cc", "low_graph_cc"} & set(emulation.DEFAULT_ARMS)
+
+
 @pytest.mark.parametrize("dispatch", ["host", "select"])
 def test_fake_quant_reference_is_what_always_low_computes(dispatch):
     # The benchmark's by-hand reference and GNMR's always_low: the same numbers, bitwise (eager).
