@@ -213,9 +213,10 @@ class GNMRController:
         # takes no int that changes every step.
         row = self._row_ids() == self.step % cfg.delta_window
         (self.ema, self.n_obs, self.hist, lock, self.streak, trig, denied, risk, self.gnmr, self.delta_gnmr,
-         self.norm, release) = decide(
+         self.norm, release, (self.n_triggers, self.n_denied, self.n_released)) = decide(
             g, obs, self.ema, self.n_obs, self.hist, row, self.lock, self.streak, self.pinned, self.costs,
-            self._consts(), gnmr_policy=cfg.policy == "gnmr", fraction=cfg.budget_is_fraction)
+            self._consts(), (self.n_triggers, self.n_denied, self.n_released),
+            gnmr_policy=cfg.policy == "gnmr", fraction=cfg.budget_is_fraction)
         plan = self._derived_plan(lock, self.step + 1)  # the plan is for the next step
 
         self.lock = lock
@@ -223,11 +224,8 @@ class GNMRController:
         self.triggered = trig
         self.denied = denied
         self.risk = risk
-        self.n_triggers = self.n_triggers + trig.long()
-        self.n_denied = self.n_denied + denied.long()
         self.n_high_steps = self.n_high_steps + plan.long()
         self.released = release
-        self.n_released = self.n_released + release.long()
         self.step += 1
         return plan
 
@@ -530,11 +528,13 @@ def _history_mean(ema: Tensor, n_obs: Tensor, beta: Union[float, Tensor]) -> Ten
 
 
 def _decide(g: Tensor, obs: Tensor, ema: Tensor, n_obs: Tensor, hist: Tensor, row: Tensor, lock: Tensor,
-            streak: Tensor, pinned: Tensor, costs: Tensor, consts: tuple[Tensor, Tensor], *, gnmr_policy: bool,
-            fraction: bool) -> tuple:
+            streak: Tensor, pinned: Tensor, costs: Tensor, consts: tuple[Tensor, Tensor],
+            counts: tuple[Tensor, Tensor, Tensor], *, gnmr_policy: bool, fraction: bool) -> tuple:
     """One step of the decision rule as a pure function of the state: the
-    new history, locks and streaks, and what the step saw. The same tensor
-    ops eager or compiled (``GNMRConfig.compile_controller``)."""
+    new history, locks and streaks, what the step saw, and the counters
+    ``counts`` = (n_triggers, n_denied, n_released) with this step added
+    (inside the rule, so a compiled rule launches nothing more for them).
+    The same tensor ops eager or compiled (``GNMRConfig.compile_controller``)."""
     beta, one_minus_beta, threshold, delta_threshold, max_o = consts[0].unbind()
     warmup, max_lock_steps, lock_steps = consts[1].unbind()
     finite = torch.isfinite(g)
@@ -598,7 +598,10 @@ def _decide(g: Tensor, obs: Tensor, ema: Tensor, n_obs: Tensor, hist: Tensor, ro
                        torch.full_like(g, float("nan")))
     delta_gnmr = torch.where(obs, delta, torch.full_like(g, float("nan")))
     norm = torch.where(obs, g, torch.full_like(g, float("nan")))
-    return ema, n_obs, hist, lock, streak, trig, cand & ~admit, risk, gnmr, delta_gnmr, norm, release
+    denied = cand & ~admit
+    n_trig, n_denied, n_released = counts
+    counts = (n_trig + trig.long(), n_denied + denied.long(), n_released + release.long())
+    return ema, n_obs, hist, lock, streak, trig, denied, risk, gnmr, delta_gnmr, norm, release, counts
 
 
 def _admit(cand: Tensor, held: Tensor, risk: Tensor, costs: Tensor, max_o: Tensor, fraction: bool) -> Tensor:

@@ -63,6 +63,13 @@ class GraphRecord:
     # runs outside GNMR (see GNMRRuntime.uncovered_weights).
     params: frozenset = frozenset()
     unit_ids_cpu: Optional[torch.Tensor] = None  # unit_ids on the CPU, for the host plan copy
+    # unit_ids are 0 .. k-1 in order: with k == the controller's units, this
+    # graph's slots are the controller's rows (no gather or scatter per step).
+    ids_in_order: bool = False
+
+    def is_whole_plan(self, num_units: int) -> bool:
+        """Whether this graph's slots are exactly the controller's rows, in order."""
+        return self.ids_in_order and self.unit_ids is not None and self.unit_ids.numel() == num_units
 
     @property
     def plan(self) -> Optional[torch.Tensor]:
@@ -333,6 +340,7 @@ class GNMRRuntime:
             rows = [self.controller.names.index(self.units[i].name) for i in ids.tolist()]
             record.unit_ids = torch.tensor(rows, dtype=torch.long, device=record.plan.device)
             record.unit_ids_cpu = record.unit_ids.cpu()
+            record.ids_in_order = rows == list(range(len(rows)))
             self.controller.to(record.plan.device)
             # Compile time only: the host copy here is not a per-step transfer.
             self.write_plan(records=[record])
@@ -400,15 +408,23 @@ class GNMRRuntime:
         if self._resume_check is not None:
             self._check_resumed_units()
         dev = live[0].plan.device
-        sumsq = torch.zeros(ctl.num_units, device=dev)
-        seen = torch.zeros(ctl.num_units, dtype=torch.bool, device=dev)
-        for rec in live:  # one iteration per compiled graph, not per unit
-            g = rec.probe.grad
-            if g is None:
-                continue
-            sumsq.index_add_(0, rec.unit_ids, g.to(dev))
-            seen.index_fill_(0, rec.unit_ids, True)
-            rec.probe.grad = None
+        whole = live[0].probe.grad if len(live) == 1 and live[0].is_whole_plan(ctl.num_units) else None
+        if whole is not None and whole.dtype == torch.float32 and whole.device == dev:
+            # One graph holding every unit in controller order (a model Dynamo
+            # captures whole): its probe gradient is the statistic vector as
+            # it is, and every unit ran; no gather, no per-step kernels.
+            sumsq, seen = whole, self._all_seen(ctl.num_units, dev)
+            live[0].probe.grad = None
+        else:
+            sumsq = torch.zeros(ctl.num_units, device=dev)
+            seen = torch.zeros(ctl.num_units, dtype=torch.bool, device=dev)
+            for rec in live:  # one iteration per compiled graph, not per unit
+                g = rec.probe.grad
+                if g is None:
+                    continue
+                sumsq.index_add_(0, rec.unit_ids, g.to(dev))
+                seen.index_fill_(0, rec.unit_ids, True)
+                rec.probe.grad = None
         sumsq, seen = self._reduce(sumsq, seen)
         norms = sumsq.sqrt()
         plan = ctl.update(norms, observed=seen)
@@ -422,6 +438,14 @@ class GNMRRuntime:
             # After the callbacks, so a plan one of them decided is the one copied.
             self._publish_host(lagged=True)
         return plan
+
+    def _all_seen(self, n: int, device: torch.device) -> torch.Tensor:
+        """An all-True mask of ``n`` units on ``device``, made once (read-only)."""
+        cached = getattr(self, "_all_seen_cache", None)
+        if cached is None or cached.numel() != n or cached.device != device:
+            cached = torch.ones(n, dtype=torch.bool, device=device)
+            self._all_seen_cache = cached
+        return cached
 
     # Data-parallel reduction, set by gnmr_fx.distributed.enable / disable:
     # the group whose ranks' statistics are summed, the factor applied to the
@@ -499,7 +523,7 @@ class GNMRRuntime:
         for rec in self.records if records is None else records:
             if rec.plan is None:
                 continue
-            plan = ctl.plan[rec.unit_ids.to(ctl.plan.device)]
+            plan = ctl.plan if rec.is_whole_plan(ctl.num_units) else ctl.plan[rec.unit_ids.to(ctl.plan.device)]
             if not (changed_only and torch.equal(rec.plan, plan)):
                 rec.plan.copy_(plan)
             if rec.plan_host is not None and not (changed_only and torch.equal(rec.plan_host, plan.cpu())):

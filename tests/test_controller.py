@@ -489,3 +489,69 @@ def test_runtime_reset_controller_keeps_graphs():
     assert all(bool(r.plan.all()) for r in rt.records)  # the new policy's plan reached the graphs
     with pytest.raises(ValueError, match=r"cannot change \['recipe'\]"):
         rt.reset_controller(GNMRConfig(recipe="int4"))
+
+
+def _tiny_runtime(config, seed=0):
+    import gnmr_fx
+    from gnmr_fx.models import GPTConfig, TinyGPT
+
+    torch.manual_seed(seed)
+    model = TinyGPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cm = gnmr_fx.compile(model, config, backend="eager", optimizer=opt)
+    return cm, opt, gnmr_fx.runtime(cm)
+
+
+def _train_steps(cm, opt, rt, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seen = []
+    for i in range(n):
+        idx = torch.randint(0, 256, (2, 16), generator=g)
+        loss = cm(idx, idx) * (20.0 if i == 6 else 1.0)  # a spike: some units trigger
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ctl = rt.controller
+        seen.append((ctl.plan.clone(), ctl.norm.clone(), ctl.n_triggers.clone(), ctl.n_denied.clone(),
+                     ctl.n_high_steps.clone(), [r.plan.clone() for r in rt.records]))
+    return seen
+
+
+def test_runtime_step_whole_graph_fast_path_same_as_gather(monkeypatch):
+    # A model captured as one graph holding every unit in controller order:
+    # the step takes its probe gradient as the statistic vector (no gather)
+    # and writes the plan without indexing. Same norms, plans and counters
+    # as the general gather / scatter path over steps with triggers.
+    from gnmr_fx.runtime import GraphRecord
+
+    cfg = GNMRConfig(recipe="int8", warmup_steps=3, max_o=2)
+    cm, opt, rt = _tiny_runtime(cfg)
+    fast = _train_steps(cm, opt, rt, 12)
+    assert len(rt.records) == 1 and rt.records[0].is_whole_plan(rt.controller.num_units)
+    assert int(rt.controller.n_triggers.sum()) > 0
+    monkeypatch.setattr(GraphRecord, "is_whole_plan", lambda self, n: False)
+    cm, opt, rt = _tiny_runtime(cfg)
+    slow = _train_steps(cm, opt, rt, 12)
+    for a, b in zip(fast, slow):
+        for x, y in zip(a[:5], b[:5]):
+            assert torch.equal(x, y)
+        assert all(torch.equal(p, q) for p, q in zip(a[5], b[5]))
+
+
+def test_runtime_step_with_the_compiled_rule_is_few_ops():
+    # What a GPU step launches besides the model: with the rule compiled, the
+    # runtime's own step (statistics, update, plan write) is about ten ATen
+    # ops whatever the unit count, against ~140 with the eager rule.
+    counts = {}
+    for compiled in (False, True):
+        cm, opt, rt = _tiny_runtime(GNMRConfig(recipe="int8", compile_controller=compiled))
+        _train_steps(cm, opt, rt, 3)
+        idx = torch.randint(0, 256, (2, 16))
+        cm(idx, idx).backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            rt.step()
+        counts[compiled] = sum(e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+                               for e in prof.events())
+        opt.zero_grad()
+    assert counts[False] > 100 and counts[True] <= 14, counts
+    torch._dynamo.reset()
