@@ -157,7 +157,7 @@ class GNMRConfig:
 
     compile_controller: bool = False
     """Run the controller's per-step decision rule through ``torch.compile``
-    (Inductor): a few fused kernels instead of ~80 small ops, each a kernel
+    (Inductor): a few fused kernels instead of ~130 small ops, each a kernel
     launch on a GPU. The same rule and state (plans, locks and counters
     equal to the eager rule's; tests/test_controller.py); the first step
     compiles it (seconds), with symbolic sizes: once per device and
