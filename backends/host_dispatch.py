@@ -133,6 +133,51 @@ def _high(t: Tensor, high: str) -> Tensor:
     return t if high == "native" else t.to(HIGH_DTYPES[high])
 
 
+def _high_dtype(dtype: torch.dtype, high: str) -> torch.dtype:
+    return dtype if high == "native" else HIGH_DTYPES[high]
+
+
+class _LowLinear(torch.autograd.Function):
+    """:class:`_DualLinear` with its plan saying "low": the same casts and the
+    same GEMMs in the same output dtypes (bitwise the same values), but no
+    high-path operand and no opaque op, so nothing is kept or written for a
+    high path that does not run, and Inductor fuses each operand's producer
+    into its cast, as in the plain low-precision model. What a real-kernel
+    unit runs in the all-low copy of a graph (``GNMRConfig.low_graph``).
+
+    ``probe_slot`` (a 0-d slice of the probe, or None) takes the unit's
+    statistic, ||dL/dW||^2, as its gradient: what the ``grad_stats`` node
+    around the weight computes, folded into the unit so that the weight
+    reaches the backward as the graph input it is (read through a view,
+    Inductor's partitioner saved its fp8 copy instead of recomputing it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, bias: Optional[Tensor], probe_slot: Optional[Tensor],
+                recipe: str, high: str) -> Tensor:
+        spec = REAL_RECIPES[recipe]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = real_kernels.lowp_mm(output_operands(x2, w, spec), _high_dtype(x2.dtype, high)).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x2, w)
+        ctx.spec, ctx.high, ctx.has_bias, ctx.x_shape = spec, high, bias is not None, x.shape
+        ctx.stats = probe_slot is not None
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple:
+        x2, w = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])
+        dx_ops, dw_ops = grad_operands(g2, x2, w, ctx.spec)
+        out = _high_dtype(g2.dtype, ctx.high)
+        dx = real_kernels.lowp_mm(dx_ops, out).to(gy.dtype).reshape(ctx.x_shape)
+        dw = real_kernels.lowp_mm(dw_ops, out).to(w.dtype)
+        db = g2.sum(0) if ctx.has_bias else None
+        # The same expression as grad_stats' backward (passes.nodes), on the same tensor.
+        stat = dw.detach().float().pow(2).sum() if ctx.stats else None
+        return dx, dw, db, stat, None, None
+
+
 # Saved-for-backward memory (issue 13). Inductor's min-cut partitioner never
 # recomputes a forward tensor that an opaque op reads in the backward (it is
 # "materialized in backward") and saves it instead. ``select_mm`` reads the
@@ -182,6 +227,34 @@ def dual_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, plan: Te
 def dual_matmul(a: Tensor, b: Tensor, *, plan: Tensor, slot: int, recipe: str, high: str = "native") -> Tensor:
     """``a @ b`` for a 2-D ``b`` [K, N] (``torch.mm`` / ``matmul``) as a dual-path unit."""
     return dual_linear(a, b.t(), None, plan=plan, slot=slot, recipe=recipe, high=high)
+
+
+def low_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, plan: Tensor, slot: int,
+               recipe: str, high: str = "native", probe: Optional[Tensor] = None) -> Tensor:
+    """:func:`dual_linear` while ``plan[slot]`` is False, with no ``gnmr::select_mm``:
+    the unit of the all-low copy of a graph (``GNMRConfig.low_graph``). Same
+    arguments (``plan`` is not read) and bitwise the same values and
+    gradients. With ``probe``, backward adds ||dL/dW||^2 to
+    ``probe.grad[slot]``, as a ``grad_stats`` node around ``w`` would.
+
+    >>> import torch
+    >>> x, w = torch.randn(32, 64), torch.randn(48, 64, requires_grad=True)
+    >>> kw = dict(plan=torch.tensor([False]), slot=0, recipe="fp8_e4m3")
+    >>> torch.equal(low_linear(x, w, **kw), dual_linear(x, w, **kw))
+    True
+    >>> probe = torch.zeros(1, requires_grad=True)
+    >>> low_linear(x, w, probe=probe, **kw).sum().backward()
+    >>> torch.equal(probe.grad[0], w.grad.float().pow(2).sum())
+    True
+    """
+    if recipe not in REAL_RECIPES:
+        raise ValueError(f"low_linear: recipe must be one of {list(REAL_RECIPES)} (got {recipe!r})")
+    return _LowLinear.apply(x, w, bias, None if probe is None else probe[slot], recipe, high)
+
+
+def low_matmul(a: Tensor, b: Tensor, *, plan: Tensor, slot: int, recipe: str, high: str = "native") -> Tensor:
+    """:func:`dual_matmul` while ``plan[slot]`` is False (see :func:`low_linear`)."""
+    return low_linear(a, b.t(), None, plan=plan, slot=slot, recipe=recipe, high=high)
 
 
 # ---------------------------------------------------------------------------

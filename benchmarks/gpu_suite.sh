@@ -7,7 +7,8 @@
 #   SKIP_TESTS=1 SKIP_PERF=1 EMULATION="--recipes mxfp4,nvfp4 --layers 6 --embd 384 --heads 6 \
 #     --context 256 --batch 32 --autocast bf16 --limit 1.1" bash benchmarks/gpu_suite.sh
 # Results go to $OUT (the device tool's folder) or /tmp/gnmr_out.
-# GPU_TESTS_TIMEOUT (seconds, default 290) bounds the GPU tests (19 tests took over 200 s in s25a).
+# GPU_TESTS_TIMEOUT (seconds, default 290) bounds the GPU tests (19 tests took over 200 s in s25a);
+# GPU_TESTS_K="<pytest -k expression>" runs only the matching ones.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gnmr_out}
@@ -24,7 +25,8 @@ python3 -c "import gnmr_fx.backends.host_dispatch" || exit 1
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
   date -u; } 2>&1 | tee "$OUT/env.txt"
 if [ -z "$SKIP_TESTS" ]; then
-  GNMR_SQNR_LOG="$OUT/sqnr.jsonl" timeout "${GPU_TESTS_TIMEOUT:-290}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  GNMR_SQNR_LOG="$OUT/sqnr.jsonl" timeout "${GPU_TESTS_TIMEOUT:-290}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+    ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 \
     | tee "$OUT/test_gpu.log" | grep -vE '^\s*$' | tail -40
 fi
 if [ -n "$EMULATION" ]; then

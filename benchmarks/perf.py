@@ -49,11 +49,14 @@ ARMS = ("bf16", "lowp", "gnmr", "pin@5%", "pin@10%", "torchao")
 # with the plan copied one step late (``lag``, GNMRConfig.plan_lag=1), or
 # with the step's host copy waited for at the step (``drain``: the behaviour
 # before the copy was deferred to the next forward), or with the controller's
-# rule compiled (``compiled``: GNMRConfig.compile_controller=True).
-DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag", "gnmr_drain", "gnmr_compiled")
+# rule compiled (``compiled``: GNMRConfig.compile_controller=True). ``gnmr_lowg``
+# is GNMR compiled a second time with GNMRConfig(low_graph=True) (its own model
+# and runtime on the shared parameters): no unit high, so every step runs the
+# all-low copy of the graph, whose units are the plain recipe's GEMMs.
+DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag", "gnmr_drain", "gnmr_compiled", "gnmr_lowg")
 # The share of the FLOPs each GNMR arm pins on the high path (budget max_o as a fraction).
 GNMR_HIGH_FRACTION = {"gnmr": 0.0, "pin@5%": 0.05, "pin@10%": 0.10, "gnmr_nosync": 0.0, "gnmr_nostep": 0.0,
-                      "gnmr_lag": 0.0, "gnmr_drain": 0.0, "gnmr_compiled": 0.0}
+                      "gnmr_lag": 0.0, "gnmr_drain": 0.0, "gnmr_compiled": 0.0, "gnmr_lowg": 0.0}
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,8 @@ class Arm:
     peak_gib: float = 0.0
     recompiles: int = 0
     high_flops: float = 0.0
+    runtime: Any = None  # the GNMR arms' runtime
+    low_graph_calls: int = 0  # timed calls of an all-low graph copy (GNMRConfig.low_graph)
 
 
 def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, device: torch.device,
@@ -251,16 +256,21 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
     if "lowp" in names:
         m = real_kernels.convert_to_lowp(_shared_copy(base), recipe, lambda n, mod: _converted(model_kind, n, mod))
         arms.append(Arm("lowp", torch.compile(m, **compile_kw)))
-    gnmr_names = [n for n in names if n in GNMR_HIGH_FRACTION]
+    cfg = _gnmr_config(recipe, device)
+    if model_kind == "hf-llama":
+        cfg = cfg.replace(unit_filter=HF_UNITS)
+    gnmr_names = [n for n in names if n in GNMR_HIGH_FRACTION and n != "gnmr_lowg"]
     if gnmr_names:
-        cfg = _gnmr_config(recipe, device)
-        if model_kind == "hf-llama":
-            cfg = cfg.replace(unit_filter=HF_UNITS)
         gm = gnmr_fx.compile(_shared_copy(base), cfg, backend=backend)
         rt = gnmr_fx.runtime(gm)
         for n in gnmr_names:
-            arms.append(Arm(n, gm, before=_plan_setter(rt, GNMR_HIGH_FRACTION[n], n)))
+            arms.append(Arm(n, gm, before=_plan_setter(rt, GNMR_HIGH_FRACTION[n], n), runtime=rt))
         info["gnmr_runtime"] = rt
+    if "gnmr_lowg" in names:
+        gm = gnmr_fx.compile(_shared_copy(base), cfg.replace(low_graph=True), backend=backend)
+        rt = gnmr_fx.runtime(gm)
+        arms.append(Arm("gnmr_lowg", gm, before=_plan_setter(rt, 0.0, "gnmr_lowg"), runtime=rt))
+        info.setdefault("gnmr_runtime", rt)
     if "torchao" in names:
         try:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -325,6 +335,12 @@ def _plan_setter(rt: Any, fraction: float, arm: str) -> Callable[[], None]:
     return apply
 
 
+def _low_graph_calls() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["gnmr"]["low_graph_calls"])
+
+
 def _graph_count() -> int:
     from torch._dynamo.utils import counters
 
@@ -373,7 +389,7 @@ def run_size(name: str, s: LlamaSpec, args: argparse.Namespace, device: torch.de
     for _ in range(args.rounds):
         for arm in arms:
             arm.before()
-            g0 = _graph_count()
+            g0, l0 = _graph_count(), _low_graph_calls()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -391,8 +407,9 @@ def run_size(name: str, s: LlamaSpec, args: argparse.Namespace, device: torch.de
                     step(arm)
                     arm.step_ms.append(1e3 * (time.perf_counter() - t0))
             arm.recompiles += _graph_count() - g0
-            if arm.name in GNMR_HIGH_FRACTION:
-                ctl = info["gnmr_runtime"].controller
+            arm.low_graph_calls += _low_graph_calls() - l0
+            if arm.runtime is not None:
+                ctl = arm.runtime.controller
                 arm.high_flops = float((ctl.costs * ctl.plan).sum() / ctl.costs.sum())
     rows = _rows(name, s, arms)
     extra = {k: v for k, v in info.items() if k != "gnmr_runtime"}
@@ -433,7 +450,7 @@ def _rows(size: str, s: LlamaSpec, arms: list[Arm]) -> list[dict]:
             "peak_gib": a.peak_gib,
             "compile_s": a.compile_s - ms / 1e3,
             "graphs": a.graphs_first, "recompiles": a.recompiles,
-            "high_flops": a.high_flops, "n_steps": len(a.step_ms),
+            "high_flops": a.high_flops, "n_steps": len(a.step_ms), "low_graph_calls": a.low_graph_calls,
         })
     return rows
 
@@ -451,7 +468,7 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 
     out = {}
     for arm in arms:
-        if arm.name not in ("bf16", "lowp", "gnmr", "torchao"):
+        if arm.name not in ("bf16", "lowp", "gnmr", "gnmr_lowg", "torchao"):
             continue
         arm.before()
         step(arm)

@@ -90,8 +90,8 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     low_gm = _all_low_copy(exec_gm) if runtime.config.low_graph else None
     if runtime.config.low_graph and low_gm is None and any("gnmr_dual" in n.meta for n in exec_gm.graph.nodes):
         warnings.warn(f"GNMRConfig.low_graph: graph {record.index} has units that pick their path on the device "
-                      "(dispatch='select') or run real kernels, so it has no all-low copy and runs its cond "
-                      "graph on every step", UserWarning, stacklevel=2)
+                      "(dispatch='select'), so it has no all-low copy and runs its dual-path graph on every step",
+                      UserWarning, stacklevel=2)
     compiled_low = _compile(low_gm, inputs, compiler) if low_gm is not None else None
     return InstanceDispatch(runtime, record, compiled, names, real, compiled_low=compiled_low)
 
@@ -110,22 +110,35 @@ def _compile(gm: torch.fx.GraphModule, inputs: list, compiler: str) -> Callable:
 
 
 def _all_low_copy(gm: torch.fx.GraphModule) -> Optional[torch.fx.GraphModule]:
-    """A copy of ``gm`` with every ``dispatch_path`` unit's low branch
-    inlined (``GNMRConfig.low_graph``); None where a unit picks its path
-    otherwise (``select``, real kernels) or there is no unit."""
-    from gnmr_fx.passes.nodes import dispatch_path, low_only_path
+    """A copy of ``gm`` with every unit's low path inlined (``GNMRConfig.low_graph``):
+    emulated ``dispatch_path`` units become ``low_only_path``, real-kernel
+    units (``dual_linear`` / ``dual_matmul``) ``low_linear`` / ``low_matmul``;
+    the statistics stay (a ``low_linear``'s weight statistic computed inside
+    the unit, see ``host_dispatch._LowLinear``). None where a unit picks its
+    path on the device (``dispatch="select"``) or there is no unit."""
+    from gnmr_fx.backends.host_dispatch import dual_linear, dual_matmul, low_linear, low_matmul
+    from gnmr_fx.passes.nodes import dispatch_path, grad_stats, low_only_path
 
-    low = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    inline = {dispatch_path: low_only_path, dual_linear: low_linear, dual_matmul: low_matmul}
+    low = _graph_copy(gm)
     units = 0
-    for node in low.graph.nodes:
+    for node in list(low.graph.nodes):
         if node.op != "call_function" or "gnmr_dual" not in node.meta:
             continue
-        if node.target is not dispatch_path:
+        if node.target not in inline:
             return None
-        node.target = low_only_path
+        node.target = inline[node.target]
         units += 1
+        stats = node.args[1] if node.target is low_linear else None
+        if isinstance(stats, torch.fx.Node) and stats.target is grad_stats and len(stats.users) == 1:
+            w, probe, slot = stats.args
+            if slot == node.kwargs["slot"]:
+                node.args = (node.args[0], w, *node.args[2:])
+                node.kwargs = {**node.kwargs, "probe": probe}
+                low.graph.erase_node(stats)
     if not units:
         return None
+    low.graph.lint()
     low.recompile()
     return low
 
@@ -241,14 +254,33 @@ def gnmr_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Option
     return compile_graph(runtime, gm, example_inputs, "inductor")
 
 
+def _graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with a copy of its graph, keeping what AOTAutograd reads of
+    Dynamo's metadata (the compile id, each input's source): from it
+    AOTAutograd knows which inputs are parameters ("static" inputs), and
+    Inductor's partitioner then treats keeping one for the backward as free,
+    as it does for ``torch.compile(model)``. Without it, a unit whose backward
+    reads a weight only through its fp8 cast saved the cast weight instead of
+    recomputing it from the parameter (tests/test_saved_memory.py). A graph
+    not from Dynamo, or with an input of unknown source, is copied without it."""
+    new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    old_inputs, new_inputs = gm.graph.find_nodes(op="placeholder"), new.graph.find_nodes(op="placeholder")
+    if "dynamo_compile_id" in gm.meta and all(hasattr(n, "_dynamo_source") for n in old_inputs):
+        for old, copied in zip(old_inputs, new_inputs):
+            copied._dynamo_source = old._dynamo_source  # noqa: SLF001
+        new.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
+        new._param_name_to_source = getattr(gm, "_param_name_to_source", {})  # noqa: SLF001
+    return new
+
+
 def _lift_state(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:
     """A copy of ``gm`` that takes the GNMR tensors as trailing inputs.
 
     ``gm`` itself keeps them as attributes (what inspect, diff and export
-    read). The copy carries no Dynamo metadata, so AOTAutograd treats its
-    inputs as plain inputs.
+    read). The copy keeps what AOTAutograd reads of Dynamo's metadata
+    (:func:`_graph_copy`); the lifted inputs have no source.
     """
-    exec_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    exec_gm = _graph_copy(gm)
     # A graph may take no input at all (a resumed frame of constants).
     last = next(reversed(exec_gm.graph.find_nodes(op="placeholder")), None)
     names = []
@@ -267,6 +299,7 @@ def _lift_state(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[st
             with exec_gm.graph.inserting_after(last):
                 ph = exec_gm.graph.placeholder(node.target)
         ph.meta.update(node.meta)
+        ph._dynamo_source = None  # noqa: SLF001  (what AOTAutograd reads; see _graph_copy)
         node.replace_all_uses_with(ph)
         exec_gm.graph.erase_node(node)
         last = ph

@@ -166,13 +166,17 @@ class GNMRConfig:
     warning. Off by default until the H200 measures what it saves."""
 
     low_graph: bool = False
-    """Also compile, for each graph, a copy with every emulated unit's low
-    path inlined (no ``torch.cond``), and run it on the steps where none of
-    the graph's units is high (read from the host plan the units already
-    use: no sync). Only for graphs whose units all use ``dispatch="host"``
-    emulation; twice the compile work, all of it at the first step (both
-    graphs, forward and backward): switching between them compiles nothing.
-    Experimental, off by default."""
+    """Also compile, for each graph, a copy with every unit's low path
+    inlined, and run it on the steps where none of the graph's units is high
+    (read from the host plan the units already use: no sync). Emulated units
+    lose their ``torch.cond``; real-kernel units become the plain recipe's
+    GEMMs with no bf16 operand kept for a high path (under Inductor, on the
+    CPU, the all-low step is then bitwise the plain fp8 model's, saved
+    tensors included; tests/test_saved_memory.py). The statistics are kept.
+    Not for graphs with ``dispatch="select"`` units (a warning says so);
+    twice the compile work, all of it at the first step (both graphs,
+    forward and backward): switching between them compiles nothing.
+    Experimental, off by default until the H200 measures it."""
 
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch

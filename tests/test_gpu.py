@@ -327,3 +327,58 @@ def test_low_graph_on_the_gpu_same_numbers_no_sync():
     assert ref_calls == [0, 0, 0, 0] and calls == [1, 1, 0, 1]
     for a, b in zip(ref, got):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+def test_low_graph_with_real_fp8_is_the_plain_fp8_model_no_sync():
+    """GNMRConfig(low_graph=True) with real fp8 kernels on CUDA: an all-low step
+    runs the copy whose units are ``low_linear`` (no select_mm, no bf16 operand
+    kept for a high path), chosen with no sync and no recompile; its loss is
+    the plain fp8 model's (``convert_to_lowp`` + torch.compile), bitwise, and
+    its gradients within bf16 rounding; a step with a unit pinned high runs
+    the dual-path graph."""
+    from torch._dynamo.utils import counters
+    from gnmr_fx.benchmarks.perf import Llama, LlamaSpec, _shared_copy
+
+    spec = LlamaSpec(hidden=256, intermediate=512, heads=4, layers=2, vocab=512, seq=128, batch=4)
+    torch.manual_seed(0)
+    base = Llama(spec).cuda().to(torch.bfloat16)
+    base.cos, base.sin = base.cos.float(), base.sin.float()
+    idx, tgt = (torch.randint(0, spec.vocab, (spec.batch, spec.seq), device="cuda") for _ in range(2))
+
+    def loss_and_grads(model):
+        for p in base.parameters():
+            p.grad = None
+        loss = model(idx, tgt)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in base.parameters()]
+
+    ref = loss_and_grads(torch.compile(real_kernels.convert_to_lowp(_shared_copy(base), "fp8_e4m3")))
+    cfg = GNMRConfig(recipe="fp8_e4m3", emulate=False, threshold=1e30, delta_threshold=1e30, low_graph=True)
+    opt = torch.optim.SGD(base.parameters(), lr=0.0)
+    cm = gnmr_fx.compile(_shared_copy(base), cfg, optimizer=opt)
+    rt = gnmr_fx.runtime(cm)
+    got = loss_and_grads(cm)  # compiles both graphs
+    opt.step()
+    assert torch.equal(got[0], ref[0])
+    for g, r in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(g, r, rtol=1.6e-2, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    calls = []
+    for step in range(3):
+        pins = torch.zeros(rt.controller.num_units, dtype=torch.bool)
+        pins[0] = step == 1
+        rt.pin(pins)
+        torch.cuda.synchronize()
+        before = counters["gnmr"]["low_graph_calls"]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = cm(idx, tgt)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        calls.append(counters["gnmr"]["low_graph_calls"] - before)
+        assert torch.isfinite(loss)
+        opt.step()
+        opt.zero_grad()
+    assert calls == [1, 0, 1]
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile

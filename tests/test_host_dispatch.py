@@ -373,6 +373,59 @@ def test_low_graph_runs_on_all_low_steps_and_computes_the_same(backend, recipe):
         torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_low_graph_with_real_kernels_computes_the_same_as_the_dual_path_graph():
+    """Real-kernel units (fp8, on the CPU's _scaled_mm) in the all-low copy are
+    ``low_linear`` with the weight statistic folded in: under aot_eager the
+    losses, gradients, statistics and plans equal those of the model without
+    the copy, bitwise, over steps with a pinned unit (the dual-path graph runs)
+    and without (the copy runs)."""
+    from torch._dynamo.utils import counters as dynamo_counters
+    from gnmr_fx.backend import _all_low_copy, _lift_state
+    from gnmr_fx.benchmarks.perf import Llama, LlamaSpec
+
+    spec = LlamaSpec(hidden=64, intermediate=176, heads=4, layers=1, vocab=256, seq=32, batch=2)
+
+    def run(low_graph):
+        torch.manual_seed(0)
+        model = Llama(spec).to(torch.bfloat16)
+        gen = torch.Generator().manual_seed(1)
+        idx, tgt = (torch.randint(0, spec.vocab, (spec.batch, spec.seq), generator=gen) for _ in range(2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = GNMRConfig(recipe="fp8_e4m3", emulate=False, max_o=0.5, threshold=1e30, delta_threshold=1e30,
+                         low_graph=low_graph)
+        cm = gnmr_fx.compile(model, cfg, backend="aot_eager", optimizer=opt)
+        rt = gnmr_fx.runtime(cm)
+        out, calls = [], []
+        for step in range(4):
+            if step in (1, 3):  # a unit pinned high, then none
+                pins = torch.zeros(rt.controller.num_units, dtype=torch.bool)
+                pins[2] = step == 1
+                rt.pin(pins)
+            before = dynamo_counters["gnmr"]["low_graph_calls"]
+            loss = cm(idx, tgt)
+            loss.backward()
+            calls.append(dynamo_counters["gnmr"]["low_graph_calls"] - before)
+            out.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad()
+            out[-1] += [rt.controller.norm.clone(), rt.controller.ema.clone(), rt.controller.plan.clone()]
+        return out, calls, rt
+
+    ref, ref_calls, _ = run(False)
+    got, calls, rt = run(True)
+    assert ref_calls == [0, 0, 0, 0]
+    assert calls == [1, 0, 0, 1]  # a unit pinned high at steps 1 and 2
+    for a, b in zip(ref, got):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert rt.controller.n_obs.tolist() == [4] * rt.controller.num_units
+    exec_gm, _ = _lift_state(rt.records[0].rewritten)
+    targets = [n.target for n in _all_low_copy(exec_gm).graph.nodes if n.op == "call_function"]
+    assert host_dispatch.low_linear in targets and host_dispatch.dual_linear not in targets
+    assert not any(getattr(t, "__name__", "") == "grad_stats" for t in targets)  # folded into the units
+
+
 def test_low_graph_leaves_other_dispatch_alone():
     # dispatch="select" picks the branch on the device: no all-low copy to make.
     from gnmr_fx.backend import _all_low_copy, _lift_state

@@ -216,6 +216,22 @@ def test_perf_harness_compiled_controller_arm(tmp_path):
     assert rows["gnmr_compiled"]["high_flops"] == 0.0
 
 
+def test_perf_harness_low_graph_arm(tmp_path):
+    # gnmr_lowg: GNMR compiled again with GNMRConfig(low_graph=True), its own
+    # runtime; with no unit high every timed step runs the all-low copy, and
+    # the JSON says so (a copy that never ran would time the wrong graph).
+    out = tmp_path / "perf.json"
+    args = _args(perf, ["--sizes", "tiny", "--arms", "lowp,gnmr,gnmr_lowg", "--device", "cpu", "--backend", "eager",
+                        "--steps", "2", "--rounds", "2", "--warmup", "1", "--out", str(out)])
+    assert perf.run(args) == 0
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["lowp", "gnmr", "gnmr_lowg"]
+    for r in rows.values():
+        assert r["n_steps"] == 4 and r["recompiles"] == 0, r
+    assert rows["gnmr_lowg"]["low_graph_calls"] >= 4 and rows["gnmr"]["low_graph_calls"] == 0
+    assert rows["gnmr_lowg"]["high_flops"] == 0.0
+
+
 def test_arm_switches_keep_each_arms_settings():
     # Switching to gnmr_compiled swaps the controller (a reset re-applies the
     # config's plan_lag): the arm after it must still get its own settings.

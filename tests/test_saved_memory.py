@@ -132,3 +132,40 @@ def test_the_identity_is_exact_and_only_traced():
     t = torch.tensor([1.5, -0.0, 0.0, float("inf"), -float("inf"), float("nan"), -3e-8], dtype=torch.bfloat16)
     assert torch.equal(host_dispatch._recomputable(t).view(torch.int16), t.view(torch.int16))
     assert not host_dispatch._tracing()
+
+
+def test_low_graph_all_low_step_is_the_plain_fp8_model():
+    """GNMRConfig(low_graph=True) with real kernels: on an all-low step GNMR runs
+    the copy whose units are ``low_linear`` (no ``gnmr::select_mm``, no bf16
+    operand for a high path): under Inductor it computes bitwise what the plain
+    fp8 model computes and saves what it saves, where the dual-path graph differs
+    by bf16 rounding (it materialises each unit's bf16 input, which Inductor's
+    fusion otherwise keeps in fp32); a step with a unit high runs the dual-path graph."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    base, idx, tgt = _base()
+    plain = torch.compile(real_kernels.convert_to_lowp(_shared_copy(base), "fp8_e4m3"))
+    ref = _loss_and_grads(plain, base, idx, tgt)
+    plain_kinds, plain_bytes = _saved(plain, base, idx, tgt)
+
+    cfg = GNMRConfig(recipe="fp8_e4m3", emulate=False, threshold=1e30, delta_threshold=1e30, low_graph=True)
+    gm = gnmr_fx.compile(_shared_copy(base), cfg)
+    rt = gnmr_fx.runtime(gm)
+    calls = dynamo_counters["gnmr"]["low_graph_calls"]
+    low = _loss_and_grads(gm, base, idx, tgt)  # compiles both graphs; the plan starts all low
+    assert dynamo_counters["gnmr"]["low_graph_calls"] == calls + 1
+    assert rt.controller.num_units == UNITS
+    for got, want in zip(low, ref):
+        assert torch.equal(got, want)
+    kinds, nbytes = _saved(gm, base, idx, tgt)
+    assert (kinds, nbytes) == (plain_kinds, plain_bytes), (kinds - plain_kinds, plain_kinds - kinds)
+    assert rt.controller.n_obs.tolist() == [2] * UNITS  # the copy keeps the statistics nodes
+
+    plan = torch.zeros(UNITS, dtype=torch.bool)
+    plan[0] = True
+    rt.force_plan(plan)
+    calls = dynamo_counters["gnmr"]["low_graph_calls"]
+    mixed = _loss_and_grads(gm, base, idx, tgt)
+    assert dynamo_counters["gnmr"]["low_graph_calls"] == calls  # the dual-path graph ran
+    assert not torch.equal(mixed[0], ref[0])
+    torch.testing.assert_close(mixed[0], ref[0], rtol=1e-3, atol=0)
