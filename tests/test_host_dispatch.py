@@ -52,6 +52,31 @@ def test_low_path_is_plain_fp8_and_high_path_is_the_op(recipe):
         assert torch.equal(hi, na)
 
 
+@pytest.mark.parametrize("high", ["native", "bf16", "fp32"])
+@pytest.mark.parametrize("recipe", REAL)
+def test_low_linear_is_the_dual_linear_low_path(recipe, high):
+    """``low_linear`` (the unit of the all-low copy, GNMRConfig.low_graph): bitwise
+    the values, gradients and dtypes of ``dual_linear`` with its plan low, for
+    every real recipe and high path, in fp32 and bf16, on shapes the kernels
+    need padded (M = 30, K = 40, N = 24); its folded statistic is ||dW||^2."""
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        x = torch.randn(3, 10, 40, dtype=dtype, requires_grad=True)
+        w = torch.randn(24, 40, dtype=dtype, requires_grad=True)
+        b = torch.randn(24, dtype=dtype, requires_grad=True)
+        probe = torch.zeros(2, requires_grad=True)
+        outs = []
+        for fn, kw in ((host_dispatch.dual_linear, {}), (host_dispatch.low_linear, {"probe": probe})):
+            for t in (x, w, b):
+                t.grad = None
+            y = fn(x, w, b, plan=torch.tensor([True, False]), slot=1, recipe=recipe, high=high, **kw)
+            (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+            outs.append([y.detach(), x.grad, w.grad, b.grad])
+        for got, want in zip(outs[1], outs[0]):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        assert probe.grad[0] == 0 and torch.equal(probe.grad[1], w.grad.float().pow(2).sum())
+
+
 @pytest.mark.parametrize("recipe", REAL)
 def test_real_fp8_sqnr_on_cpu(recipe):
     x, w, g = _xwg(128, 256, 64, seed=1)
