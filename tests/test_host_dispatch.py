@@ -353,19 +353,22 @@ def test_optimizer_step_updates_from_this_steps_gradients(closure):
         assert rt.controller.n_obs.tolist() == [step] * rt.controller.num_units
 
 
-@pytest.mark.parametrize("backend,recipe", [("aot_eager", "mxfp4"), ("inductor", "int8")])
-def test_low_graph_runs_on_all_low_steps_and_computes_the_same(backend, recipe):
+@pytest.mark.parametrize("backend,recipe,emulate", [("aot_eager", "mxfp4", None), ("inductor", "int8", None),
+                                                    ("aot_eager", "fp8_e4m3", False)])
+def test_low_graph_runs_on_all_low_steps_and_computes_the_same(backend, recipe, emulate):
     """GNMRConfig(low_graph=True): an all-low step runs the graph copy with the
     low paths inlined (no cond), any other plan the cond graph; the losses and
-    gradients equal those of the model without the copy, over plan changes."""
+    gradients equal those of the model without the copy, over plan changes.
+    With ``emulate=False`` the graph mixes real-kernel units (the linears, on
+    the CPU's _scaled_mm) and emulated ones (attention's batched matmuls)."""
     from torch._dynamo.utils import counters as dynamo_counters
 
     def run(low_graph):
         torch.manual_seed(0)
         model = TinyGPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        cm = gnmr_fx.compile(model, GNMRConfig(recipe=recipe, policy="always_low", low_graph=low_graph),
-                             backend=backend, optimizer=opt)
+        cm = gnmr_fx.compile(model, GNMRConfig(recipe=recipe, policy="always_low", low_graph=low_graph,
+                                               emulate=emulate), backend=backend, optimizer=opt)
         rt = gnmr_fx.runtime(cm)
         idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
         out, low_calls = [], []
@@ -393,6 +396,16 @@ def test_low_graph_runs_on_all_low_steps_and_computes_the_same(backend, recipe):
     got, calls = run(True)
     assert ref_calls == [0, 0, 0, 0, 0]
     assert calls == [1, 1, 0, 0, 1]
+    if emulate is False:
+        from gnmr_fx.backend import _all_low_copy, _lift_state
+        from gnmr_fx.passes.nodes import low_only_path
+
+        model = TinyGPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
+        cm = gnmr_fx.compile(model, GNMRConfig(recipe=recipe, emulate=False), backend="eager")
+        cm(torch.zeros(1, 8, dtype=torch.long))
+        exec_gm, _ = _lift_state(gnmr_fx.runtime(cm).records[0].rewritten)
+        targets = {n.target for n in _all_low_copy(exec_gm).graph.nodes if n.op == "call_function"}
+        assert {host_dispatch.low_linear, low_only_path} <= targets  # both kinds of unit
     for (l_ref, g_ref), (l_got, g_got) in zip(ref, got):
         torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5)
