@@ -43,7 +43,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARMS = ("bf16", "lowp", "gnmr", "pin@5%", "pin@10%", "torchao")
+ARMS = ("bf16", "lowp", "gnmr", "pin@5%", "pin@10%", "torchao", "torchao_int8")
+# torchao_int8 (not a default arm): torchao's int8 mixed-precision training
+# (torchao.prototype.quantized_training, row-wise int8 in all three GEMMs), the
+# reference for the int8_rowwise recipe. Its weights become new parameters
+# (a tensor subclass), so the arm has its own AdamW over its own parameters.
+DEFAULT_ARMS = tuple(a for a in ARMS if a != "torchao_int8")
 # Diagnostics (not run by default): gnmr without the per-step plan copy to
 # the host (``nosync``), without the runtime step at all (``nostep``), or
 # with the plan copied one step late (``lag``, GNMRConfig.plan_lag=1), or
@@ -240,6 +245,7 @@ class Arm:
     recompiles: int = 0
     high_flops: float = 0.0
     runtime: Any = None  # the GNMR arms' runtime
+    opt: Any = None  # the arm's own optimizer (None: the shared one)
     low_graph_calls: int = 0  # timed calls of an all-low graph copy (GNMRConfig.low_graph)
 
 
@@ -286,6 +292,21 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
             shared = {id(p) for p in base.parameters()}
             info["torchao"] = f"torchao {torchao.__version__}, shares params: {all(id(p) in shared for p in m.parameters())}"
             arms.append(Arm("torchao", torch.compile(m, **compile_kw)))
+    if "torchao_int8" in names:
+        try:
+            from torchao import quantize_
+            from torchao.prototype.quantized_training import int8_mixed_precision_training
+        except ImportError as e:
+            info["torchao_int8"] = f"not run: {e}"
+        else:
+            m = _shared_copy(base)
+            quantize_(m, int8_mixed_precision_training(),
+                      filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and _converted(model_kind, fqn, mod))
+            own = torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)
+            shared = {id(p) for p in base.parameters()}
+            info["torchao_int8"] = (f"torchao int8_mixed_precision_training, "
+                                    f"{sum(id(p) not in shared for p in m.parameters())} parameters of its own")
+            arms.append(Arm("torchao_int8", torch.compile(m, **compile_kw), opt=own))
     return arms, info
 
 
@@ -363,8 +384,9 @@ def run_size(name: str, s: LlamaSpec, args: argparse.Namespace, device: torch.de
     def step(arm: Arm) -> None:
         loss = arm.model(idx, tgt)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        o = arm.opt or opt
+        o.step()
+        o.zero_grad(set_to_none=True)
 
     def sync() -> None:
         if cuda:
@@ -447,6 +469,7 @@ def _rows(size: str, s: LlamaSpec, arms: list[Arm]) -> list[dict]:
             "vs_bf16": med["bf16"] / ms if "bf16" in med else float("nan"),
             "vs_lowp": med["lowp"] / ms if "lowp" in med else float("nan"),
             "vs_torchao": med["torchao"] / ms if "torchao" in med else float("nan"),
+            "vs_torchao_int8": med["torchao_int8"] / ms if "torchao_int8" in med else float("nan"),
             "peak_gib": a.peak_gib,
             "compile_s": a.compile_s - ms / 1e3,
             "graphs": a.graphs_first, "recompiles": a.recompiles,
@@ -494,7 +517,8 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1b,8b,70b", help=f"comma list of {list(SIZES)}")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {list(ARMS)}".replace("%", "%%"))
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"comma list of {list(ARMS)} (default: all but torchao_int8)".replace("%", "%%"))
     p.add_argument("--model", default="llama", choices=sorted(MODELS),
                    help="llama: the built-in decoder; hf-llama: transformers' LlamaForCausalLM from config "
                         "(lm_head stays bf16 in every arm)")
@@ -568,7 +592,12 @@ _HEAD = ["size", "arm", "step_ms", "tokens_per_s", "tflops", "vs_bf16", "vs_lowp
 def _table(rows: list[dict], fmt: str = "simple") -> str:
     from tabulate import tabulate
 
-    return tabulate([[r[h] for h in _HEAD] for r in rows], headers=_HEAD, tablefmt=fmt, floatfmt=".3g")
+    head = list(_HEAD)
+    if any(r["arm"] == "torchao_int8" for r in rows):
+        head.insert(head.index("vs_torchao") + 1, "vs_torchao_int8")
+    if any(r["low_graph_calls"] for r in rows):
+        head.append("low_graph_calls")
+    return tabulate([[r[h] for h in head] for r in rows], headers=head, tablefmt=fmt, floatfmt=".3g")
 
 
 def _markdown(env: dict, rows: list[dict], extras: dict) -> str:

@@ -232,6 +232,31 @@ def test_perf_harness_low_graph_arm(tmp_path):
     assert rows["gnmr_lowg"]["high_flops"] == 0.0
 
 
+def test_perf_harness_torchao_int8_arm(tmp_path):
+    # torchao_int8 (torchao's int8 mixed-precision training, the reference of the
+    # int8_rowwise recipe): with its own optimizer where torchao is installed; where
+    # it is not (CI), the arm is left out and the JSON says why.
+    try:
+        import torchao.prototype.quantized_training  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    out = tmp_path / "perf.json"
+    args = _args(perf, ["--sizes", "tiny", "--arms", "lowp,torchao_int8", "--recipe", "int8_rowwise", "--device",
+                        "cpu", "--backend", "eager", "--steps", "2", "--rounds", "1", "--warmup", "1",
+                        "--out", str(out)])
+    assert perf.run(args) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["arm"]: r for r in doc["rows"]}
+    note = doc["extras"]["tiny"]["torchao_int8"]
+    if have:
+        assert list(rows) == ["lowp", "torchao_int8"] and rows["torchao_int8"]["n_steps"] == 2
+        assert rows["lowp"]["vs_torchao_int8"] > 0 and "parameters of its own" in note
+    else:
+        assert list(rows) == ["lowp"] and note.startswith("not run:")
+    assert "torchao_int8" not in perf.DEFAULT_ARMS
+
+
 def test_arm_switches_keep_each_arms_settings():
     # Switching to gnmr_compiled swaps the controller (a reset re-applies the
     # config's plan_lag): the arm after it must still get its own settings.
