@@ -155,24 +155,18 @@ class _LowLinear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Optional[Tensor], probe_slot: Optional[Tensor],
                 recipe: str, high: str) -> Tensor:
         spec = REAL_RECIPES[recipe]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = real_kernels.lowp_mm(output_operands(x2, w, spec), _high_dtype(x2.dtype, high)).to(x.dtype)
-        if bias is not None:
-            y = y + bias
+        y, x2 = real_kernels.linear_forward(x, w, bias, spec, _high_dtype(x.dtype, high))
         ctx.save_for_backward(x2, w)
         ctx.spec, ctx.high, ctx.has_bias, ctx.x_shape = spec, high, bias is not None, x.shape
         ctx.stats = probe_slot is not None
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple:
         x2, w = ctx.saved_tensors
-        g2 = gy.reshape(-1, gy.shape[-1])
-        dx_ops, dw_ops = grad_operands(g2, x2, w, ctx.spec)
-        out = _high_dtype(g2.dtype, ctx.high)
-        dx = real_kernels.lowp_mm(dx_ops, out).to(gy.dtype).reshape(ctx.x_shape)
-        dw = real_kernels.lowp_mm(dw_ops, out).to(w.dtype)
-        db = g2.sum(0) if ctx.has_bias else None
+        # dual_linear's GEMMs write the high path's dtype (a_hp's), then cast.
+        dx, dw, db = real_kernels.linear_backward(gy, x2, w, ctx.spec, ctx.x_shape, ctx.has_bias,
+                                                  _high_dtype(gy.dtype, ctx.high))
         # The same expression as grad_stats' backward (passes.nodes), on the same tensor.
         stat = dw.detach().float().pow(2).sum() if ctx.stats else None
         return dx, dw, db, stat, None, None

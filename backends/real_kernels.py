@@ -299,29 +299,46 @@ def _pad2(t: Tensor, p0: int, p1: int) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
+def linear_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], spec: KernelSpec,
+                   gemm_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """``F.linear(x, w, bias)`` through the real recipe: ``(y, x2)``, ``x2`` being
+    ``x`` as [tokens, in] (what the backward needs). The GEMM writes
+    ``gemm_dtype`` (default ``x``'s), then ``y`` is cast to ``x``'s dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = lowp_mm(output_operands(x2, w, spec), gemm_dtype or x.dtype).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], w.shape[0]), x2
+
+
+def linear_backward(gy: Tensor, x2: Tensor, w: Tensor, spec: KernelSpec, x_shape: torch.Size, has_bias: bool,
+                    gemm_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The backward of :func:`linear_forward`: ``(dx, dw, db)``, both GEMMs in the
+    real recipe. They write ``gemm_dtype`` (default: ``gy``'s for dx, ``w``'s
+    for dw), then each is cast to its input's dtype."""
+    g2 = gy.reshape(-1, gy.shape[-1])
+    dx_ops, dw_ops = grad_operands(g2, x2, w, spec)
+    dx = lowp_mm(dx_ops, gemm_dtype or gy.dtype).to(gy.dtype).reshape(x_shape)
+    dw = lowp_mm(dw_ops, gemm_dtype or w.dtype).to(w.dtype)
+    db = g2.sum(0) if has_bias else None
+    return dx, dw, db
+
+
 class _LowpLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, bias: Optional[Tensor], recipe: str) -> Tensor:
         spec = REAL_RECIPES[recipe]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = lowp_mm(output_operands(x2, w, spec), x.dtype)
-        if bias is not None:
-            y = y + bias
+        y, x2 = linear_forward(x, w, bias, spec)
         # High-precision operands are saved and re-cast in backward (as
         # torchao does); the partitioner may keep the low-precision copies instead.
         ctx.save_for_backward(x2, w)
         ctx.spec, ctx.has_bias, ctx.x_shape = spec, bias is not None, x.shape
-        return y.reshape(*x.shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple:
         x2, w = ctx.saved_tensors
-        g2 = gy.reshape(-1, gy.shape[-1])
-        dx_ops, dw_ops = grad_operands(g2, x2, w, ctx.spec)
-        dx = lowp_mm(dx_ops, gy.dtype).reshape(ctx.x_shape)
-        dw = lowp_mm(dw_ops, w.dtype)
-        db = g2.sum(0) if ctx.has_bias else None
-        return dx, dw, db, None
+        return (*linear_backward(gy, x2, w, ctx.spec, ctx.x_shape, ctx.has_bias), None)
 
 
 def lowp_linear(x: Tensor, w: Tensor, bias: Optional[Tensor], recipe: str) -> Tensor:
