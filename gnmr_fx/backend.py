@@ -196,6 +196,7 @@ class InstanceDispatch:
             if plan.device.type == "cpu" and not bool(plan.any()):
                 compiled = self.compiled_low
                 counters["gnmr"]["low_graph_calls"] += 1
+                self.runtime.low_graph_calls += 1
         if boxed:
             inputs = list(args) + extra
             args.clear()  # boxed convention: the callee owns (and frees) the inputs

@@ -173,6 +173,7 @@ class GNMRConfig:
     GEMMs with no bf16 operand kept for a high path (under Inductor, on the
     CPU, the all-low step is then bitwise the plain fp8 model's, saved
     tensors included; tests/test_saved_memory.py). The statistics are kept.
+    ``gnmr_fx.runtime(model).low_graph_calls`` counts the calls that ran a copy.
     Not for graphs with ``dispatch="select"`` units (a warning says so);
     twice the compile work, all of it at the first step (both graphs,
     forward and backward): switching between them compiles nothing.

@@ -118,6 +118,9 @@ class GNMRRuntime:
         # The once-only check that GNMR controls something (check_active).
         self.on_inactive = "raise"
         self._calls = 0  # calls of a GNMR-compiled module (CompiledCall), until checked
+        # Graph calls that ran the all-low copy (GNMRConfig.low_graph); also
+        # torch._dynamo.utils.counters["gnmr"]["low_graph_calls"], over all runtimes.
+        self.low_graph_calls = 0
         self._active_checked = False
         self._inactive_hook: Any = None
         self._scopes: Optional[list[str]] = None  # FQNs of the compiled submodules; None: the whole root

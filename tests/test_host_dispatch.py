@@ -453,6 +453,7 @@ def test_low_graph_with_real_kernels_computes_the_same_as_the_dual_path_graph():
     got, calls, rt = run(True)
     assert ref_calls == [0, 0, 0, 0]
     assert calls == [1, 0, 0, 1]  # a unit pinned high at steps 1 and 2
+    assert rt.low_graph_calls == 2  # this runtime's count
     for a, b in zip(ref, got):
         assert len(a) == len(b)
         for x, y in zip(a, b):
