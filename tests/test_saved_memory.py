@@ -134,7 +134,8 @@ def test_the_identity_is_exact_and_only_traced():
     assert not host_dispatch._tracing()
 
 
-def test_low_graph_all_low_step_is_the_plain_fp8_model():
+@pytest.mark.parametrize("model", ["llama", "hf-llama"])
+def test_low_graph_all_low_step_is_the_plain_fp8_model(model):
     """GNMRConfig(low_graph=True) with real kernels: on an all-low step GNMR runs
     the copy whose units are ``low_linear`` (no ``gnmr::select_mm``, no bf16
     operand for a high path): under Inductor it computes bitwise what the plain
@@ -143,25 +144,37 @@ def test_low_graph_all_low_step_is_the_plain_fp8_model():
     fusion otherwise keeps in fp32); a step with a unit high runs the dual-path graph."""
     from torch._dynamo.utils import counters as dynamo_counters
 
-    base, idx, tgt = _base()
-    plain = torch.compile(real_kernels.convert_to_lowp(_shared_copy(base), "fp8_e4m3"))
+    cfg = GNMRConfig(recipe="fp8_e4m3", emulate=False, threshold=1e30, delta_threshold=1e30, low_graph=True)
+    if model == "hf-llama":  # transformers' LlamaForCausalLM from config; lm_head bf16, as in bench perf
+        pytest.importorskip("transformers")
+        from gnmr_fx.benchmarks import perf
+
+        torch.manual_seed(0)
+        base = perf.MODELS[model](SPEC).to(torch.bfloat16)
+        idx, tgt = _base()[1:]
+        cfg = cfg.replace(unit_filter=perf.HF_UNITS)
+        convert = lambda name, mod: perf._converted(model, name, mod)  # noqa: E731
+        units = 7 * SPEC.layers
+    else:
+        base, idx, tgt = _base()
+        convert, units = None, UNITS
+    plain = torch.compile(real_kernels.convert_to_lowp(_shared_copy(base), "fp8_e4m3", convert))
     ref = _loss_and_grads(plain, base, idx, tgt)
     plain_kinds, plain_bytes = _saved(plain, base, idx, tgt)
 
-    cfg = GNMRConfig(recipe="fp8_e4m3", emulate=False, threshold=1e30, delta_threshold=1e30, low_graph=True)
     gm = gnmr_fx.compile(_shared_copy(base), cfg)
     rt = gnmr_fx.runtime(gm)
     calls = dynamo_counters["gnmr"]["low_graph_calls"]
     low = _loss_and_grads(gm, base, idx, tgt)  # compiles both graphs; the plan starts all low
-    assert dynamo_counters["gnmr"]["low_graph_calls"] == calls + 1
-    assert rt.controller.num_units == UNITS
+    assert dynamo_counters["gnmr"]["low_graph_calls"] == calls + 1 and rt.low_graph_calls == 1
+    assert rt.controller.num_units == units
     for got, want in zip(low, ref):
         assert torch.equal(got, want)
     kinds, nbytes = _saved(gm, base, idx, tgt)
     assert (kinds, nbytes) == (plain_kinds, plain_bytes), (kinds - plain_kinds, plain_kinds - kinds)
-    assert rt.controller.n_obs.tolist() == [2] * UNITS  # the copy keeps the statistics nodes
+    assert rt.controller.n_obs.tolist() == [2] * units  # the copy keeps the statistics nodes
 
-    plan = torch.zeros(UNITS, dtype=torch.bool)
+    plan = torch.zeros(units, dtype=torch.bool)
     plan[0] = True
     rt.force_plan(plan)
     calls = dynamo_counters["gnmr"]["low_graph_calls"]
