@@ -99,6 +99,7 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
 def _compile(gm: torch.fx.GraphModule, inputs: list, compiler: str) -> Callable:
     if compiler == "eager":
         return gm.forward
+    _check_dynamo_metadata(gm)
     if compiler == "aot_eager":
         from torch._dynamo.backends.common import aot_autograd
 
@@ -266,12 +267,28 @@ def _graph_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     not from Dynamo, or with an input of unknown source, is copied without it."""
     new = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     old_inputs, new_inputs = gm.graph.find_nodes(op="placeholder"), new.graph.find_nodes(op="placeholder")
-    if "dynamo_compile_id" in gm.meta and all(hasattr(n, "_dynamo_source") for n in old_inputs):
+    if "dynamo_compile_id" in gm.meta and hasattr(gm, "_param_name_to_source") \
+            and all(hasattr(n, "_dynamo_source") for n in old_inputs):
         for old, copied in zip(old_inputs, new_inputs):
             copied._dynamo_source = old._dynamo_source  # noqa: SLF001
         new.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
-        new._param_name_to_source = getattr(gm, "_param_name_to_source", {})  # noqa: SLF001
+        new._param_name_to_source = gm._param_name_to_source  # noqa: SLF001
     return new
+
+
+def _check_dynamo_metadata(gm: torch.fx.GraphModule) -> None:
+    """Drop the Dynamo metadata :func:`_graph_copy` kept where AOTAutograd
+    could not use it (it asserts that every parameter and buffer still on
+    the module has a source): the graph then compiles as before, its inputs
+    all plain."""
+    if "dynamo_compile_id" not in gm.meta:
+        return
+    sources = getattr(gm, "_param_name_to_source", None)
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    if sources is None or any(n not in sources for n in names) \
+            or not all(hasattr(n, "_dynamo_source") for n in gm.graph.find_nodes(op="placeholder")):
+        del gm.meta["dynamo_compile_id"]
 
 
 def _lift_state(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[str]]:

@@ -182,3 +182,26 @@ def test_low_graph_all_low_step_is_the_plain_fp8_model(model):
     assert dynamo_counters["gnmr"]["low_graph_calls"] == calls  # the dual-path graph ran
     assert not torch.equal(mixed[0], ref[0])
     torch.testing.assert_close(mixed[0], ref[0], rtol=1e-3, atol=0)
+
+
+def test_dynamo_metadata_kept_only_where_aotautograd_can_use_it():
+    # _graph_copy keeps Dynamo's input sources (so AOTAutograd knows the
+    # parameters); a graph module that still holds a parameter with no source
+    # would make AOTAutograd assert, so _compile drops the metadata there.
+    from gnmr_fx.backend import _check_dynamo_metadata, _graph_copy, _lift_state
+
+    base, idx, tgt = _base()
+    gm = _gnmr(base, "eager")
+    gm(idx, tgt)
+    exec_gm, names = _lift_state(gnmr_fx.runtime(gm).records[0].rewritten)
+    assert names and "dynamo_compile_id" in exec_gm.meta
+    assert all(hasattr(n, "_dynamo_source") for n in exec_gm.graph.find_nodes(op="placeholder"))
+    _check_dynamo_metadata(exec_gm)
+    assert "dynamo_compile_id" in exec_gm.meta  # every input has a source, no parameter left on it
+
+    stray = _graph_copy(exec_gm)
+    stray.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))
+    _check_dynamo_metadata(stray)
+    assert "dynamo_compile_id" not in stray.meta
+    plain = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    assert "dynamo_compile_id" not in _graph_copy(plain).meta
