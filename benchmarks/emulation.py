@@ -254,6 +254,8 @@ def profile_arms(arms: list[Arm], device: torch.device, rows: int = 12) -> dict:
             rec["device_ms"] = round(sum(e.self_device_time_total for e in dev) / 1e3, 3)
             rec["kernels"] = int(sum(e.count for e in dev))
             rec["busy"] = round(rec["device_ms"] / wall, 3) if wall > 0 else None
+            # Every kernel of the step (device ms, count): what benchmarks/profile_diff.py groups.
+            rec["per_kernel_ms"] = {e.key: (round(e.self_device_time_total / 1e3, 4), int(e.count)) for e in dev}
         sort = "cuda_time_total" if cuda else "cpu_time_total"
         rec["table"] = ka.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
         key = arm.name if arm.recipe is None else f"{arm.name}:{arm.recipe}"

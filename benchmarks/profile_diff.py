@@ -1,6 +1,7 @@
 """Group the per-kernel profile of a ``bench perf --profile`` JSON by kernel kind.
 
     python benchmarks/profile_diff.py benchmarks/results/perf_h100_tensorwise.json --size 70b
+    python benchmarks/profile_diff.py <bench emulation --profile JSON, on a GPU>   # no --size
 
 Prints device ms per step and kernel count per kind for each profiled arm,
 so the gap between two arms can be attributed to kinds of kernels.
@@ -39,9 +40,16 @@ def kind(name: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json")
-    ap.add_argument("--size", required=True)
+    ap.add_argument("--size", help="the size (bench perf JSON); none for a bench emulation JSON")
     args = ap.parse_args(argv)
-    prof = json.load(open(args.json))["profiles"][args.size]
+    prof = json.load(open(args.json))["profiles"]
+    if args.size is not None:
+        prof = prof[args.size]
+    prof = {arm: p for arm, p in prof.items() if "per_kernel_ms" in p}
+    if not prof:
+        print(f"profile_diff: no per-kernel profile in {args.json} (a GPU run with --profile has one)",
+              file=sys.stderr)
+        return 2
     table = {}
     for arm, p in prof.items():
         acc = collections.defaultdict(lambda: [0.0, 0])
@@ -53,7 +61,7 @@ def main(argv=None) -> int:
         table[arm] = acc
     arms = list(table)
     kinds = sorted(set().union(*table.values()))
-    print(f"| kind ({args.size}, device ms / kernels per step) | " + " | ".join(arms) + " |")
+    print(f"| kind ({args.size or 'emulation'}, device ms / kernels per step) | " + " | ".join(arms) + " |")
     print("|---" * (len(arms) + 1) + "|")
     for k in kinds + ["total"]:
         cells = []

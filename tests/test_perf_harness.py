@@ -276,3 +276,25 @@ def test_arm_switches_keep_each_arms_settings():
         perf._plan_setter(rt, 0.0, arm)()
         assert (rt.plan_lag, rt.config.compile_controller, rt.controller.config.compile_controller) == \
             (lag, compiled, compiled), arm
+
+
+def test_profile_diff_groups_an_emulation_profile(tmp_path, capsys):
+    # benchmarks/profile_diff.py on a bench emulation JSON (no --size): kernel
+    # kinds per arm; a JSON without per-kernel data is a clear error, exit 2.
+    from gnmr_fx.benchmarks import profile_diff
+
+    doc = {"profiles": {
+        "fake_quant:mxfp4": {"per_kernel_ms": {"triton_poi_fused_x": [0.5, 3], "nvjet_gemm": [1.0, 2]}},
+        "low_graph_cc:mxfp4": {"per_kernel_ms": {"triton_poi_fused_x": [0.5, 3], "nvjet_gemm": [1.0, 2],
+                                                 "triton_red_fused_pow_sum_1": [0.25, 4]}},
+        "plain": {"wall_ms": 1.0}}}
+    path = tmp_path / "emulation.json"
+    path.write_text(json.dumps(doc))
+    assert profile_diff.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fake_quant:mxfp4 | low_graph_cc:mxfp4 |" in out and "plain" not in out
+    assert "| triton reduction: sum of squares (GNMR statistics, RMSNorm backward) | 0.00 / 0 | 0.25 / 4 |" in out
+    assert "| total | 1.50 / 5 | 1.75 / 9 |" in out
+    path.write_text(json.dumps({"profiles": {"plain": {"wall_ms": 1.0}}}))
+    assert profile_diff.main([str(path)]) == 2
+    assert "no per-kernel profile" in capsys.readouterr().err
