@@ -298,3 +298,23 @@ def test_profile_diff_groups_an_emulation_profile(tmp_path, capsys):
     path.write_text(json.dumps({"profiles": {"plain": {"wall_ms": 1.0}}}))
     assert profile_diff.main([str(path)]) == 2
     assert "no per-kernel profile" in capsys.readouterr().err
+
+
+def test_graph_kernels_counts_code_lines_not_comments():
+    # benchmarks/graph_kernels.py counts calls on code lines only: Inductor's
+    # comments and asserts name the same ops.
+    from gnmr_fx.benchmarks.graph_kernels import code_stats
+
+    code = "\n".join([
+        "cpp_fused_a_0 = async_compile.cpp_pybinding(['float*'], '''...''')",
+        "triton_poi_b_1 = async_compile.triton('triton_poi_b_1', '''...''')",
+        "def call(args):",
+        "        buf0 = empty_strided_cpu((4, 4), (4, 1), torch.float32)",
+        "        # Topologically Sorted Source Nodes: [dual_linear], Original ATen: [aten.mm]",
+        "        extern_kernels.mm(buf0, buf0, out=buf0)",
+        "        buf1 = torch.ops.aten._scaled_mm.default(buf0, buf0, buf0, buf0)",
+        "        buf2 = torch.ops.gnmr.select_mm.default(plan, 0, buf0, buf0, buf0, buf0, s, s, True)",
+        "        assert_size_stride(buf2, (4, 4), (4, 1), 'torch.ops.gnmr.select_mm.default')",
+        "        # buffer buf2 (op: torch.ops.gnmr.select_mm.default) is assumed to be not aligned",
+    ])
+    assert code_stats(code) == (2, 2, 1, 1)
