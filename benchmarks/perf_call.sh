@@ -5,7 +5,8 @@
 # part, so a call cut short still brings back what finished.
 #   T0=$(date +%s) BUDGET=570 bash benchmarks/perf_call.sh benchmarks/calls/CALL.perf
 # CALL.perf: one part per line, "NAME SECONDS COMMAND...", run from the repo
-# root with OUT=<its own folder>; '#' comments. Example line:
+# root with OUT=<its own folder>; '#' comments; SECONDS "max" gives the part all
+# that is left of BUDGET (a fixed number caps it, to leave time for later parts). Example line:
 #   tw 240 env SKIP_TESTS=1 bash benchmarks/gpu_suite.sh --sizes 8b --arms lowp,gnmr --steps 10
 # PERF_CALL_DRY=1 prints the plan (names, seconds, commands) and runs nothing.
 set -o pipefail
@@ -19,6 +20,7 @@ rm -rf "$R"; mkdir -p "$R" "$OUT"
 while read -r name secs cmd; do
   case "$name" in ''|'#'*) continue;; esac
   left=$((BUDGET - 15 - $(date +%s) + T0))
+  [ "$secs" = max ] && secs=$left
   [ "$secs" -gt "$left" ] && secs=$left
   if [ "$left" -lt 30 ]; then
     echo "$name: skipped, ${left}s left" | tee -a "$R/call.log"

@@ -183,7 +183,8 @@ def test_perf_call_runs_parts_in_turn_under_the_budget_and_bundles_after_each(tm
     spec.write_text("# parts\n"
                     "a 60 env FOO=\"x y\" bash -c 'echo \"[$FOO]\" > \"$OUT/a.txt\"'\n"
                     "b 2 sleep 20\n"
-                    "c 600 true\n")
+                    "c 600 true\n"
+                    "d max true\n")
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), BUDGET="50")
     res = subprocess.run(["bash", "benchmarks/perf_call.sh", str(spec)], env=env, capture_output=True, text=True,
@@ -192,6 +193,7 @@ def test_perf_call_runs_parts_in_turn_under_the_budget_and_bundles_after_each(tm
     log = res.stdout
     assert "a: rc=0" in log and "b: rc=124" in log  # b's own 2 s timeout
     assert "== c (timeout" in log and "(timeout 600s)" not in log  # c cut to what is left of 50 s
+    assert re.search(r"== d \(timeout (\d+)s\)", log) and int(re.search(r"== d \(timeout (\d+)s\)", log)[1]) <= 35
     with tarfile.open(out / "perf.tgz") as tar:
         names = tar.getnames()
         assert "./a/a.txt" in names and "./call.log" in names
