@@ -6,6 +6,7 @@ none); run on the lent GPU with ``benchmarks/gpu_suite.sh``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -25,6 +26,16 @@ from gnmr_fx.backends.recipes import sqnr  # noqa: E402
 from gnmr_fx.backends.paths import low_path  # noqa: E402
 from gnmr_fx.config import GNMRConfig  # noqa: E402
 from gnmr_fx.models import GPTConfig, TinyGPT  # noqa: E402
+
+
+@contextlib.contextmanager
+def _syncs_raise(enabled: bool = True):
+    """A host sync inside the block raises (``torch.cuda.set_sync_debug_mode("error")``)."""
+    torch.cuda.set_sync_debug_mode("error" if enabled else 0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 RECIPES = ["fp8_e4m3", "int8_rowwise"] + (["fp8_rowwise"] if _CAP >= (9, 0) else [])
 # Where SQNR numbers land for the lent-GPU report (benchmarks/PERF.md).
@@ -132,12 +143,9 @@ def test_no_host_sync_and_zero_recompiles_on_plan_flips(emulate, recipe):
     for plan in plans:
         _set_plan(rt, plan)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _syncs_raise():
             loss = cm(idx, tgt)
             loss.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         # The runtime's step (controller update + the one plan copy to the
         # host) runs here, in opt.step(), outside the checked region.
         opt.step()
@@ -191,11 +199,8 @@ def test_plan_lag_publishes_the_previous_steps_plan_without_syncs(emulate):
     rec = rt.records[0]
     seen = []
     for _ in range(5):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _syncs_raise():
             cm(idx, tgt).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         opt.step()
         opt.zero_grad()
         seen.append((rt.controller.step, rec.plan_host.clone()))
@@ -235,12 +240,9 @@ def test_emulated_dispatch_runs_the_model_or_the_recipe(recipe):
         rt.reset_controller(rt.config.replace(policy=policy))  # publishes the host plan
         assert bool(rec.plan_host.all()) == (policy == "always_high")
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _syncs_raise():
             loss[policy] = cm(idx, idx)
             loss[policy].backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         opt.step()
         opt.zero_grad()
@@ -308,14 +310,10 @@ def test_low_graph_on_the_gpu_same_numbers_no_sync():
                 rt.reset_controller(rt.config.replace(policy="always_low"))
             torch.cuda.synchronize()
             before = counters["gnmr"]["low_graph_calls"]
-            if step > 0:  # the first step compiles
-                torch.cuda.set_sync_debug_mode("error")
-            try:
+            with _syncs_raise(step > 0):  # the first step compiles
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = cm(idx, idx)
                 loss.backward()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
             calls.append(counters["gnmr"]["low_graph_calls"] - before)
             losses.append(loss.detach().float())
             opt.step()
@@ -370,12 +368,9 @@ def test_low_graph_with_real_fp8_is_the_plain_fp8_model_no_sync():
         rt.pin(pins)
         torch.cuda.synchronize()
         before = counters["gnmr"]["low_graph_calls"]
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with _syncs_raise():
             loss = cm(idx, tgt)
             loss.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         calls.append(counters["gnmr"]["low_graph_calls"] - before)
         assert torch.isfinite(loss)
         opt.step()
