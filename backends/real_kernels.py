@@ -243,13 +243,38 @@ def lowp_mm(ops: GemmOperands, out_dtype: torch.dtype) -> Tensor:
     return y if y.shape == (m, n) else y[:m, :n]
 
 
+# ``_int_mm`` behind an op of its own, whose layouts Inductor must keep.
+# ``_scaled_mm`` rejects operands that are not row-major @ column-major, so
+# Inductor lays them out as traced; ``_int_mm`` accepts any layout, and
+# Inductor, free to choose, wrote the dw GEMM's first operand column-major
+# (the transposed gradient's cast fused with its transpose), where cuBLAS
+# runs a WMMA kernel 5.6x slower than its IMMA one (H200, 8b geometry:
+# 4.0 ms against 0.72 ms a call; plain int8 then trained at 0.54x bf16,
+# benchmarks/results/perf_s27/s27e/i8p.out). The tag makes Inductor pass
+# the operands in the traced stride order; the kernel still lays out what
+# it gets wrong (a copy, never a wrong answer).
+_LIB = torch.library.Library("gnmr", "FRAGMENT")
+if not hasattr(torch.ops.gnmr, "int_mm"):  # once per process (doctest imports this file twice)
+    _LIB.define("int_mm(Tensor a, Tensor b) -> Tensor", tags=(torch.Tag.needs_fixed_stride_order,))
+
+    def _int_mm_kernel(a: Tensor, b: Tensor) -> Tensor:
+        return torch._int_mm(row_major(a), col_major(b))
+
+    def _int_mm_fake(a: Tensor, b: Tensor) -> Tensor:
+        return a.new_empty(a.shape[0], b.shape[1], dtype=torch.int32)
+
+    _LIB.impl("int_mm", _int_mm_kernel, "CPU")
+    _LIB.impl("int_mm", _int_mm_kernel, "CUDA")
+    torch.library.register_fake("gnmr::int_mm", _int_mm_fake, lib=_LIB)
+
+
 def gemm(a_lp: Tensor, b_lp: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
          fast_accum: bool) -> Tensor:
     """The GEMM alone, on operands already in the kernel's layouts and sizes:
-    ``_scaled_mm`` for fp8, ``_int_mm`` (int32 accumulation, then the two
-    scales in fp32) for int8."""
+    ``_scaled_mm`` for fp8, ``_int_mm`` (``gnmr::int_mm``: int32
+    accumulation, then the two scales in fp32) for int8."""
     if a_lp.dtype == torch.int8:
-        return (torch._int_mm(a_lp, b_lp).float() * scale_a * scale_b).to(out_dtype)
+        return (torch.ops.gnmr.int_mm(a_lp, b_lp).float() * scale_a * scale_b).to(out_dtype)
     return torch._scaled_mm(a_lp, b_lp, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
                             use_fast_accum=fast_accum)
 
