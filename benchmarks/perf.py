@@ -55,13 +55,18 @@ DEFAULT_ARMS = tuple(a for a in ARMS if a != "torchao_int8")
 # with the step's host copy waited for at the step (``drain``: the behaviour
 # before the copy was deferred to the next forward), or with the controller's
 # rule compiled (``compiled``: GNMRConfig.compile_controller=True). ``gnmr_lowg``
-# is GNMR compiled a second time with GNMRConfig(low_graph=True) (its own model
-# and runtime on the shared parameters): no unit high, so every step runs the
-# all-low copy of the graph, whose units are the plain recipe's GEMMs.
-DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag", "gnmr_drain", "gnmr_compiled", "gnmr_lowg")
+# and ``gnmr_dual`` are GNMR compiled a second time (their own model and
+# runtime on the shared parameters) with GNMRConfig(low_graph=True) /
+# (low_graph=False): no unit high, so every step runs the all-low copy of the
+# graph (whose units are the plain recipe's GEMMs; under Inductor the default
+# ``gnmr`` arm does too, since session 27) / the dual-path graph (the default
+# before session 27).
+DIAGNOSTIC_ARMS = ("gnmr_nosync", "gnmr_nostep", "gnmr_lag", "gnmr_drain", "gnmr_compiled", "gnmr_lowg", "gnmr_dual")
+# The arms compiled on their own, and their GNMRConfig.low_graph.
+SEPARATE_GNMR = {"gnmr_lowg": True, "gnmr_dual": False}
 # The share of the FLOPs each GNMR arm pins on the high path (budget max_o as a fraction).
 GNMR_HIGH_FRACTION = {"gnmr": 0.0, "pin@5%": 0.05, "pin@10%": 0.10, "gnmr_nosync": 0.0, "gnmr_nostep": 0.0,
-                      "gnmr_lag": 0.0, "gnmr_drain": 0.0, "gnmr_compiled": 0.0, "gnmr_lowg": 0.0}
+                      "gnmr_lag": 0.0, "gnmr_drain": 0.0, "gnmr_compiled": 0.0, "gnmr_lowg": 0.0, "gnmr_dual": 0.0}
 
 
 @dataclass(frozen=True)
@@ -265,18 +270,19 @@ def build_arms(base: nn.Module, names: list[str], recipe: str, backend: str, dev
     cfg = _gnmr_config(recipe, device)
     if model_kind == "hf-llama":
         cfg = cfg.replace(unit_filter=HF_UNITS)
-    gnmr_names = [n for n in names if n in GNMR_HIGH_FRACTION and n != "gnmr_lowg"]
+    gnmr_names = [n for n in names if n in GNMR_HIGH_FRACTION and n not in SEPARATE_GNMR]
     if gnmr_names:
         gm = gnmr_fx.compile(_shared_copy(base), cfg, backend=backend)
         rt = gnmr_fx.runtime(gm)
         for n in gnmr_names:
             arms.append(Arm(n, gm, before=_plan_setter(rt, GNMR_HIGH_FRACTION[n], n), runtime=rt))
         info["gnmr_runtime"] = rt
-    if "gnmr_lowg" in names:
-        gm = gnmr_fx.compile(_shared_copy(base), cfg.replace(low_graph=True), backend=backend)
-        rt = gnmr_fx.runtime(gm)
-        arms.append(Arm("gnmr_lowg", gm, before=_plan_setter(rt, 0.0, "gnmr_lowg"), runtime=rt))
-        info.setdefault("gnmr_runtime", rt)
+    for name, low_graph in SEPARATE_GNMR.items():
+        if name in names:
+            gm = gnmr_fx.compile(_shared_copy(base), cfg.replace(low_graph=low_graph), backend=backend)
+            rt = gnmr_fx.runtime(gm)
+            arms.append(Arm(name, gm, before=_plan_setter(rt, 0.0, name), runtime=rt))
+            info.setdefault("gnmr_runtime", rt)
     if "torchao" in names:
         try:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -491,7 +497,7 @@ def _profile(arms: list[Arm], step: Callable, rows: int) -> dict:
 
     out = {}
     for arm in arms:
-        if arm.name not in ("bf16", "lowp", "gnmr", "gnmr_lowg", "torchao"):
+        if arm.name not in ("bf16", "lowp", "gnmr", *SEPARATE_GNMR, "torchao"):
             continue
         arm.before()
         step(arm)

@@ -87,7 +87,10 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
     compiled = _compile(exec_gm, inputs, compiler)
     if not names:
         return compiled
-    low_gm = _all_low_copy(exec_gm) if runtime.config.low_graph else None
+    low_graph = runtime.config.low_graph
+    if low_graph is None:  # the default: a copy where it buys speed (see GNMRConfig.low_graph)
+        low_graph = compiler == "inductor"
+    low_gm = _all_low_copy(exec_gm) if low_graph else None
     if runtime.config.low_graph and low_gm is None and any("gnmr_dual" in n.meta for n in exec_gm.graph.nodes):
         warnings.warn(f"GNMRConfig.low_graph: graph {record.index} has units that pick their path on the device "
                       "(dispatch='select'), so it has no all-low copy and runs its dual-path graph on every step",

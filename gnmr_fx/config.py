@@ -165,7 +165,7 @@ class GNMRConfig:
     variant (its recompile limit), the eager rule runs from then on, with a
     warning. Off by default until the H200 measures what it saves."""
 
-    low_graph: bool = False
+    low_graph: Optional[bool] = None
     """Also compile, for each graph, a copy with every unit's low path
     inlined, and run it on the steps where none of the graph's units is high
     (read from the host plan the units already use: no sync). Emulated units
@@ -174,10 +174,22 @@ class GNMRConfig:
     CPU, the all-low step is then bitwise the plain fp8 model's, saved
     tensors included; tests/test_saved_memory.py). The statistics are kept.
     ``gnmr_fx.runtime(model).low_graph_calls`` counts the calls that ran a copy.
-    Not for graphs with ``dispatch="select"`` units (a warning says so);
-    twice the compile work, all of it at the first step (both graphs,
-    forward and backward): switching between them compiles nothing.
-    Experimental, off by default until the H200 measures it."""
+
+    None (the default): a copy for every graph compiled with Inductor whose
+    units all pick their path on the host; none under ``aot_eager`` /
+    ``eager`` (debugging compilers: the copy would double their compile for
+    no speed) or for graphs with ``dispatch="select"`` units. True: a copy
+    under every compiler, and a warning for each graph that cannot have one.
+    False: never (every step runs the dual-path graph).
+
+    Measured on an H200 (benchmarks/PERF.md, session 27): with the copy,
+    real fp8 trains at 0.983x / 0.985x the plain fp8 model (8b / 70b
+    geometries; 0.947x / 0.970x without it), transformers' LlamaForCausalLM
+    at 0.992x (1.01x torchao float8), real int8 at 0.984x plain int8 (0.71x
+    without); the price is compile work at the first step (both graphs,
+    forward and backward): 29.6 s against 16.7 s without the copy at 8b with
+    empty caches, where plain fp8 takes 24.1 s and torchao 24.2 s. Switching
+    between the graphs compiles nothing."""
 
     unit_filter: UnitFilter = None
     """Which recoverable ops become units: None (all), a list of fnmatch
@@ -219,7 +231,8 @@ class GNMRConfig:
         _check(_is_int(self.plan_lag) and self.plan_lag in (0, 1), "plan_lag", "the int 0 or 1", self.plan_lag)
         _check(isinstance(self.compile_controller, bool), "compile_controller", "True or False",
                self.compile_controller)
-        _check(isinstance(self.low_graph, bool), "low_graph", "True or False", self.low_graph)
+        _check(self.low_graph is None or isinstance(self.low_graph, bool), "low_graph", "None, True or False",
+               self.low_graph)
         object.__setattr__(self, "unit_filter", _checked_unit_filter(self.unit_filter))
         object.__setattr__(self, "log", _checked_log(self.log))
         _check_int(self.log_every, "log_every", 1, MAX_LOG_EVERY)

@@ -30,7 +30,7 @@ BAD = {
     "dispatch": [["host"], 1, None, True, "cond", "where", "HOST"],
     "plan_lag": [True, False, 1.0, "1", [1], None, 2, -1],
     "compile_controller": [1, 0, None, "True", [True], 1.0],
-    "low_graph": [1, 0, None, "True", [True], 1.0],
+    "low_graph": [1, 0, "True", [True], 1.0, "auto"],
     "unit_filter": [{"blocks.*": 1}, {"blocks.*"}, frozenset(["head"]), iter(["head"]), 3, True,
                     "blocks.*", [1], [], [None]],
     "log": [True, False, 3, 0, 3.0, b"run.jsonl", "", ["run.jsonl"]],

@@ -489,6 +489,36 @@ def test_low_graph_leaves_other_dispatch_alone():
 
 
 
+@pytest.mark.parametrize("compiler,dispatch,copied", [("inductor", "host", True), ("aot_eager", "host", False),
+                                                      ("inductor", "select", False)])
+def test_low_graph_default_copies_under_inductor_only(monkeypatch, compiler, dispatch, copied):
+    # low_graph=None (the default): the all-low copy where it buys speed (graphs
+    # compiled with Inductor, units picking their path on the host), nothing
+    # under the debugging compilers, and no warning where a graph cannot have
+    # one (the warning is for an explicit low_graph=True). Inductor itself is
+    # replaced by aot_eager here: what is tested is which graphs are compiled.
+    from gnmr_fx import backend
+
+    compile_ = backend._compile
+    asked = []
+
+    def cheap(gm, inputs, compiler):
+        asked.append(compiler)
+        return compile_(gm, inputs, "aot_eager")
+
+    monkeypatch.setattr(backend, "_compile", cheap)
+    assert GNMRConfig().low_graph is None
+    model = TinyGPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=32))
+    cm = gnmr_fx.compile(model, GNMRConfig(recipe="int8", dispatch=dispatch, policy="always_low"), backend=compiler)
+    idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cm(idx, idx).backward()
+    assert not [w for w in seen if "low_graph" in str(w.message)]
+    assert asked == [compiler] * (2 if copied else 1)  # the dual-path graph, then its copy
+    assert gnmr_fx.runtime(cm).low_graph_calls == (1 if copied else 0)
+
+
 _INT8_GEMM = re.compile(r"(?:extern_kernels\._int_mm|torch\.ops\.gnmr\.int_mm\.default)\("
                         r"(reinterpret_tensor\([^)]*\)[^)]*\)|\w+), (reinterpret_tensor\([^)]*\)[^)]*\)|\w+)")
 _TUPLE = r"\(([^()]*)\)"

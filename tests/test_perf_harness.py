@@ -219,19 +219,22 @@ def test_perf_harness_compiled_controller_arm(tmp_path):
 
 
 def test_perf_harness_low_graph_arm(tmp_path):
-    # gnmr_lowg: GNMR compiled again with GNMRConfig(low_graph=True), its own
-    # runtime; with no unit high every timed step runs the all-low copy, and
-    # the JSON says so (a copy that never ran would time the wrong graph).
+    # gnmr_lowg / gnmr_dual: GNMR compiled again with GNMRConfig(low_graph=True /
+    # False), each its own runtime; with no unit high every timed step of
+    # gnmr_lowg runs the all-low copy, and the JSON says so (a copy that never
+    # ran would time the wrong graph). Under the eager compiler the default
+    # (low_graph=None) builds no copy, and low_graph=False never does.
     out = tmp_path / "perf.json"
-    args = _args(perf, ["--sizes", "tiny", "--arms", "lowp,gnmr,gnmr_lowg", "--device", "cpu", "--backend", "eager",
+    args = _args(perf, ["--sizes", "tiny", "--arms", "lowp,gnmr,gnmr_lowg,gnmr_dual", "--device", "cpu", "--backend", "eager",
                         "--steps", "2", "--rounds", "2", "--warmup", "1", "--out", str(out)])
     assert perf.run(args) == 0
     rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["lowp", "gnmr", "gnmr_lowg"]
+    assert list(rows) == ["lowp", "gnmr", "gnmr_lowg", "gnmr_dual"]
     for r in rows.values():
         assert r["n_steps"] == 4 and r["recompiles"] == 0, r
     assert rows["gnmr_lowg"]["low_graph_calls"] >= 4 and rows["gnmr"]["low_graph_calls"] == 0
-    assert rows["gnmr_lowg"]["high_flops"] == 0.0
+    assert rows["gnmr_dual"]["low_graph_calls"] == 0
+    assert rows["gnmr_lowg"]["high_flops"] == rows["gnmr_dual"]["high_flops"] == 0.0
 
 
 def test_perf_harness_torchao_int8_arm(tmp_path):
