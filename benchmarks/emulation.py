@@ -9,10 +9,14 @@ ratios hold on a noisy machine:
   linear and matmul through ``backends.paths.low_path``: :class:`FakeQuantGPT`),
   ``torch.compile``: what an always-low model costs without GNMR;
 * ``high`` / ``low``: ``gnmr_fx.compile`` with ``policy="always_high"`` /
-  ``"always_low"`` and ``dispatch="host"`` (one compiled model; the policy
-  is switched with ``GNMRRuntime.reset_controller``, which recompiles nothing);
+  ``"always_low"``, ``dispatch="host"`` and ``low_graph=False`` (one compiled
+  model, its dual-path ``cond`` graph; the policy is switched with
+  ``GNMRRuntime.reset_controller``, which recompiles nothing);
 * ``high_select`` / ``low_select``: the same with ``dispatch="select"``
-  (both branches and a ``torch.where``: the cost before issue 13).
+  (both branches and a ``torch.where``: the cost before issue 13);
+* on request, ``low_graph`` (``GNMRConfig.low_graph=True``: the all-low copy,
+  what the default makes under Inductor) and ``low_cc`` / ``low_graph_cc``
+  (with ``compile_controller=True``).
 
 Each GNMR arm is compared with the model that computes the same thing
 without GNMR: ``high*`` with ``plain``, ``low*`` with ``fake_quant``. Per arm:
@@ -49,8 +53,9 @@ from gnmr_fx.models import GPTConfig, TinyGPT
 from gnmr_fx.runtime import GNMRRuntime
 
 ARMS = ("plain", "fake_quant", "high", "low", "high_select", "low_select", "low_graph", "low_cc", "low_graph_cc")
-# The arms of the off-by-default options only on request: low_graph (GNMRConfig.low_graph,
-# experimental) and the *_cc arms (GNMRConfig.compile_controller).
+# Some arms only on request: low_graph (GNMRConfig.low_graph=True; under Inductor the default
+# low_graph=None makes the same copy, the "low" / "high" arms set False to measure the cond
+# graph) and the *_cc arms (GNMRConfig.compile_controller, off by default).
 DEFAULT_ARMS = tuple(a for a in ARMS if a != "low_graph" and not a.endswith("_cc"))
 # Arm -> (GNMR policy, dispatch, GNMRConfig.low_graph, GNMRConfig.compile_controller); the other
 # arms are models without GNMR.

@@ -212,8 +212,8 @@ def test_plan_lag_publishes_the_previous_steps_plan_without_syncs(emulate):
 @pytest.mark.parametrize("recipe", ["mxfp4", "nvfp4", "nvfp4_sr"])
 def test_emulated_dispatch_runs_the_model_or_the_recipe(recipe):
     """GPU units emulated under dispatch="host": all-high is the model as
-    written, all-low the recipe applied by hand, both through torch.cond on
-    the host plan; training steps on either path (stochastic rounding of
+    written (through torch.cond on the host plan), all-low the recipe applied
+    by hand (the graph's all-low copy, the default under Inductor); training steps on either path (stochastic rounding of
     gradients for *_sr) with no sync and no recompile when the plan flips."""
     from torch._dynamo.utils import counters
 
