@@ -96,6 +96,7 @@ def compile_graph(runtime: GNMRRuntime, gm: torch.fx.GraphModule, example_inputs
                       "(dispatch='select'), so it has no all-low copy and runs its dual-path graph on every step",
                       UserWarning, stacklevel=2)
     compiled_low = _compile(low_gm, inputs, compiler) if low_gm is not None else None
+    record.low_copy = compiled_low is not None
     return InstanceDispatch(runtime, record, compiled, names, real, compiled_low=compiled_low)
 
 
@@ -244,7 +245,7 @@ class InstanceDispatch:
         record = GraphRecord(
             index=len(rt.records), original=tpl.original, rewritten=tpl.rewritten, sites=sites,
             unit_ids=None, skipped=dict(tpl.skipped), compiler=tpl.compiler, state=state,
-            instance_of=tpl.index, params=frozenset(gm.meta["gnmr_param_fqns"].values()),
+            instance_of=tpl.index, params=frozenset(gm.meta["gnmr_param_fqns"].values()), low_copy=tpl.low_copy,
         )
         rt.add_record(record)
         self.instances[self._key(args)] = record

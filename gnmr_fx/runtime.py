@@ -66,6 +66,9 @@ class GraphRecord:
     # unit_ids are 0 .. k-1 in order: with k == the controller's units, this
     # graph's slots are the controller's rows (no gather or scatter per step).
     ids_in_order: bool = False
+    # Compiled with an all-low copy (GNMRConfig.low_graph), run on the steps
+    # where none of its units is high.
+    low_copy: bool = False
 
     def is_whole_plan(self, num_units: int) -> bool:
         """Whether this graph's slots are exactly the controller's rows, in order."""

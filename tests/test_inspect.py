@@ -63,6 +63,23 @@ class TestInspectTinyGPT:
         assert [u.name for u in res.units if u.plan == "high"] == ["blocks.0.fc", "head"]
         assert res.plan_source.startswith("controller")
 
+    @pytest.mark.parametrize("low_graph,copies", [(True, [0]), (False, []), (None, [])])
+    def test_which_graphs_have_an_all_low_copy(self, low_graph, copies):
+        # Of a compiled model, inspect says which graphs run an all-low copy on
+        # all-low steps, and how often one ran (None under eager: no copy).
+        model, inputs = load_spec("tiny_gpt")
+        assert gnmr_fx.inspect(model, inputs).low_copies is None  # not compiled: nothing to say
+        cfg = gnmr_fx.GNMRConfig(recipe="int8", low_graph=low_graph)
+        compiled = gnmr_fx.compile(model, cfg, backend="eager", example_inputs=inputs)
+        compiled(*inputs)
+        res = gnmr_fx.inspect(compiled, inputs)
+        ran = 2 if copies else 0  # example_inputs's capture call, then this one
+        assert (res.low_copies, res.compiled_graphs, res.low_graph_calls) == (copies, 1, ran)
+        assert res.to_dict()["totals"]["low_copies"] == len(copies)
+        which = "0" if copies else "none"
+        assert f"all-low copies (GNMRConfig.low_graph) in the compiled model: graphs {which} of 1; " \
+               f"calls that ran one: {ran}" in res.table()
+
     def test_filter_marks_excluded_units(self):
         model, inputs = load_spec("tiny_gpt")
         res = gnmr_fx.inspect(model, inputs, gnmr_fx.GNMRConfig(unit_filter=["blocks.1.*"]))

@@ -74,6 +74,11 @@ class InspectResult:
     plan_source: str
     total_flops: int = 0
     extra: dict = field(default_factory=dict)
+    # Of a compiled model (None otherwise): its graphs that have an all-low
+    # copy (GNMRConfig.low_graph), of how many, and the calls that ran one.
+    low_copies: Optional[list] = None
+    compiled_graphs: Optional[int] = None
+    low_graph_calls: Optional[int] = None
 
     @property
     def names(self) -> list[str]:
@@ -91,6 +96,7 @@ class InspectResult:
             "included": sum(u.included for u in self.units),
             "flops": self.total_flops,
             "not_recoverable": dict(self.not_recoverable),
+            "low_copies": None if self.low_copies is None else len(self.low_copies),
         }
         return d
 
@@ -121,6 +127,10 @@ class InspectResult:
         else:
             out.append("seen but not recoverable: none")
         out.append(f"policy {self.policy}, budget max_o={self.max_o}, plan: {self.plan_source}")
+        if self.low_copies is not None:
+            which = ", ".join(map(str, self.low_copies)) if self.low_copies else "none"
+            out.append(f"all-low copies (GNMRConfig.low_graph) in the compiled model: graphs {which} of "
+                       f"{self.compiled_graphs}; calls that ran one: {self.low_graph_calls}")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -212,7 +222,16 @@ def inspect(
         units=units, graphs=len(rt.records), graph_breaks=breaks, not_recoverable=skipped,
         recipe=config.recipe, high_path=config.high_path, policy=config.policy, max_o=config.max_o,
         unit_filter=config.unit_filter, plan_source=plan_source, total_flops=sum(u.flops for u in rt.units),
+        **_low_copies(live),
     )
+
+
+def _low_copies(live: Optional[GNMRRuntime]) -> dict:
+    """What the compiled model's graphs run on all-low steps (``GNMRConfig.low_graph``)."""
+    if live is None or not live.records:
+        return {}
+    return {"low_copies": [r.index for r in live.records if r.low_copy], "compiled_graphs": len(live.records),
+            "low_graph_calls": live.low_graph_calls}
 
 
 def _live_runtime(model: torch.nn.Module) -> Optional[GNMRRuntime]:
