@@ -74,7 +74,7 @@ def select_mm(plan: Tensor, slot: int, a_hp: Tensor, b_hp: Tensor, a_lp: Tensor,
     waits for the GPU."""
     if plan[slot]:
         return torch.mm(a_hp, b_hp)
-    return real_kernels.gemm(a_lp, b_lp, scale_a, scale_b, a_hp.dtype, fast_accum)
+    return real_kernels.gemm(a_lp, b_lp, scale_a, scale_b, a_hp.dtype, fast_accum, eager=True)
 
 
 def _select_mm_fake(plan, slot, a_hp, b_hp, a_lp, b_lp, scale_a, scale_b, fast_accum):

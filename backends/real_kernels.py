@@ -269,12 +269,21 @@ if not hasattr(torch.ops.gnmr, "int_mm"):  # once per process (doctest imports t
 
 
 def gemm(a_lp: Tensor, b_lp: Tensor, scale_a: Tensor, scale_b: Tensor, out_dtype: torch.dtype,
-         fast_accum: bool) -> Tensor:
+         fast_accum: bool, eager: bool = False) -> Tensor:
     """The GEMM alone, on operands already in the kernel's layouts and sizes:
     ``_scaled_mm`` for fp8, ``_int_mm`` (``gnmr::int_mm``: int32
-    accumulation, then the two scales in fp32) for int8."""
+    accumulation, then the two scales in fp32) for int8.
+
+    ``eager``: the caller runs outside any compiled graph (``gnmr::select_mm``'s
+    kernel), where nothing fuses the int8 epilogue: it is then two passes over
+    the [M, N] result instead of four (the int32 -> fp32 conversion inside the
+    first multiply, the cast to ``out_dtype`` inside the second), with bitwise
+    the same result (tests/test_host_dispatch.py)."""
     if a_lp.dtype == torch.int8:
-        return (torch.ops.gnmr.int_mm(a_lp, b_lp).float() * scale_a * scale_b).to(out_dtype)
+        acc = torch.ops.gnmr.int_mm(a_lp, b_lp)
+        if eager:
+            return torch.mul(torch.mul(acc, scale_a), scale_b, out=acc.new_empty(acc.shape, dtype=out_dtype))
+        return (acc.float() * scale_a * scale_b).to(out_dtype)
     return torch._scaled_mm(a_lp, b_lp, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
                             use_fast_accum=fast_accum)
 

@@ -555,3 +555,36 @@ def test_inductor_gives_int8_gemms_the_imma_layouts():
     for (a0, a1), (b0, b1) in layouts:
         assert a1 == 1 and b0 == 1, layouts  # a row-major, b column-major
     assert sqnr(eager, y.detach()) >= 100.0
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_eager_int8_epilogue_is_two_passes_and_the_same_numbers(rowwise, out_dtype):
+    # gnmr::select_mm runs the int8 GEMM eagerly (nothing fuses its epilogue):
+    # there the scales and the cast take two elementwise passes over the
+    # result, not four, and give bitwise what the traced form gives.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.aten.new_empty.default:  # an allocation, no pass over data
+                self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 96), generator=gen, dtype=torch.int8)
+    b = real_kernels.col_major(torch.randint(-127, 128, (96, 48), generator=gen, dtype=torch.int8))
+    sa = torch.rand((64, 1) if rowwise else (), generator=gen) * 1e-2 + 1e-4
+    sb = torch.rand((1, 48) if rowwise else (), generator=gen) * 1e-3 + 1e-5
+    traced, eager = Ops(), Ops()
+    with traced:
+        want = real_kernels.gemm(a, b, sa, sb, out_dtype, False)
+    with eager:
+        got = real_kernels.gemm(a, b, sa, sb, out_dtype, False, eager=True)
+    assert got.dtype == want.dtype == out_dtype and torch.equal(got, want)
+    assert eager.ops == [torch.ops.gnmr.int_mm.default, torch.ops.aten.mul.Tensor, torch.ops.aten.mul.out]
+    assert len(traced.ops) == (5 if out_dtype == torch.bfloat16 else 4)  # int_mm, float, mul, mul[, to]
