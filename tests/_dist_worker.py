@@ -26,14 +26,18 @@ from gnmr_fx.benchmarks.dist_scenario import (  # noqa: F401 - the test reads th
     fsdp_blocks_model, make_model,
 )
 
+# low_graph=True: under the eager compiler too, each graph also has its all-low
+# copy, run on the steps where none of its units is high (the default makes it
+# under Inductor only), so every scenario switches between the two graphs.
 CONFIG = gnmr_fx.GNMRConfig(recipe="int8", warmup_steps=3, threshold=3.0, delta_threshold=1.5,
-                            max_o=1, lock_steps=2)
+                            max_o=1, lock_steps=2, low_graph=True)
 
 
 def _recorder(rt, log: list) -> None:
     def cb(runtime) -> None:
         ctl = runtime.controller
-        log.append({"plan": ctl.plan.tolist(), "denied": ctl.denied.tolist(), "norm": ctl.norm.tolist()})
+        log.append({"plan": ctl.plan.tolist(), "denied": ctl.denied.tolist(), "norm": ctl.norm.tolist(),
+                    "low_graph_calls": runtime.low_graph_calls})
 
     rt.callbacks.append(cb)
 

@@ -92,6 +92,19 @@ class TestDataParallel:
         assert sum(hit["denied"]) >= 1  # ... and a second triggered unit denied
         assert not any(steps[W.FAULT_STEP + W.CONFIG.lock_steps]["plan"])  # lock expired
 
+    def test_all_low_steps_run_the_all_low_copy(self, runs, scenario):
+        # A step's forward reads the plan of the step before (the first: the
+        # initial, all-low one). On all-low steps every graph ran its copy; on
+        # the steps with a unit high at least one graph ran its dual-path graph.
+        steps = runs[0][0][scenario]["steps"]
+        calls = [st["low_graph_calls"] for st in steps]
+        ran = [b - a for a, b in zip([0] + calls, calls)]
+        all_low = [True] + [not any(st["plan"]) for st in steps[:-1]]
+        every = ran[0]
+        assert every >= 1 and all(n == every for n, low in zip(ran, all_low) if low), ran
+        assert any(not low for low in all_low)  # the fault put units high
+        assert all(n < every for n, low in zip(ran, all_low) if not low), (ran, all_low)
+
     def test_equals_single_process_on_the_same_global_batch(self, runs, scenario):
         ranks, refs = runs
         got, ref = ranks[0][scenario], refs[REFERENCE_OF[scenario]]
