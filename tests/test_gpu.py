@@ -213,8 +213,9 @@ def test_plan_lag_publishes_the_previous_steps_plan_without_syncs(emulate):
 def test_emulated_dispatch_runs_the_model_or_the_recipe(recipe):
     """GPU units emulated under dispatch="host": all-high is the model as
     written (through torch.cond on the host plan), all-low the recipe applied
-    by hand (the graph's all-low copy, the default under Inductor); training steps on either path (stochastic rounding of
-    gradients for *_sr) with no sync and no recompile when the plan flips."""
+    by hand (the graph's all-low copy, the default under Inductor); training
+    steps on either path (stochastic rounding of gradients for *_sr) with no
+    sync and no recompile when the plan flips."""
     from torch._dynamo.utils import counters
 
     from gnmr_fx.benchmarks.emulation import FakeQuantGPT

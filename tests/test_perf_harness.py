@@ -225,8 +225,8 @@ def test_perf_harness_low_graph_arm(tmp_path):
     # ran would time the wrong graph). Under the eager compiler the default
     # (low_graph=None) builds no copy, and low_graph=False never does.
     out = tmp_path / "perf.json"
-    args = _args(perf, ["--sizes", "tiny", "--arms", "lowp,gnmr,gnmr_lowg,gnmr_dual", "--device", "cpu", "--backend", "eager",
-                        "--steps", "2", "--rounds", "2", "--warmup", "1", "--out", str(out)])
+    args = _args(perf, ["--sizes", "tiny", "--arms", "lowp,gnmr,gnmr_lowg,gnmr_dual", "--device", "cpu",
+                        "--backend", "eager", "--steps", "2", "--rounds", "2", "--warmup", "1", "--out", str(out)])
     assert perf.run(args) == 0
     rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["lowp", "gnmr", "gnmr_lowg", "gnmr_dual"]
