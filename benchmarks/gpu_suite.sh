@@ -25,7 +25,7 @@ python3 -c "import gnmr_fx.backends.host_dispatch" || exit 1
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
   date -u; } 2>&1 | tee "$OUT/env.txt"
 if [ -z "$SKIP_TESTS" ]; then
-  GNMR_SQNR_LOG="$OUT/sqnr.jsonl" timeout "${GPU_TESTS_TIMEOUT:-290}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+  GNMR_SQNR_LOG="$OUT/sqnr.jsonl" timeout "${GPU_TESTS_TIMEOUT:-290}" python3 -m pytest -v -s -p no:cacheprovider tests/test_gpu.py \
     ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 \
     | tee "$OUT/test_gpu.log" | grep -vE '^\s*$' | tail -40
 fi
