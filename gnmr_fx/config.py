@@ -182,13 +182,9 @@ class GNMRConfig:
     under every compiler, and a warning for each graph that cannot have one.
     False: never (every step runs the dual-path graph).
 
-    Measured on an H200 (benchmarks/PERF.md, session 27): with the copy,
-    real fp8 trains at 0.983x / 0.985x the plain fp8 model (8b / 70b
-    geometries; 0.947x / 0.970x without it), transformers' LlamaForCausalLM
-    at 0.992x (1.01x torchao float8), real int8 at 0.984x plain int8 (0.71x
-    without); the price is compile work at the first step (both graphs,
-    forward and backward): 29.6 s against 16.7 s without the copy at 8b with
-    empty caches, where plain fp8 takes 24.1 s and torchao 24.2 s. Switching
+    Why it is on by default, and what it costs (a second compile of every
+    graph, forward and backward, at the first step; H200 measurements):
+    benchmarks/PERF.md, sections "Session 27" and "Session 28". Switching
     between the graphs compiles nothing."""
 
     unit_filter: UnitFilter = None
